@@ -1,0 +1,344 @@
+"""Typed run configuration: YAML file + dotted overrides -> validated dataclasses.
+
+One schema serves loading, validation, `fsdp-ft train --help` and the resolved `config.yaml` in the run dir,
+so a key documented in help is exactly a key the loader accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from fsdp_ft.errors import ConfigError
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _f(default, help: str, choices: tuple | None = None, path: bool = False):
+    """A dataclass field carrying its help text, allowed values, and whether it is a filesystem path."""
+    meta = {"help": help, "choices": choices, "path": path}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "HF model folder, hub id, folder holding a GGUF file, or a folder with config.json for random init",
+                   path=True)
+    gguf_file: Optional[str] = _f(None, "GGUF file name inside model.path (weights are dequantized on load)")
+    random_init: bool = _f(False, "build random weights from model.path/config.json instead of loading weights")
+    dtype: str = _f("fp32", "storage dtype of the parameters (and optimizer state)", DTYPES)
+    revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) when model.path is a hub id")
+    trust_remote_code: bool = _f(False, "allow custom modelling code from the model folder; off unless you trust it")
+    attn_implementation: Optional[str] = _f("sdpa", "attention kernel: sdpa, eager, flash_attention_2 (null: HF default)")
+    block_classes: list = _f([], "class names of the transformer blocks to shard/checkpoint; empty: discover")
+    num_labels: Optional[int] = _f(None, "classification labels; null: taken from the data")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "training data: a .jsonl/.json/.csv/.parquet file or a hub dataset id", path=True)
+    eval: Optional[str] = _f(None, "evaluation data (same formats); null: none, or carve data.eval_share of train",
+                             path=True)
+    train_split: str = _f("train", "split name when data.train is a hub dataset")
+    eval_split: str = _f("validation", "split name when data.eval is a hub dataset")
+    eval_share: float = _f(0.0, "share of the training rows held out for eval when data.eval is null (0: none)")
+    text_column: str = _f("text", "column holding the text")
+    text_pair_column: Optional[str] = _f(None, "second text column for pair classification")
+    label_column: str = _f("label", "column holding the class label (seq_cls)")
+    max_eval_samples: Optional[int] = _f(None, "use at most this many eval rows")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = _f("full", "what trains: full or partial", ("full", "partial"))
+    freeze_embeddings: bool = _f(False, "partial: freeze the input embeddings (and position embeddings)")
+    freeze_first_n_blocks: int = _f(0, "partial: freeze the first N transformer blocks")
+    head_only: bool = _f(False, "partial: train only the output head (LM head or classifier)")
+    trainable_regex: list = _f([], "partial: only parameters whose name matches one of these regexes train")
+    frozen_regex: list = _f([], "partial: parameters whose name matches one of these regexes are frozen")
+
+
+@dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = _f(True, "free gathered block weights after forward (ZeRO-3); false: keep (ZeRO-2)")
+    hybrid_replicas: int = _f(1, "replicate groups for hybrid sharding (2-D mesh replicas x shards); 1: full sharding")
+    cpu_offload: bool = _f(False, "keep sharded parameters, gradients and optimizer state in host memory")
+    mixed_precision: str = _f("fp32", "compute precision", DTYPES)
+    param_dtype: Optional[str] = _f(None, "dtype blocks compute in; null: from fsdp.mixed_precision", DTYPES + (None,))
+    reduce_dtype: Optional[str] = _f(None, "dtype of gradient reduction; null: fp32", DTYPES + (None,))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(2e-5, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms)")
+    betas: list = _f([0.9, 0.999], "AdamW betas")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    warmup_steps: int = _f(0, "linear warmup steps from 0 to optim.lr")
+    schedule: str = _f("cosine", "decay after warmup", ("cosine", "linear", "constant"))
+    min_lr_ratio: float = _f(0.0, "final learning rate as a share of optim.lr (cosine, linear)")
+    max_grad_norm: Optional[float] = _f(1.0, "clip the global gradient norm to this; null: no clipping")
+    implementation: str = _f("auto", "AdamW kernel: auto (fused on GPU, foreach on CPU), fused, foreach, for_loop",
+                             ("auto", "fused", "foreach", "for_loop"))
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(0, "optimizer steps to run; 0: train.epochs full passes")
+    epochs: int = _f(1, "passes over the training data when train.max_steps is 0")
+    micro_batch_size: int = _f(1, "samples per rank per forward/backward")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (global batch = micro x accum x data-parallel ranks)")
+    seq_len: int = _f(512, "tokens per sample; longer samples are truncated")
+    seed: int = _f(0, "seed for initialization, data order and dropout")
+    log_every: int = _f(10, "write a metrics row every N steps")
+    eval_every: int = _f(0, "evaluate every N steps (0: at each epoch end); always at the end")
+    eval_batch_size: Optional[int] = _f(None, "samples per rank per eval batch; null: train.micro_batch_size")
+    save_every: int = _f(0, "save a checkpoint every N steps (0: only at the end)")
+    keep_last: int = _f(2, "checkpoints kept on disk (older ones are deleted)")
+    progress_bar: bool = _f(True, "show a progress bar on rank 0")
+    tensorboard: bool = _f(False, "also write TensorBoard event files to output_dir/tensorboard")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/", path=True)
+    task: str = _f("causal_lm", "training objective", ("causal_lm", "seq_cls"))
+    resume: str = _f("auto", "auto: newest complete checkpoint in output_dir; none; or a checkpoint path")
+    activation_checkpointing: str = _f("none", "recompute block activations: none, full, or selective:K (every K-th)")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "finetune"})
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig, metadata={"help": "fsdp"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optim"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "train"})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- schema walking
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field, Any]]:
+    """Every leaf key as (dotted name, type, field, default) in declaration order."""
+    out = []
+    hints = _hints(cls)
+    for name, f in _fields(cls).items():
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            out += all_keys(t, f"{prefix}{name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((prefix + name, t, f, default))
+    return out
+
+
+def _type_name(t) -> str:
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    return getattr(t, "__name__", str(t))
+
+
+def help_text() -> str:
+    """Every config key with its type, default and meaning (for `fsdp-ft train --help`)."""
+    lines = ["config keys (set in the YAML file or as key.sub=value overrides):"]
+    for key, t, f, default in all_keys():
+        choices = f.metadata.get("choices")
+        extra = f" [{', '.join(str(c) for c in choices if c is not None)}]" if choices else ""
+        lines.append(f"  {key} ({_type_name(t)}, default {yaml.safe_dump(default, default_flow_style=True).strip()})"
+                     f"{extra}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- loading
+
+def _coerce(key: str, value: Any, t: Any, f: dataclasses.Field) -> Any:
+    """Check `value` against the annotated type; YAML already typed it, so only widen int->float."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        t = [a for a in typing.get_args(t) if a is not type(None)][0]
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if t is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, float), str: lambda v: isinstance(v, str),
+          list: lambda v: isinstance(v, list)}[t](value)
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {_type_name(t)}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}' must be one of {[c for c in choices if c is not None]}, got {value!r}")
+    return value
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see `fsdp-ft train --help` for the keys"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls, data: dict, prefix: str, valid: list[str]):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    fields, hints, kwargs = _fields(cls), _hints(cls), {}
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in fields:
+            raise _unknown(key, valid)
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            kwargs[name] = _build(t, value or {}, key + ".", valid)
+        else:
+            kwargs[name] = _coerce(key, value, t, fields[name])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optim.lr=2e-4` -> ('optim.lr', 0.0002); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _resolve_paths(cfg: Config, base: Path, keys_from_file: set[str]) -> None:
+    """Relative paths in a config file are relative to that file; overrides are relative to the cwd."""
+    for key, _t, f, _d in all_keys():
+        if not f.metadata.get("path"):
+            continue
+        section, _, leaf = key.rpartition(".")
+        obj = getattr(cfg, section) if section else cfg
+        value = getattr(obj, leaf)
+        if not value or os.path.isabs(value):
+            continue
+        root = base if key in keys_from_file else Path.cwd()
+        candidate = (root / value).resolve()
+        # keep hub ids (org/name that is not a local path) untouched
+        if candidate.exists() or key == "output_dir" or not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+            setattr(obj, leaf, str(candidate))
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in tree.items():
+        keys.add(prefix + str(k))
+        if isinstance(v, dict):
+            keys |= _flat_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides, validate, and resolve relative paths."""
+    tree: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}'{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys")
+        base = p.resolve().parent
+    from_file = _flat_keys(tree)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+        from_file.discard(key)
+    valid = [k for k, *_ in all_keys()]
+    cfg = _build(Config, tree, "", valid)
+    _resolve_paths(cfg, base, from_file)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks the types alone cannot express."""
+    if not cfg.output_dir:
+        raise ConfigError("config key 'output_dir' is required (where the run directory goes)")
+    if not cfg.model.path:
+        raise ConfigError("config key 'model.path' is required")
+    if not cfg.data.train:
+        raise ConfigError("config key 'data.train' is required")
+    if not re.fullmatch(r"none|full|selective:[1-9]\d*", cfg.activation_checkpointing):
+        raise ConfigError("config key 'activation_checkpointing' must be none, full or selective:K with K >= 1, "
+                          f"got {cfg.activation_checkpointing!r}")
+    for key in ("micro_batch_size", "grad_accum", "seq_len", "epochs", "log_every", "keep_last"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"config key 'train.{key}' must be >= 1")
+    for key in ("max_steps", "eval_every", "save_every"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"config key 'train.{key}' must be >= 0")
+    if cfg.fsdp.hybrid_replicas < 1:
+        raise ConfigError("config key 'fsdp.hybrid_replicas' must be >= 1")
+    if not 0.0 <= cfg.data.eval_share < 1.0:
+        raise ConfigError("config key 'data.eval_share' must be in [0, 1)")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("config key 'optim.betas' must be a list of two numbers")
+    if cfg.finetune.method == "full" and _partial_options_set(cfg.finetune):
+        raise ConfigError("config key 'finetune.method' is 'full' but partial options are set; use finetune.method=partial")
+    for key in ("trainable_regex", "frozen_regex"):
+        for pattern in getattr(cfg.finetune, key):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"config key 'finetune.{key}' has an invalid regex {pattern!r}: {e}") from None
+
+
+def _partial_options_set(ft: FinetuneConfig) -> bool:
+    return bool(ft.freeze_embeddings or ft.freeze_first_n_blocks or ft.head_only or ft.trainable_regex
+                or ft.frozen_regex)
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config; loading it back gives the same run."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config from a resolved dict (the run dir's config.yaml), without path resolution."""
+    valid = [k for k, *_ in all_keys()]
+    return _build(Config, tree, "", valid)

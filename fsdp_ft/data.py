@@ -1,0 +1,148 @@
+"""Training data: load rows (local files or hub ids through `datasets`), validate, and plan batches.
+
+The batch plan is pure index arithmetic over a seeded per-epoch permutation, so the data position is two
+integers (epoch, step in epoch): resume restores it exactly without replaying the loader, and the global
+batch is the same samples whatever the number of ranks.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fsdp_ft.config import Config
+from fsdp_ft.errors import DataError
+
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def load_table(path: str, split: str, key: str):
+    """A `datasets.Dataset` from a local file, or a split of a hub dataset."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    p = Path(path)
+    if p.suffix.lower() in FORMATS or p.exists():
+        if not p.is_file():
+            raise DataError(f"config key '{key}': data file '{path}' does not exist")
+        fmt = FORMATS.get(p.suffix.lower())
+        if fmt is None:
+            raise DataError(f"config key '{key}': '{path}' is not .jsonl, .json, .csv or .parquet")
+        try:
+            return datasets.load_dataset(fmt, data_files=str(p), split="train")
+        except Exception as e:  # malformed rows: name the file and the parser's complaint
+            raise DataError(f"config key '{key}': cannot read '{path}': {_first_line(e)}") from None
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        raise DataError(f"config key '{key}': data file '{path}' does not exist")
+    try:
+        return datasets.load_dataset(path, split=split)
+    except Exception as e:
+        raise DataError(f"config key '{key}': cannot load hub dataset '{path}' split '{split}': "
+                        f"{_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def check_columns(table, columns: list[str], key: str, path: str) -> None:
+    for col in columns:
+        if col not in table.column_names:
+            raise DataError(f"{key}: file '{path}' has no column '{col}' (it has {table.column_names}); "
+                            f"set data.{_column_key(col, key)} to the right column")
+
+
+def _column_key(col: str, key: str) -> str:
+    return "text_column" if "text" in key else "label_column"
+
+
+@dataclass
+class Splits:
+    train: object
+    eval: object | None
+    dropped: dict
+
+
+def drop_empty(table, column: str):
+    """Rows whose text is missing or blank cannot train; drop and count them."""
+    before = len(table)
+    table = table.filter(lambda v: isinstance(v, str) and v.strip() != "", input_columns=[column])
+    return table, before - len(table)
+
+
+def load_splits(cfg: Config, columns: list[str]) -> Splits:
+    """Train and eval tables with the task's columns checked and empty texts dropped."""
+    d = cfg.data
+    train = load_table(d.train, d.train_split, "data.train")
+    check_columns(train, columns, "data.train", d.train)
+    train, dropped_train = drop_empty(train, d.text_column)
+    if len(train) == 0:
+        raise DataError(f"data.train: '{d.train}' has no usable rows (empty file or all texts empty)")
+    evaluation, dropped_eval = None, 0
+    if d.eval:
+        evaluation = load_table(d.eval, d.eval_split, "data.eval")
+        check_columns(evaluation, columns, "data.eval", d.eval)
+        evaluation, dropped_eval = drop_empty(evaluation, d.text_column)
+    elif d.eval_share > 0:
+        parts = train.train_test_split(test_size=d.eval_share, seed=cfg.train.seed, shuffle=True)
+        train, evaluation = parts["train"], parts["test"]
+    if evaluation is not None and d.max_eval_samples:
+        evaluation = evaluation.select(range(min(d.max_eval_samples, len(evaluation))))
+    if evaluation is not None and len(evaluation) == 0:
+        evaluation = None
+    return Splits(train, evaluation, {"train_empty_text": dropped_train, "eval_empty_text": dropped_eval})
+
+
+# ---------------------------------------------------------------- batch plan
+
+@dataclass
+class BatchPlan:
+    """Which sample indices each rank uses at each micro-step, for a seeded shuffle per epoch.
+
+    Global batch = micro_batch_size x grad_accum x world_size. Micro-step a of rank r in a step takes the
+    slice (a * world + r) of the step's global batch, so 1 rank x 2 accum and 2 ranks x 1 accum see the
+    same micro-batches. The last partial global batch of an epoch is dropped (every rank must run the same
+    number of steps).
+    """
+
+    num_samples: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    rank: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def micro_batches(self, perm: torch.Tensor, step_in_epoch: int) -> list[list[int]]:
+        base = step_in_epoch * self.global_batch
+        out = []
+        for a in range(self.grad_accum):
+            start = base + (a * self.world_size + self.rank) * self.micro_batch_size
+            out.append(perm[start:start + self.micro_batch_size].tolist())
+        return out
+
+
+def eval_batches(num_samples: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
+    """Every rank gets the same number of eval batches (FSDP's collectives need it); an empty list pads."""
+    per_round = batch_size * world_size
+    rounds = math.ceil(num_samples / per_round)
+    out = []
+    for k in range(rounds):
+        start = k * per_round + rank * batch_size
+        out.append(list(range(start, min(start + batch_size, num_samples))))
+    return out

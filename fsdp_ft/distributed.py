@@ -1,0 +1,116 @@
+"""Process-group set-up from whatever launched us: torchrun, srun, or a plain `python`.
+
+Every launcher ends in the same env:// variables, so the trainer never asks how it was started. A plain
+single process still gets a (world size 1) process group, so one code path serves 1 and N ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from fsdp_ft.errors import ConfigError
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int | None = None) -> int | None:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def read_launch_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's variables, else SLURM's (srun), else a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return (_env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK", default=0))
+    if "SLURM_PROCID" in os.environ and _env_int("SLURM_NTASKS", default=1) > 1:
+        if "MASTER_ADDR" not in os.environ:
+            raise ConfigError("running under srun without MASTER_ADDR/MASTER_PORT; launch with `fsdp-ft submit` "
+                              "or export them in the batch script")
+        return (_env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS"), _env_int("SLURM_LOCALID", default=0))
+    return 0, 1, 0
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistEnv:
+    """Initialise the default process group (nccl on CUDA, gloo on CPU) and pick this rank's device."""
+    rank, world, local_rank = read_launch_env()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"  # gloo for CPU-offloaded tensors, nccl for the rest
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                    **({"device_id": device} if device.type == "cuda" else {}))
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device,
+                   backend=dist.get_backend())
+
+
+def build_mesh(env: DistEnv, hybrid_replicas: int) -> DeviceMesh:
+    """1-D mesh for full sharding; 2-D (replicate, shard) mesh for hybrid sharding."""
+    if hybrid_replicas == 1:
+        return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
+    if env.world_size % hybrid_replicas:
+        raise ConfigError(f"config key 'fsdp.hybrid_replicas'={hybrid_replicas} must divide the world size "
+                          f"{env.world_size}")
+    return init_device_mesh(env.device.type, (hybrid_replicas, env.world_size // hybrid_replicas),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first(env: DistEnv):
+    """Let rank 0 fill shared caches (datasets, downloads) before the others read them."""
+    if not env.is_main:
+        barrier()
+    yield
+    if env.is_main:
+        barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place (a no-op at world size 1)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(obj) -> list:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,257 @@
+"""Load or build the model and tokenizer without ever materialising the full model on every rank.
+
+The model is built on the meta device, sharded by `parallel.parallelize`, and only then given storage by
+`materialize`: each rank reads just its own rows of each weight from memory-mapped safetensors (or initialises
+them, for random init and for new heads), so host RAM per rank is about the model size / N.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fsdp_ft.config import Config
+from fsdp_ft.errors import ConfigError
+from fsdp_ft.weights_io import SafetensorsReader
+
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_model_dir(cfg: Config) -> Path:
+    """A local folder for model.path, downloading config/tokenizer/safetensors when it is a hub id."""
+    path = Path(cfg.model.path)
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"config key 'model.path': '{path}' is a file; give the folder that holds it "
+                              "(and model.gguf_file for a GGUF file)")
+        return path
+    if os.path.isabs(cfg.model.path) or cfg.model.path.count("/") != 1:
+        raise ConfigError(f"config key 'model.path': '{cfg.model.path}' does not exist (not a folder, not a hub id)")
+    try:
+        from huggingface_hub import snapshot_download
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+        if cfg.model.gguf_file:
+            patterns.append(cfg.model.gguf_file)
+        return Path(snapshot_download(cfg.model.path, revision=cfg.model.revision, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated
+        raise ConfigError(f"config key 'model.path': could not fetch hub model '{cfg.model.path}': "
+                          f"{str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(cfg: Config, model_dir: Path):
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.gguf_file:
+        kwargs["gguf_file"] = cfg.model.gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key 'model.path': no usable tokenizer in '{model_dir}': "
+                          f"{str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_hf_config(cfg: Config, model_dir: Path):
+    from transformers import AutoConfig
+
+    kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.gguf_file:
+        kwargs["gguf_file"] = cfg.model.gguf_file
+    try:
+        hf_config = AutoConfig.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key 'model.path': no usable config.json in '{model_dir}': "
+                          f"{str(e).splitlines()[0]}") from None
+    # a GGUF file's weights are dequantized on load; the model we build is a plain one
+    if getattr(hf_config, "quantization_config", None) is not None and cfg.model.gguf_file:
+        del hf_config.quantization_config
+    return hf_config
+
+
+def build_meta_model(cfg: Config, hf_config, tokenizer, labels: list[str] | None = None) -> nn.Module:
+    """The task's model class on the meta device (no memory), parameters in model.dtype."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if cfg.task == "seq_cls":
+        if not labels:
+            raise ConfigError("task 'seq_cls' needs labels: set model.num_labels or give labelled data")
+        hf_config.num_labels = len(labels)
+        hf_config.id2label = dict(enumerate(labels))
+        hf_config.label2id = {name: i for i, name in enumerate(labels)}
+        if getattr(hf_config, "pad_token_id", None) is None:
+            hf_config.pad_token_id = tokenizer.pad_token_id
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
+    kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    with torch.device("meta"):
+        model = auto.from_config(hf_config, **kwargs)
+    _cast_parameters(model, DTYPE[cfg.model.dtype])
+    return model
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters only (buffers such as rotary frequencies keep their own dtype); ties survive."""
+    done: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or not p.is_floating_point():
+                continue
+            if id(p) not in done:
+                done[id(p)] = nn.Parameter(p.to(dtype), requires_grad=p.requires_grad)
+            module._parameters[name] = done[id(p)]
+
+
+# ---------------------------------------------------------------- weight sources
+
+class DictSource:
+    """Full tensors already in memory (GGUF files, which transformers dequantizes whole)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def read_rows(self, name, start, stop):
+        t = self.tensors[name]
+        return t if t.dim() == 0 else t[start:stop]
+
+    def close(self):
+        self.tensors = {}
+
+
+def open_weight_source(cfg: Config, model_dir: Path, model: nn.Module):
+    """Where pretrained weights come from; None for random init."""
+    if cfg.model.random_init:
+        return None
+    if cfg.model.gguf_file:
+        return _gguf_source(cfg, model_dir, model)
+    try:
+        return SafetensorsReader(model_dir)
+    except FileNotFoundError:
+        raise ConfigError(f"config key 'model.path': '{model_dir}' holds no *.safetensors weights; "
+                          "set model.random_init=true to train from scratch, or model.gguf_file") from None
+
+
+def _gguf_source(cfg: Config, model_dir: Path, model: nn.Module) -> DictSource:
+    from transformers import AutoModelForCausalLM
+
+    if not (model_dir / cfg.model.gguf_file).is_file():
+        raise ConfigError(f"config key 'model.gguf_file': '{model_dir / cfg.model.gguf_file}' does not exist")
+    full = AutoModelForCausalLM.from_pretrained(str(model_dir), gguf_file=cfg.model.gguf_file,
+                                                dtype=torch.float32)
+    return DictSource({k: v.detach() for k, v in full.state_dict().items()})
+
+
+def _source_key(source, name: str, base_prefix: str) -> str | None:
+    """The checkpoint's key for a model tensor: exact, or with the base-model prefix added or stripped."""
+    if name in source:
+        return name
+    if base_prefix:
+        if name.startswith(base_prefix + ".") and name[len(base_prefix) + 1:] in source:
+            return name[len(base_prefix) + 1:]
+        if f"{base_prefix}.{name}" in source:
+            return f"{base_prefix}.{name}"
+    return None
+
+
+# ---------------------------------------------------------------- materialisation
+
+def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """This rank's storage of a (possibly sharded) tensor and the dim-0 rows of the full tensor it holds."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if isinstance(t, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        local = t.to_local()
+        start = offset[0] if len(offset) else 0
+        return local, start, start + (shape[0] if len(shape) else 0)
+    return t, 0, (t.shape[0] if t.dim() else 0)
+
+
+def _copy_rows(dst: torch.Tensor, full_or_rows: torch.Tensor) -> None:
+    local, _, _ = _local_view(dst)
+    with torch.no_grad():
+        local.copy_(full_or_rows.reshape(local.shape).to(local.dtype))
+
+
+def _rows(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return t if t.dim() == 0 else t[start:stop]
+
+
+def _init_module_full(model: nn.Module, module: nn.Module, name: str, seed: int) -> dict[str, torch.Tensor]:
+    """Run the model's own `_init_weights` on a full-size CPU stand-in of one module, seeded by its name.
+
+    Seeding per module makes random init identical whatever the world size or sharding.
+    """
+    shadow = copy.copy(module)
+    shadow._parameters = {k: (None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype)))
+                          for k, p in module._parameters.items()}
+    shadow._buffers = {k: (None if b is None else torch.empty(b.shape, dtype=b.dtype))
+                       for k, b in module._buffers.items()}
+    shadow._modules = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        for t in list(shadow._parameters.values()) + list(shadow._buffers.values()):
+            if t is not None and t.is_floating_point():
+                nn.init.normal_(t.data, std=0.02)  # fallback for tensors _init_weights does not cover
+        model._init_weights(shadow)
+    full = {k: p.detach() for k, p in shadow._parameters.items() if p is not None}
+    full.update({k: b for k, b in shadow._buffers.items() if b is not None})
+    return full
+
+
+def materialize(model: nn.Module, source, seed: int, device: torch.device) -> dict:
+    """Give every meta tensor real storage on `device`: checkpoint rows where the checkpoint has them, else init.
+
+    Returns counts of loaded and initialised tensors (new heads, random init) for the log.
+    """
+    model.to_empty(device=device)
+    base_prefix = getattr(model, "base_model_prefix", "")
+    seen: set[int] = set()
+    loaded, initialised = [], []
+    for mname, module in model.named_modules():
+        tensors = {k: t for k, t in list(module._parameters.items()) + list(module._buffers.items())
+                   if t is not None and id(t) not in seen}
+        if not tensors:
+            continue
+        seen.update(id(t) for t in tensors.values())
+        keys = {k: (_source_key(source, f"{mname}.{k}".lstrip("."), base_prefix) if source is not None else None)
+                for k in tensors}
+        missing = [k for k in tensors if keys[k] is None]
+        full = _init_module_full(model, module, mname, seed) if missing else {}
+        for k, t in tensors.items():
+            _, start, stop = _local_view(t)
+            if keys[k] is not None:
+                _copy_rows(t, source.read_rows(keys[k], start, stop))
+                loaded.append(f"{mname}.{k}")
+            else:
+                _copy_rows(t, _rows(full[k], start, stop))
+                initialised.append(f"{mname}.{k}")
+    if source is not None:
+        source.close()
+    return {"loaded": len(loaded), "initialised": initialised}
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of the full (unsharded) model."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total

@@ -1,0 +1,40 @@
+"""AdamW with decay only on matrices, and a warmup-then-decay learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fsdp_ft.config import Config
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; biases and norm weights (1-D) get no weight decay."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.optim.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    impl = cfg.optim.implementation
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, **kernel)
+
+
+def lr_factor(step: int, total_steps: int, cfg: Config) -> float:
+    """Multiplier of optim.lr at `step`: linear warmup, then cosine / linear decay to min_lr_ratio, or constant."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Config):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))

@@ -1,0 +1,123 @@
+"""Everything FSDP2: which modules are blocks, activation checkpointing, sharding, gradient-sync control.
+
+`parallelize` is one ordered function — checkpointing first, then `fully_shard` per block, then the root —
+because the order matters: the checkpointed region must sit inside FSDP's all-gather hooks.
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from fsdp_ft.config import Config
+from fsdp_ft.errors import ConfigError
+from fsdp_ft.model import DTYPE
+
+
+def find_blocks(model: nn.Module, class_names: list[str] = ()) -> list[nn.Module]:
+    """The repeated transformer blocks, discovered from the model for any architecture.
+
+    Order of evidence: the config override; classes the model lists in `_no_split_modules` that sit in a
+    `ModuleList`; else the longest `ModuleList` whose items share one class.
+    """
+    if class_names:
+        blocks = [m for m in model.modules() if type(m).__name__ in set(class_names)]
+        if not blocks:
+            found = sorted({type(m).__name__ for m in model.modules()})
+            raise ConfigError(f"config key 'model.block_classes': none of {list(class_names)} occur in the model; "
+                              f"its module classes are {found}")
+        return blocks
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    in_lists = [b for ml in lists for b in ml if type(b).__name__ in no_split]
+    if in_lists:
+        return in_lists
+    best: list[nn.Module] = []
+    for ml in lists:
+        name, count = Counter(type(b).__name__ for b in ml).most_common(1)[0]
+        if count == len(ml) and len(ml) > len(best):
+            best = list(ml)
+    if not best:
+        raise ConfigError("could not find the transformer blocks of this model; set model.block_classes")
+    return best
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> list[nn.Module]:
+    """Recompute the activations of every block (`full`) or every K-th block (`selective:K`) in backward.
+
+    The block's own forward is wrapped in place, so parameter names (and checkpoints) do not change.
+    """
+    if mode == "none":
+        return []
+    every = 1 if mode == "full" else int(mode.split(":")[1])
+    chosen = [b for i, b in enumerate(blocks) if i % every == 0]
+    for block in chosen:
+        block.forward = functools.partial(_checkpointed_forward, block.forward)
+    return chosen
+
+
+def mixed_precision_policy(cfg: Config) -> MixedPrecisionPolicy:
+    param = cfg.fsdp.param_dtype or cfg.fsdp.mixed_precision
+    reduce = cfg.fsdp.reduce_dtype or "fp32"
+    return MixedPrecisionPolicy(param_dtype=DTYPE[param], reduce_dtype=DTYPE[reduce],
+                                output_dtype=None, cast_forward_inputs=True)
+
+
+def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
+    """Checkpoint, then shard each block, then the root (embeddings, head and anything left)."""
+    blocks = find_blocks(model, cfg.model.block_classes)
+    block_class = type(blocks[0]).__name__
+    checkpointed = apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
+    kwargs = {
+        "mesh": mesh,
+        "mp_policy": mixed_precision_policy(cfg),
+        "offload_policy": CPUOffloadPolicy() if cfg.fsdp.cpu_offload else OffloadPolicy(),
+    }
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=cfg.fsdp.reshard_after_forward, **kwargs)
+    # the root's parameters (embeddings, head) are used again at once in backward: keep them gathered
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    return {"blocks": len(blocks), "block_class": block_class, "checkpointed": len(checkpointed)}
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip the reduce-scatter on non-final micro-steps of gradient accumulation."""
+    model.set_requires_gradient_sync(enabled)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Global gradient norm over all shards (and clip to max_norm); a tensor, so no host sync here."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else float("inf"),
+                                          foreach=True)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def sharded_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this rank holds for parameters, gradients and optimizer state (the part sharding divides)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    total = 0
+    for p in model.parameters():
+        total += local(p).numel() * p.element_size()
+        if p.grad is not None:
+            total += local(p.grad).numel() * p.grad.element_size()
+    for state in optimizer.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                total += local(v).numel() * v.element_size()
+    return total

@@ -1,0 +1,17 @@
+"""Per-task pieces: how a row becomes a batch, and how a batch becomes loss sums and eval metrics.
+
+Losses are returned as sums with their count (tokens or samples), so the trainer can normalise by the
+global count of the whole step: the loss is then the same for any split of the batch over ranks and
+micro-steps.
+"""
+from __future__ import annotations
+
+from fsdp_ft.config import Config
+
+
+def get_task(cfg: Config, tokenizer):
+    if cfg.task == "causal_lm":
+        from fsdp_ft.tasks.causal_lm import CausalLMTask
+        return CausalLMTask(cfg, tokenizer)
+    from fsdp_ft.tasks.seq_cls import SeqClsTask
+    return SeqClsTask(cfg, tokenizer)

@@ -1,0 +1,169 @@
+"""The training loop: accumulate, clip, step, schedule, evaluate, log, checkpoint.
+
+Nothing here knows how the model is sharded; FSDP-specific calls come from `parallel`, disk layout from
+`checkpoint`. Losses are normalised by the global token (or sample) count of the whole step, so N ranks
+train exactly like one process with the same global batch. Host syncs happen only at log, eval and save.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fsdp_ft import checkpoint, parallel
+from fsdp_ft.config import Config
+from fsdp_ft.data import BatchPlan, eval_batches
+from fsdp_ft.distributed import DistEnv, all_gather_object, all_reduce_sum
+from fsdp_ft.metrics import MetricsLogger, peak_host_rss_bytes, peak_memory_bytes
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint's state.json."""
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens_seen: int = 0
+    last_eval_step: int = -1
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, model, task, optimizer, scheduler, scaler,
+                 train_rows, eval_rows, logger: MetricsLogger, state: TrainState, total_steps: int):
+        self.cfg, self.env, self.model, self.task = cfg, env, model, task
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.train_rows, self.eval_rows, self.logger, self.state = train_rows, eval_rows, logger, state
+        self.total_steps = total_steps
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.plan = BatchPlan(len(train_rows), cfg.train.micro_batch_size, cfg.train.grad_accum,
+                              env.world_size, env.rank, cfg.train.seed)
+        self._perm_epoch, self._perm = -1, None
+
+    # ------------------------------------------------------------ batches
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    def _collate(self, rows, indices: list[int]) -> dict:
+        return self._to_device(self.task.collate([self.task.encode(rows[i]) for i in indices]))
+
+    def _step_batches(self) -> list[dict]:
+        if self._perm_epoch != self.state.epoch:
+            self._perm, self._perm_epoch = self.plan.permutation(self.state.epoch), self.state.epoch
+        return [self._collate(self.train_rows, idx)
+                for idx in self.plan.micro_batches(self._perm, self.state.step_in_epoch)]
+
+    # ------------------------------------------------------------ one optimizer step
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """Forward/backward every micro-batch of the step, then clip and step. Returns tensors (no sync)."""
+        batches = self._step_batches()
+        count = all_reduce_sum(sum(self.task.count(b) for b in batches).to(self.env.device).float())
+        loss_sum = torch.zeros((), device=self.env.device)
+        tokens = torch.zeros((), device=self.env.device, dtype=torch.long)
+        for i, batch in enumerate(batches):
+            parallel.set_gradient_sync(self.model, i == len(batches) - 1)
+            sums = self.task.loss_sums(self.model, batch)
+            # FSDP averages gradients over ranks; scaling by world size turns that average into the global sum
+            loss = sums["loss"] * self.env.world_size / count
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += sums["loss"].detach()
+            tokens += batch["attention_mask"].sum()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = parallel.clip_grad_norm(self.trainable, self.cfg.optim.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"loss_sum": loss_sum, "count": count, "tokens": tokens, "grad_norm": grad_norm}
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Task metrics over the whole eval set, summed over ranks (every rank runs the same number of batches)."""
+        self.model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        size = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
+        for idx in eval_batches(len(self.eval_rows), size, self.env.world_size, self.env.rank):
+            weight = 1.0 if idx else 0.0  # a rank with no rows left still runs the forward FSDP needs
+            batch = self._collate(self.eval_rows, idx or [0])
+            for k, v in self.task.loss_sums(self.model, batch).items():
+                sums[k] = sums.get(k, 0) + v.detach().double().to(self.env.device) * weight
+        self.model.train()
+        keys = sorted(sums)
+        totals = all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist()
+        self.state.last_eval_step = self.state.step
+        return self.task.metrics(dict(zip(keys, totals)))
+
+    # ------------------------------------------------------------ the loop
+
+    def _advance_position(self) -> bool:
+        """Move the data position one step; True when an epoch just ended."""
+        self.state.step += 1
+        self.state.step_in_epoch += 1
+        if self.state.step_in_epoch >= self.plan.steps_per_epoch:
+            self.state.epoch += 1
+            self.state.step_in_epoch = 0
+            return True
+        return False
+
+    def _log_train(self, window: dict, started: float, first_row: bool) -> None:
+        loss_sum = all_reduce_sum(window["loss_sum"].double())
+        tokens = int(all_reduce_sum(window["tokens"].clone()).item())
+        self.state.tokens_seen += tokens
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        peaks = all_gather_object(peak_memory_bytes(self.env.device))
+        row = {"step": self.state.step, "epoch": self.state.epoch, "loss": (loss_sum / window["count"]).item(),
+               "lr": self.scheduler.get_last_lr()[0], "grad_norm": window["grad_norm"].item(),
+               "tokens": self.state.tokens_seen, "tokens_per_s": tokens / elapsed,
+               "peak_mem_bytes": max(peaks), "peak_mem_bytes_per_rank": peaks,
+               "peak_host_rss_bytes": peak_host_rss_bytes()}
+        if self.scaler:
+            row["loss_scale"] = float(self.scaler.get_scale())
+        if first_row:
+            row["state_bytes_per_rank"] = all_gather_object(parallel.sharded_state_bytes(self.model, self.optimizer))
+        self.logger.log(row)
+
+    def _log_eval(self) -> None:
+        if self.eval_rows is None:
+            return
+        metrics = self.evaluate()
+        self.logger.log({"split": "eval", "step": self.state.step, "epoch": self.state.epoch, **metrics})
+
+    def save(self) -> None:
+        state = {k: v for k, v in vars(self.state).items()}
+        state["scheduler"] = self.scheduler.state_dict()
+        state["scaler"] = self.scaler.state_dict() if self.scaler else None
+        checkpoint.save_checkpoint(self.cfg.output_dir, self.state.step, self.model, self.optimizer, state,
+                                   self.env, self.cfg.train.keep_last)
+
+    def fit(self) -> TrainState:
+        t = self.cfg.train
+        self.model.train()
+        window, started, first = None, time.perf_counter(), True
+        while self.state.step < self.total_steps:
+            out = self.train_step()
+            if window is None:
+                window = out
+            else:
+                window = {"loss_sum": window["loss_sum"] + out["loss_sum"], "count": window["count"] + out["count"],
+                          "tokens": window["tokens"] + out["tokens"], "grad_norm": out["grad_norm"]}
+            epoch_end = self._advance_position()
+            done = self.state.step >= self.total_steps
+            if self.state.step % t.log_every == 0 or done:
+                self._log_train(window, started, first)
+                window, started, first = None, time.perf_counter(), False
+            if (t.eval_every and self.state.step % t.eval_every == 0) or (not t.eval_every and epoch_end) or done:
+                if self.state.last_eval_step != self.state.step:
+                    self._log_eval()
+            if (t.save_every and self.state.step % t.save_every == 0) or done:
+                self.save()
+            self.logger.advance()
+        return self.state
