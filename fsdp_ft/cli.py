@@ -42,20 +42,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from fsdp_ft.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before importing torch: a bad config fails in a blink
     from fsdp_ft.engine import train
 
-    cfg = load_config(args.config, args.overrides)
     train(cfg)
     return 0
 
 
 def cmd_run(args) -> int:
     """torchrun in-process: its agent starts the ranks, forwards signals and reports the failing rank's code."""
-    from torch.distributed.run import main as torchrun_main
-
     from fsdp_ft.config import load_config
 
     load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
+    from torch.distributed.run import main as torchrun_main
+
     host, _, port = args.rdzv_endpoint.rpartition(":")
     argv = [f"--nproc-per-node={args.nproc_per_node}", f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
             f"--master-addr={host or '127.0.0.1'}", f"--master-port={port}",

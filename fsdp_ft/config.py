@@ -20,6 +20,7 @@ import yaml
 from fsdp_ft.errors import ConfigError
 
 DTYPES = ("fp32", "bf16", "fp16")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".pq")
 
 
 def _f(default, help: str, choices: tuple | None = None, path: bool = False):
@@ -40,7 +41,7 @@ class ModelConfig:
     revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) when model.path is a hub id")
     trust_remote_code: bool = _f(False, "allow custom modelling code from the model folder; off unless you trust it")
     attn_implementation: Optional[str] = _f("sdpa", "attention kernel: sdpa, eager, flash_attention_2 (null: HF default)")
-    block_classes: list = _f([], "class names of the transformer blocks to shard/checkpoint; empty: discover")
+    block_classes: list[str] = _f([], "class names of the transformer blocks to shard/checkpoint; empty: discover")
     num_labels: Optional[int] = _f(None, "classification labels; null: taken from the data")
 
 
@@ -64,8 +65,8 @@ class FinetuneConfig:
     freeze_embeddings: bool = _f(False, "partial: freeze the input embeddings (and position embeddings)")
     freeze_first_n_blocks: int = _f(0, "partial: freeze the first N transformer blocks")
     head_only: bool = _f(False, "partial: train only the output head (LM head or classifier)")
-    trainable_regex: list = _f([], "partial: only parameters whose name matches one of these regexes train")
-    frozen_regex: list = _f([], "partial: parameters whose name matches one of these regexes are frozen")
+    trainable_regex: list[str] = _f([], "partial: only parameters whose name matches one of these regexes train")
+    frozen_regex: list[str] = _f([], "partial: parameters whose name matches one of these regexes are frozen")
 
 
 @dataclass
@@ -82,7 +83,7 @@ class FSDPConfig:
 class OptimConfig:
     lr: float = _f(2e-5, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms)")
-    betas: list = _f([0.9, 0.999], "AdamW betas")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     eps: float = _f(1e-8, "AdamW epsilon")
     warmup_steps: int = _f(0, "linear warmup steps from 0 to optim.lr")
     schedule: str = _f("cosine", "decay after warmup", ("cosine", "linear", "constant"))
@@ -113,7 +114,8 @@ class TrainConfig:
 class Config:
     output_dir: str = _f("", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/", path=True)
     task: str = _f("causal_lm", "training objective", ("causal_lm", "seq_cls"))
-    resume: str = _f("auto", "auto: newest complete checkpoint in output_dir; none; or a checkpoint path")
+    resume: str = _f("auto", "auto: newest complete checkpoint in output_dir; none; or a checkpoint path",
+                     path=True)
     activation_checkpointing: str = _f("none", "recompute block activations: none, full, or selective:K (every K-th)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
@@ -155,6 +157,8 @@ def _type_name(t) -> str:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(t) if a is not type(None)]
         return f"{_type_name(args[0])} or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(t)[0])}"
     return getattr(t, "__name__", str(t))
 
 
@@ -178,6 +182,11 @@ def _coerce(key: str, value: Any, t: Any, f: dataclasses.Field) -> Any:
         if value is None:
             return None
         t = [a for a in typing.get_args(t) if a is not type(None)][0]
+    if typing.get_origin(t) is list:  # check each item, so a bad item fails here rather than deep in the run
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be {_type_name(t)}, got {value!r}")
+        item = typing.get_args(t)[0]
+        return [_coerce(f"{key}[{i}]", v, item, dataclasses.field()) for i, v in enumerate(value)]
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if t is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 as a string
@@ -197,7 +206,9 @@ def _coerce(key: str, value: Any, t: Any, f: dataclasses.Field) -> Any:
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    """Suggest the valid key with the same leaf name (`lr` -> `optim.lr`), else the closest spelling."""
+    leaf = key.rpartition(".")[2]
+    close = [k for k in valid if k.rpartition(".")[2] == leaf] or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see `fsdp-ft train --help` for the keys"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
@@ -248,12 +259,13 @@ def _resolve_paths(cfg: Config, base: Path, keys_from_file: set[str]) -> None:
         section, _, leaf = key.rpartition(".")
         obj = getattr(cfg, section) if section else cfg
         value = getattr(obj, leaf)
-        if not value or os.path.isabs(value):
+        if not value or os.path.isabs(value) or (key == "resume" and value in ("auto", "none")):
             continue
         root = base if key in keys_from_file else Path.cwd()
         candidate = (root / value).resolve()
-        # keep hub ids (org/name that is not a local path) untouched
-        if candidate.exists() or key == "output_dir" or not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+        # keep hub ids (org/name that is not a local path) untouched; a data file name (x/y.jsonl) is no hub id
+        hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", value) and Path(value).suffix.lower() not in DATA_SUFFIXES
+        if candidate.exists() or key == "output_dir" or not hub_id:
             setattr(obj, leaf, str(candidate))
 
 
@@ -273,9 +285,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
+            raise ConfigError(f"config file '{path}' " + ("is not a file" if p.exists() else "does not exist"))
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file '{path}' is not UTF-8 text: {e.reason} at byte {e.start}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

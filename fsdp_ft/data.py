@@ -6,6 +6,8 @@ batch is the same samples whatever the number of ranks.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -31,10 +33,16 @@ def load_table(path: str, split: str, key: str):
         fmt = FORMATS.get(p.suffix.lower())
         if fmt is None:
             raise DataError(f"config key '{key}': '{path}' is not .jsonl, .json, .csv or .parquet")
+        if p.stat().st_size == 0:
+            raise DataError(f"config key '{key}': data file '{path}' is empty")
         try:
-            return datasets.load_dataset(fmt, data_files=str(p), split="train")
+            with _quiet_datasets():
+                return datasets.load_dataset(fmt, data_files=str(p), split="train")
         except Exception as e:  # malformed rows: name the file and the parser's complaint
-            raise DataError(f"config key '{key}': cannot read '{path}': {_first_line(e)}") from None
+            if fmt != "parquet" and _has_no_rows(p, fmt):
+                raise DataError(f"config key '{key}': data file '{path}' has no rows") from None
+            problem = (_bad_json_line(p) if fmt == "json" else None) or _first_line(_reason(e))
+            raise DataError(f"config key '{key}': cannot read '{path}': {problem}") from None
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
         raise DataError(f"config key '{key}': data file '{path}' does not exist")
     try:
@@ -44,20 +52,79 @@ def load_table(path: str, split: str, key: str):
                         f"{_first_line(e)}") from None
 
 
-def _first_line(e: Exception) -> str:
+class _quiet_datasets:
+    """`datasets` logs a parser failure before raising it; the DataError we raise says it once, in one line."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("datasets")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def _has_no_rows(p: Path, fmt: str) -> bool:
+    """Blank lines only (or a CSV header only): `datasets` fails on these with messages that do not say so."""
+    with p.open(encoding="utf-8", errors="replace") as fh:
+        lines = [line for _, line in zip(range(3), (ln for ln in fh if ln.strip()))]
+    return len(lines) <= (1 if fmt == "csv" else 0)
+
+
+def _bad_json_line(p: Path) -> str | None:
+    """The first line of a JSON Lines file that is not JSON, so the error names the line to fix."""
+    text = p.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)  # a single JSON document (a list of records) is fine as well
+        return None
+    except ValueError:
+        pass
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except ValueError as e:
+                return f"line {n} is not valid JSON ({e.msg})"
+    return None
+
+
+def _reason(e: BaseException) -> BaseException:
+    """The parser's own error: `datasets` wraps it in a vague 'An error occurred while generating the dataset'."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
 
 
-def check_columns(table, columns: list[str], key: str, path: str) -> None:
+def check_columns(table, columns: list[str], key: str, path: str, cfg: Config | None = None) -> None:
     for col in columns:
         if col not in table.column_names:
             raise DataError(f"{key}: file '{path}' has no column '{col}' (it has {table.column_names}); "
-                            f"set data.{_column_key(col, key)} to the right column")
+                            f"set {_column_key(col, cfg)} to the right column")
 
 
-def _column_key(col: str, key: str) -> str:
-    return "text_column" if "text" in key else "label_column"
+def _column_key(col: str, cfg: Config | None) -> str:
+    """The config key that named the missing column, so the error says what to change."""
+    d = cfg.data if cfg is not None else None
+    for name in ("text_column", "text_pair_column", "label_column"):
+        if d is not None and getattr(d, name) == col:
+            return f"data.{name}"
+    return "data.text_column / data.label_column"
+
+
+def check_eval_labels(train, evaluation, cfg: Config) -> None:
+    """An eval label that training never shows has no class id: fail at load, not at the first evaluation."""
+    col, num_labels = cfg.data.label_column, cfg.model.num_labels
+    known = {str(v) for v in train[col]}
+    for v in evaluation[col]:
+        in_range = num_labels is not None and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_labels
+        if str(v) not in known and not in_range:
+            raise DataError(f"data.eval: file '{cfg.data.eval}' has label {v!r} (column '{col}') that data.train "
+                            f"never uses; training labels: {sorted(known)[:20]}")
 
 
 @dataclass
@@ -78,15 +145,19 @@ def load_splits(cfg: Config, columns: list[str]) -> Splits:
     """Train and eval tables with the task's columns checked and empty texts dropped."""
     d = cfg.data
     train = load_table(d.train, d.train_split, "data.train")
-    check_columns(train, columns, "data.train", d.train)
+    check_columns(train, columns, "data.train", d.train, cfg)
     train, dropped_train = drop_empty(train, d.text_column)
     if len(train) == 0:
         raise DataError(f"data.train: '{d.train}' has no usable rows (empty file or all texts empty)")
     evaluation, dropped_eval = None, 0
     if d.eval:
         evaluation = load_table(d.eval, d.eval_split, "data.eval")
-        check_columns(evaluation, columns, "data.eval", d.eval)
+        check_columns(evaluation, columns, "data.eval", d.eval, cfg)
         evaluation, dropped_eval = drop_empty(evaluation, d.text_column)
+        if len(evaluation) == 0:
+            raise DataError(f"data.eval: '{d.eval}' has no usable rows (empty file or all texts empty)")
+        if cfg.task == "seq_cls":
+            check_eval_labels(train, evaluation, cfg)
     elif d.eval_share > 0:
         parts = train.train_test_split(test_size=d.eval_share, seed=cfg.train.seed, shuffle=True)
         train, evaluation = parts["train"], parts["test"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.weights_io import SafetensorsReader
+from fsdp_ft.weights_io import SafetensorsReader, local_rows
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -173,13 +173,10 @@ def _source_key(source, name: str, base_prefix: str) -> str | None:
 def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """This rank's storage of a (possibly sharded) tensor and the dim-0 rows of the full tensor it holds."""
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     if isinstance(t, DTensor):
-        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        local = t.to_local()
-        start = offset[0] if len(offset) else 0
-        return local, start, start + (shape[0] if len(shape) else 0)
+        start, stop = local_rows(t) if t.dim() else (0, 0)
+        return t.to_local(), start, stop
     return t, 0, (t.shape[0] if t.dim() else 0)
 
 

@@ -80,7 +80,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
     kwargs = {
         "mesh": mesh,
         "mp_policy": mixed_precision_policy(cfg),
-        "offload_policy": CPUOffloadPolicy() if cfg.fsdp.cpu_offload else OffloadPolicy(),
+        "offload_policy": (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.fsdp.cpu_offload
+                          else OffloadPolicy()),
     }
     for block in blocks:
         fully_shard(block, reshard_after_forward=cfg.fsdp.reshard_after_forward, **kwargs)

@@ -1,0 +1,68 @@
+"""Shared helpers: run the real CLI (in a subprocess, as users do) and read a run's metrics."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+ASSETS = REPO / "tests" / "assets"
+
+# Small and quick: equality tests compare per-step losses, not convergence.
+FAST = ["train.max_steps=8", "train.log_every=1", "train.seq_len=64", "train.eval_every=0", "train.save_every=0",
+        "train.progress_bar=false", "data.max_eval_samples=16"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m fsdp_ft.cli ARGS` from the repo root; raises with the output if it fails and check is set."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, "-m", "fsdp_ft.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fsdp-ft {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_1proc(out: Path, *overrides: str) -> Path:
+    cli("train", str(TINY), f"output_dir={out}", *FAST, *overrides)
+    return out
+
+
+def train_nproc(n: int, out: Path, *overrides: str) -> Path:
+    cli("run", "--nproc-per-node", str(n), "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
+        f"output_dir={out}", *FAST, *overrides)
+    return out
+
+
+def losses(out: Path) -> dict[int, float]:
+    """Training loss per step (the last row wins, so a resumed run's rows replace the killed run's)."""
+    from fsdp_ft.metrics import read_metrics
+    return {r["step"]: r["loss"] for r in read_metrics(out) if "split" not in r}
+
+
+def eval_rows(out: Path) -> list[dict]:
+    from fsdp_ft.metrics import read_metrics
+    return [r for r in read_metrics(out) if r.get("split") == "eval"]
+
+
+def assert_losses_close(got: dict, want: dict, rtol: float) -> None:
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    for step in want:
+        rel = abs(got[step] - want[step]) / abs(want[step])
+        assert rel <= rtol, f"step {step}: {got[step]} vs {want[step]} (relative {rel:.2e} > {rtol})"
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
