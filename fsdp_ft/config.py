@@ -162,13 +162,18 @@ def _type_name(t) -> str:
     return getattr(t, "__name__", str(t))
 
 
+def _show(value) -> str:
+    """A value as one line of YAML (PyYAML ends a bare scalar with a '...' document-end line)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+
+
 def help_text() -> str:
     """Every config key with its type, default and meaning (for `fsdp-ft train --help`)."""
     lines = ["config keys (set in the YAML file or as key.sub=value overrides):"]
     for key, t, f, default in all_keys():
         choices = f.metadata.get("choices")
         extra = f" [{', '.join(str(c) for c in choices if c is not None)}]" if choices else ""
-        lines.append(f"  {key} ({_type_name(t)}, default {yaml.safe_dump(default, default_flow_style=True).strip()})"
+        lines.append(f"  {key} ({_type_name(t)}, default {_show(default)})"
                      f"{extra}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
@@ -265,7 +270,7 @@ def _resolve_paths(cfg: Config, base: Path, keys_from_file: set[str]) -> None:
         candidate = (root / value).resolve()
         # keep hub ids (org/name that is not a local path) untouched; a data file name (x/y.jsonl) is no hub id
         hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", value) and Path(value).suffix.lower() not in DATA_SUFFIXES
-        if candidate.exists() or key == "output_dir" or not hub_id:
+        if candidate.exists() or key in ("output_dir", "resume") or not hub_id:
             setattr(obj, leaf, str(candidate))
 
 

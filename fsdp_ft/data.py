@@ -23,18 +23,17 @@ FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parque
 
 def load_table(path: str, split: str, key: str):
     """A `datasets.Dataset` from a local file, or a split of a hub dataset."""
-    import datasets
-
-    datasets.disable_progress_bars()
     p = Path(path)
     if p.suffix.lower() in FORMATS or p.exists():
         if not p.is_file():
-            raise DataError(f"config key '{key}': data file '{path}' does not exist")
+            what = "is not a file" if p.exists() else "does not exist"
+            raise DataError(f"config key '{key}': data file '{path}' {what}")
         fmt = FORMATS.get(p.suffix.lower())
         if fmt is None:
             raise DataError(f"config key '{key}': '{path}' is not .jsonl, .json, .csv or .parquet")
         if p.stat().st_size == 0:
             raise DataError(f"config key '{key}': data file '{path}' is empty")
+        datasets = _datasets()  # imported before quieting: its import resets its logger's level
         try:
             with _quiet_datasets():
                 return datasets.load_dataset(fmt, data_files=str(p), split="train")
@@ -46,10 +45,18 @@ def load_table(path: str, split: str, key: str):
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
         raise DataError(f"config key '{key}': data file '{path}' does not exist")
     try:
-        return datasets.load_dataset(path, split=split)
+        return _datasets().load_dataset(path, split=split)
     except Exception as e:
         raise DataError(f"config key '{key}': cannot load hub dataset '{path}' split '{split}': "
                         f"{_first_line(e)}") from None
+
+
+def _datasets():
+    """Imported only once a file passed the cheap checks, so a missing file fails without the import."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
 
 
 class _quiet_datasets:
@@ -84,7 +91,7 @@ def _bad_json_line(p: Path) -> str | None:
             try:
                 json.loads(line)
             except ValueError as e:
-                return f"line {n} is not valid JSON ({e.msg})"
+                return f"line {n} is not valid JSON: {e.msg} (column {e.colno})"
     return None
 
 

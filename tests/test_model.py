@@ -1,0 +1,153 @@
+"""Model building: block discovery on several architectures, loading pretrained weights shard by shard, and
+activation checkpointing that really recomputes. Runs in this process (world size 1, same code path)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import ASSETS, TINY
+from fsdp_ft import distributed, engine, parallel
+from fsdp_ft.config import load_config
+from fsdp_ft.model import build_meta_model, load_hf_config, load_tokenizer, resolve_model_dir
+
+SAMPLE = ["Return a new list containing all items from the iterable in ascending order.",
+          "Open file and return a stream. Raise OSError upon failure."]
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(TINY, [f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def _meta_model(tmp_path, folder: str, task: str = "causal_lm"):
+    cfg = _cfg(tmp_path, f"model.path={ASSETS / folder}", f"task={task}")
+    model_dir = resolve_model_dir(cfg)
+    tok = load_tokenizer(cfg, model_dir)
+    return build_meta_model(cfg, load_hf_config(cfg, model_dir), tok, ["a", "b", "c"] if task == "seq_cls" else None)
+
+
+@pytest.mark.parametrize("folder,task,block", [
+    ("tiny-llama", "causal_lm", "LlamaDecoderLayer"),
+    ("tiny-qwen2", "causal_lm", "Qwen2DecoderLayer"),
+    ("tiny-mistral", "causal_lm", "MistralDecoderLayer"),
+    ("tiny-gpt2", "causal_lm", "GPT2Block"),
+    ("tiny-bert", "seq_cls", "BertLayer"),
+    ("tiny-llama", "seq_cls", "LlamaDecoderLayer"),
+])
+def test_block_discovery(tmp_path, folder, task, block):
+    model = _meta_model(tmp_path, folder, task)
+    blocks = parallel.find_blocks(model)
+    assert [type(b).__name__ for b in blocks] == [block] * 4
+
+
+def test_block_override_and_error(tmp_path):
+    from fsdp_ft.errors import ConfigError
+
+    model = _meta_model(tmp_path, "tiny-llama")
+    assert len(parallel.find_blocks(model, ["LlamaMLP"])) == 4
+    with pytest.raises(ConfigError, match="model.block_classes"):
+        parallel.find_blocks(model, ["NoSuchBlock"])
+
+
+def _save_pretrained(tmp_path, folder: str, auto_cls, seed: int = 7):
+    """A 'pretrained' HF folder: random weights saved by transformers itself, plus the tokenizer."""
+    from transformers import AutoConfig
+
+    src = ASSETS / folder
+    torch.manual_seed(seed)
+    hf = auto_cls.from_config(AutoConfig.from_pretrained(src)).eval()
+    dst = tmp_path / f"pretrained-{folder}"
+    hf.save_pretrained(dst)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+    return dst, hf
+
+
+def _built(cfg):
+    env = distributed.init_distributed()
+    model, tok, task, splits, info = engine.build(cfg, env)
+    return model.eval(), tok, info
+
+
+@pytest.mark.parametrize("folder,auto_name", [("tiny-llama", "AutoModelForCausalLM"),
+                                              ("tiny-llama-tied", "AutoModelForCausalLM"),
+                                              ("tiny-gpt2", "AutoModel")])
+def test_sharded_load_matches_hf_from_pretrained(tmp_path, folder, auto_name):
+    """Each rank reads its rows from safetensors; the logits equal transformers' own from_pretrained.
+    GPT-2 is saved as the bare base model, so the loader must add the `transformer.` prefix."""
+    import transformers
+
+    path, _ = _save_pretrained(tmp_path, folder, getattr(transformers, auto_name))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model, tok, info = _built(_cfg(tmp_path, f"model.path={path}", "model.random_init=false"))
+    assert info["weights_initialised"] == len([n for n, _ in model.named_buffers()])  # only rotary/buffers
+    batch = tok(SAMPLE, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        got = model(**batch, use_cache=False).logits
+        want = ref(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_head_is_initialised_and_base_loaded(tmp_path):
+    """A base BERT checkpoint under a classification model: the base loads, only the new head is initialised."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    path, _ = _save_pretrained(tmp_path, "tiny-bert", AutoModel)
+    cfg = _cfg(tmp_path, f"model.path={path}", "model.random_init=false", "task=seq_cls",
+               f"data.train={ASSETS / 'data' / 'tiny_cls_train.jsonl'}",
+               f"data.eval={ASSETS / 'data' / 'tiny_cls_eval.jsonl'}")
+    model, tok, info = _built(cfg)
+    assert info["labels"] == ["files", "net", "text"]
+    ref = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
+    # give the reference our freshly initialised head, then everything must agree
+    ref.classifier.weight.data.copy_(model.classifier.weight.full_tensor())
+    ref.classifier.bias.data.copy_(model.classifier.bias.full_tensor())
+    assert model.classifier.weight.full_tensor().std() > 0  # really initialised, not left empty
+    batch = tok(SAMPLE, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_random_init_is_independent_of_sharding(tmp_path):
+    """Per-module seeding: the same seed gives the same weights however the model is sharded or wrapped."""
+    a, _, _ = _built(_cfg(tmp_path, "train.seed=3"))
+    b, _, _ = _built(_cfg(tmp_path, "train.seed=3", "activation_checkpointing=full", "fsdp.reshard_after_forward=false"))
+    c, _, _ = _built(_cfg(tmp_path, "train.seed=4"))
+    for (n, p), (_, q), (_, r) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+        assert torch.equal(p.full_tensor(), q.full_tensor()), n
+        if p.dim() == 2:
+            assert not torch.equal(p.full_tensor(), r.full_tensor()), n
+
+
+def _forward_backward_flops(model, batch) -> tuple[int, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train()
+    # without early stop the recompute replays each checkpointed block whole (early stop skips its last matmul)
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        with FlopCounterMode(display=False) as fwd:
+            out = model(**batch, use_cache=False).logits
+        with FlopCounterMode(display=False) as bwd:
+            out.float().pow(2).mean().backward()
+    return fwd.get_total_flops(), bwd.get_total_flops()
+
+
+def test_activation_checkpointing_recomputes(tmp_path):
+    """Backward FLOPs rise by exactly the blocks' forward FLOPs (all blocks for `full`, half for `selective:2`)."""
+    batch = _tokenizer()(SAMPLE, return_tensors="pt", padding=True)
+    flops = {mode: _forward_backward_flops(_built(_cfg(tmp_path, f"activation_checkpointing={mode}"))[0], batch)
+             for mode in ("none", "full", "selective:2")}
+    fwd_total, bwd_none = flops["none"]
+    b, t = batch["input_ids"].shape
+    head = 2 * b * t * 64 * 1024  # hidden x vocab matmul of the LM head, outside the blocks
+    blocks_fwd = fwd_total - head
+    assert flops["full"][1] - bwd_none == blocks_fwd
+    assert flops["selective:2"][1] - bwd_none == blocks_fwd // 2
+    assert flops["full"][0] == fwd_total  # the forward itself is unchanged
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(ASSETS / "tiny-llama")

@@ -1,0 +1,86 @@
+"""Checkpoints: kill -9 mid-run, resume, and the loss curve continues exactly; a half-written save is ignored."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import FAST, REPO, TINY, cli, free_port, losses, train_nproc
+
+pytestmark = pytest.mark.distributed
+
+RUN = ["train.micro_batch_size=2", "train.grad_accum=1", "train.save_every=3", "train.keep_last=2",
+       "train.max_steps=10"]
+
+
+def _launch(out, *overrides):
+    cmd = [sys.executable, "-m", "fsdp_ft.cli", "run", "--nproc-per-node", "2", "--rdzv-endpoint",
+           f"127.0.0.1:{free_port()}", str(TINY), f"output_dir={out}", *FAST, *RUN, *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_step(out, step: int, proc, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if step in losses(out):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def test_kill9_then_resume_continues_exactly(session_tmp):
+    full = train_nproc(2, session_tmp / "uninterrupted", *RUN)
+    out = session_tmp / "killed"
+    proc = _launch(out)
+    _wait_for_step(out, 7, proc)  # the step-6 checkpoint is complete once step 7 is logged
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(out))
+    assert killed_at < 10, "the run finished before it could be killed"
+    cli("run", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
+        f"output_dir={out}", *FAST, *RUN)  # resume: auto is the default
+    resumed, want = losses(out), losses(full)
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(7, 11):  # steps after the checkpoint were trained again, and equal bit for bit
+        assert resumed[step] == want[step], (step, resumed[step], want[step])
+    state = json.loads((out / "checkpoints" / "step-10" / "state.json").read_text())
+    assert state["step"] == 10 and state["world_size"] == 2
+    # keep_last=2: only the two newest complete checkpoints remain
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-9"]
+
+
+def test_resume_with_other_world_size_reshards(session_tmp):
+    """DCP reshards on load: a 2-rank checkpoint resumes in one process (same global batch) and continues."""
+    ref = train_nproc(2, session_tmp / "reshard-ref", *RUN, "train.max_steps=8")
+    out = session_tmp / "reshard-1proc"
+    cli("train", str(TINY), f"output_dir={out}", *FAST, *RUN, "train.max_steps=8", "train.grad_accum=2",
+        f"resume={ref / 'checkpoints' / 'step-6'}")
+    got = losses(out)
+    assert sorted(got) == [7, 8]
+    for step in (7, 8):
+        assert got[step] == pytest.approx(losses(ref)[step], rel=1e-5)
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    """A crash mid-save leaves only a hidden temp folder (or a folder without .metadata): resume skips it."""
+    from fsdp_ft.checkpoint import list_checkpoints, resolve_checkpoint
+
+    good = tmp_path / "checkpoints" / "step-3"
+    good.mkdir(parents=True)
+    (good / ".metadata").write_bytes(b"x")
+    (good / "state.json").write_text("{}")
+    (tmp_path / "checkpoints" / ".tmp-step-6").mkdir()
+    torn = tmp_path / "checkpoints" / "step-9"
+    torn.mkdir()
+    (torn / "__0_0.distcp").write_bytes(b"partial")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3]
+    assert resolve_checkpoint(tmp_path, "auto") == good
+    assert resolve_checkpoint(tmp_path, "none") is None
