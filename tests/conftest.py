@@ -66,3 +66,15 @@ def assert_losses_close(got: dict, want: dict, rtol: float) -> None:
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip where there is no CUDA device (CI, the development machines)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -93,3 +93,18 @@ def test_sharded_state_bytes_halve(reference, session_tmp):
     assert len(two) == 2
     for b in two:
         assert abs(b - one / 2) <= 0.1 * one / 2, (b, one)
+
+
+def test_sequence_classification_two_ranks(session_tmp):
+    """BERT classifier: per-step losses and eval loss/accuracy equal one process."""
+    from conftest import ASSETS
+
+    data = ASSETS / "data"
+    task = ["task=seq_cls", f"model.path={ASSETS / 'tiny-bert'}", f"data.train={data / 'tiny_cls_train.jsonl'}",
+            f"data.eval={data / 'tiny_cls_eval.jsonl'}", "data.max_eval_samples=33", "optim.lr=1e-3"]
+    ref = train_1proc(session_tmp / "ref-cls", *ONE_PROC, *task)
+    out = train_nproc(2, session_tmp / "2r-cls", *TWO_RANKS, *task)
+    assert_losses_close(losses(out), losses(ref), FP32_RTOL)
+    got, want = eval_rows(out)[-1], eval_rows(ref)[-1]
+    assert got["accuracy"] == want["accuracy"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=FP32_RTOL)
