@@ -6,6 +6,7 @@ batch is the same samples whatever the number of ranks.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -74,8 +75,8 @@ class _quiet_datasets:
 def _has_no_rows(p: Path, fmt: str) -> bool:
     """Blank lines only (or a CSV header only): `datasets` fails on these with messages that do not say so."""
     with p.open(encoding="utf-8", errors="replace") as fh:
-        lines = [line for _, line in zip(range(3), (ln for ln in fh if ln.strip()))]
-    return len(lines) <= (1 if fmt == "csv" else 0)
+        lines = sum(1 for _ in itertools.islice((line for line in fh if line.strip()), 2))
+    return lines <= (1 if fmt == "csv" else 0)
 
 
 def _bad_json_line(p: Path) -> str | None:
@@ -84,8 +85,9 @@ def _bad_json_line(p: Path) -> str | None:
     try:
         json.loads(text)  # a single JSON document (a list of records) is fine as well
         return None
-    except ValueError:
-        pass
+    except ValueError as e:
+        if text.lstrip().startswith("["):  # meant as one document: its parser knows the line
+            return f"line {e.lineno} is not valid JSON: {e.msg} (column {e.colno})"
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
@@ -123,15 +125,15 @@ def _column_key(col: str, cfg: Config | None) -> str:
     return "data.text_column / data.label_column"
 
 
-def check_eval_labels(train, evaluation, cfg: Config) -> None:
+def check_eval_labels(train, evaluation, cfg: Config, source: str) -> None:
     """An eval label that training never shows has no class id: fail at load, not at the first evaluation."""
     col, num_labels = cfg.data.label_column, cfg.model.num_labels
     known = {str(v) for v in train[col]}
     for v in evaluation[col]:
         in_range = num_labels is not None and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_labels
         if str(v) not in known and not in_range:
-            raise DataError(f"data.eval: file '{cfg.data.eval}' has label {v!r} (column '{col}') that data.train "
-                            f"never uses; training labels: {sorted(known)[:20]}")
+            raise DataError(f"{source} has label {v!r} (column '{col}') that data.train never uses; "
+                            f"training labels: {sorted(known)[:20]}")
 
 
 @dataclass
@@ -164,10 +166,12 @@ def load_splits(cfg: Config, columns: list[str]) -> Splits:
         if len(evaluation) == 0:
             raise DataError(f"data.eval: '{d.eval}' has no usable rows (empty file or all texts empty)")
         if cfg.task == "seq_cls":
-            check_eval_labels(train, evaluation, cfg)
+            check_eval_labels(train, evaluation, cfg, f"data.eval: file '{d.eval}'")
     elif d.eval_share > 0:
         parts = train.train_test_split(test_size=d.eval_share, seed=cfg.train.seed, shuffle=True)
         train, evaluation = parts["train"], parts["test"]
+        if cfg.task == "seq_cls":  # a rare label can land only in the held-out share
+            check_eval_labels(train, evaluation, cfg, f"data.eval_share: a row held out of '{d.train}'")
     if evaluation is not None and d.max_eval_samples:
         evaluation = evaluation.select(range(min(d.max_eval_samples, len(evaluation))))
     if evaluation is not None and len(evaluation) == 0:
