@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -61,8 +62,15 @@ def resolve_checkpoint(output_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
-def _model_and_optim_state(model, optimizer) -> dict:
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+def _options(trainable_only: bool) -> StateDictOptions:
+    """PEFT runs save only what trains: the frozen base is reloaded from model.path on resume."""
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def _model_and_optim_state(model, optimizer, trainable_only: bool) -> dict:
+    options = _options(trainable_only)
+    return {"model": get_model_state_dict(model, options=options),
+            "optim": get_optimizer_state_dict(model, optimizer, options=options)}
 
 
 def _rng_state() -> dict:
@@ -73,7 +81,7 @@ def _rng_state() -> dict:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, state: dict, env: DistEnv,
-                    keep_last: int) -> Path:
+                    keep_last: int, trainable_only: bool = False) -> Path:
     """Write checkpoints/step-N atomically (all ranks call this), then prune to the newest keep_last."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step}"
@@ -85,11 +93,12 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, state: 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=str(tmp))
+    dcp.save(_model_and_optim_state(model, optimizer, trainable_only), checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng-rank{env.rank}.pt")
     barrier()
     if env.is_main:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "world_size": env.world_size}, indent=1))
+        meta = {"step": step, "world_size": env.world_size, "trainable_only": trainable_only}
+        (tmp / STATE_FILE).write_text(json.dumps({**state, **meta}, indent=1))
         os.replace(tmp, final)
         _fsync_dir(root)
         prune(output_dir, keep_last)
@@ -122,15 +131,16 @@ def read_state(path: Path) -> dict:
 
 def load_checkpoint(path: Path, model, optimizer, env: DistEnv) -> dict:
     """Load model and optimizer shards (DCP reshards if the world size changed); returns the trainer state."""
-    sd = _model_and_optim_state(model, optimizer)
+    state = read_state(path)
+    trainable_only = state.get("trainable_only", False)
+    sd = _model_and_optim_state(model, optimizer, trainable_only)
     try:
         dcp.load(sd, checkpoint_id=str(path))
     except Exception as e:
         raise CheckpointError(f"checkpoint '{path}' does not fit this model/optimizer: "
                               f"{str(e).strip().splitlines()[0][:300]}") from None
-    set_model_state_dict(model, sd["model"])
-    set_optimizer_state_dict(model, optimizer, sd["optim"])
-    state = read_state(path)
+    set_model_state_dict(model, sd["model"], options=_options(trainable_only))
+    set_optimizer_state_dict(model, optimizer, sd["optim"], options=_options(trainable_only))
     rng_file = path / f"rng-rank{env.rank}.pt"
     if state.get("world_size") == env.world_size and rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)

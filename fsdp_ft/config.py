@@ -60,8 +60,36 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = _f(8, "LoRA rank")
+    alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha / r, or alpha / sqrt(r) with rslora)")
+    dropout: float = _f(0.0, "dropout on the LoRA input")
+    target_modules: list[str] = _f([], "module names (or a single regex) to adapt; empty: every linear layer but the head")
+    bias: str = _f("none", "which biases train", ("none", "all", "lora_only"))
+    modules_to_save: list[str] = _f([], "modules trained in full beside the adapters (a classifier head is added by itself)")
+    rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
+
+
+@dataclass
+class QuantConfig:
+    type: str = _f("nf4", "4-bit data type of the frozen base (NF4: the QLoRA code book)", ("nf4",))
+    block_size: int = _f(64, "weights per 4-bit block")
+    scaler_block_size: int = _f(256, "scales per double-quantization block (scales are always stored in 8 bits)")
+
+
+@dataclass
+class PromptConfig:
+    num_virtual_tokens: int = _f(20, "prefix / prompt / p_tuning: virtual tokens prepended")
+    encoder_hidden_size: int = _f(128, "p_tuning: hidden size of the prompt encoder MLP")
+
+
+@dataclass
 class FinetuneConfig:
-    method: str = _f("full", "what trains: full or partial", ("full", "partial"))
+    method: str = _f("full", "what trains: full, partial, or a PEFT method",
+                     ("full", "partial", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "p_tuning"))
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "lora"})
+    quant: QuantConfig = field(default_factory=QuantConfig, metadata={"help": "quant"})
+    prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"help": "prompt"})
     freeze_embeddings: bool = _f(False, "partial: freeze the input embeddings (and position embeddings)")
     freeze_first_n_blocks: int = _f(0, "partial: freeze the first N transformer blocks")
     head_only: bool = _f(False, "partial: train only the output head (LM head or classifier)")
@@ -180,7 +208,7 @@ def help_text() -> str:
 
 # ---------------------------------------------------------------- loading
 
-def _coerce(key: str, value: Any, t: Any, f: dataclasses.Field) -> Any:
+def _coerce(key: str, value: Any, t: Any, f: dataclasses.Field | None) -> Any:
     """Check `value` against the annotated type; YAML already typed it, so only widen int->float."""
     origin = typing.get_origin(t)
     if origin in (typing.Union, types.UnionType):
@@ -191,7 +219,7 @@ def _coerce(key: str, value: Any, t: Any, f: dataclasses.Field) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be {_type_name(t)}, got {value!r}")
         item = typing.get_args(t)[0]
-        return [_coerce(f"{key}[{i}]", v, item, dataclasses.field()) for i, v in enumerate(value)]
+        return [_coerce(f"{key}[{i}]", v, item, None) for i, v in enumerate(value)]
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if t is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 as a string
@@ -204,7 +232,7 @@ def _coerce(key: str, value: Any, t: Any, f: dataclasses.Field) -> Any:
           list: lambda v: isinstance(v, list)}[t](value)
     if not ok:
         raise ConfigError(f"config key '{key}' must be {_type_name(t)}, got {value!r}")
-    choices = f.metadata.get("choices")
+    choices = f.metadata.get("choices") if f is not None else None
     if choices and value not in choices:
         raise ConfigError(f"config key '{key}' must be one of {[c for c in choices if c is not None]}, got {value!r}")
     return value

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_ft import checkpoint
+from fsdp_ft import adapters, checkpoint, quantize
 from fsdp_ft.config import config_from_dict
 from fsdp_ft.errors import CheckpointError
 from fsdp_ft.weights_io import atomic_dir, iter_dcp_tensors, write_safetensors_shards
@@ -45,19 +45,26 @@ def pick_checkpoint(run_dir: Path, step: int | None) -> Path:
     return found[step]
 
 
-def export_checkpoint(run_dir: Path, ckpt: Path, out: Path, tokenizer=None,
-                      max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write config, tokenizer and safetensors weights of checkpoint `ckpt` of run `run_dir` into `out`."""
+def export_checkpoint(run_dir: Path, ckpt: Path, out: Path, tokenizer=None, max_shard_bytes: int = 2 * 1024**3,
+                      merge_adapters: bool = False) -> Path:
+    """Write checkpoint `ckpt` of run `run_dir` into `out`: an HF model folder, or for PEFT runs a PEFT adapter
+    folder (`merge_adapters`: the base with the adapters merged in, as a plain HF model)."""
     from fsdp_ft.model import build_meta_model, load_hf_config, load_tokenizer, resolve_model_dir
 
     cfg = _load_run_config(run_dir)
     labels = checkpoint.read_state(ckpt).get("extra", {}).get("labels")
     model_dir = resolve_model_dir(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg, model_dir)
-    hf_config = load_hf_config(cfg, model_dir)
-    model = build_meta_model(cfg, hf_config, tokenizer, labels)
-    keep = set(_unique_state_names(model))
-    stream = ((k, v) for k, v in iter_dcp_tensors(ckpt, prefix="model.") if k in keep)
+    model = build_meta_model(cfg, load_hf_config(cfg, model_dir), tokenizer, labels)
+    if adapters.is_peft(cfg):
+        model = adapters.wrap(model, cfg)
+        if not merge_adapters:
+            return _write_adapter(cfg, model, ckpt, out, tokenizer)
+        model = _merged_model(cfg, model_dir, model, ckpt)
+        stream = ((n, t) for n, t in model.state_dict().items() if n in set(_unique_state_names(model)))
+    else:
+        keep = set(_unique_state_names(model))
+        stream = ((k, v) for k, v in iter_dcp_tensors(ckpt, prefix="model.") if k in keep)
     with atomic_dir(out) as tmp:
         write_safetensors_shards(stream, Path(tmp) / "weights", max_shard_bytes=max_shard_bytes)
         for f in (Path(tmp) / "weights").iterdir():
@@ -68,9 +75,41 @@ def export_checkpoint(run_dir: Path, ckpt: Path, out: Path, tokenizer=None,
     return out
 
 
-def export_run(run_dir: str, step: int | None, out: str) -> Path:
-    """`fsdp-ft export RUN_DIR [--step N] --out DIR`."""
+def _write_adapter(cfg, model, ckpt: Path, out: Path, tokenizer) -> Path:
+    """PEFT format: adapter_config.json + adapter_model.safetensors, loadable by PeftModel.from_pretrained."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    # adapters are small: give the meta model their trained values (the frozen base stays meta) and let peft
+    # pick and name what it saves (prompt learning saves the encoder's output, not its weights)
+    model.load_state_dict(dict(iter_dcp_tensors(ckpt, prefix="model.")), strict=False, assign=True)
+    adapter_sd = get_peft_model_state_dict(model)
+    with atomic_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in adapter_sd.items()}, str(Path(tmp) / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        peft_cfg = model.peft_config["default"]
+        peft_cfg.base_model_name_or_path = cfg.model.path
+        peft_cfg.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _merged_model(cfg, model_dir: Path, model: torch.nn.Module, ckpt: Path) -> torch.nn.Module:
+    """Base (dequantized for QLoRA) + trained adapters, merged into plain weights on the CPU."""
+    from fsdp_ft.model import materialize, open_weight_source
+
+    materialize(model, open_weight_source(cfg, model_dir, model), cfg.train.seed, torch.device("cpu"))
+    quantize.round_trip_base(model, cfg)
+    trained = dict(iter_dcp_tensors(ckpt, prefix="model."))
+    result = model.load_state_dict(trained, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(f"checkpoint '{ckpt}' holds tensors this model lacks: {result.unexpected_keys[:3]}")
+    return model.merge_and_unload()
+
+
+def export_run(run_dir: str, step: int | None, out: str, merge_adapters: bool = False) -> Path:
+    """`fsdp-ft export RUN_DIR [--step N] --out DIR [--merge-adapters]`."""
     run = Path(run_dir)
     if not run.is_dir():
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
-    return export_checkpoint(run, pick_checkpoint(run, step), Path(out))
+    return export_checkpoint(run, pick_checkpoint(run, step), Path(out), merge_adapters=merge_adapters)

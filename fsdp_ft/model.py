@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fsdp_ft import adapters, quantize
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.weights_io import SafetensorsReader, local_rows
@@ -190,10 +191,11 @@ def _rows(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return t if t.dim() == 0 else t[start:stop]
 
 
-def _init_module_full(model: nn.Module, module: nn.Module, name: str, seed: int) -> dict[str, torch.Tensor]:
-    """Run the model's own `_init_weights` on a full-size CPU stand-in of one module, seeded by its name.
+def _init_module_full(hf_model: nn.Module, module: nn.Module, name: str, seed: int) -> dict[str, torch.Tensor]:
+    """Initialise a full-size CPU stand-in of one module, seeded by its name, and return its tensors.
 
-    Seeding per module makes random init identical whatever the world size or sharding.
+    The model's own `_init_weights` covers model modules, peft's rules cover adapters. Seeding per module makes
+    random init identical whatever the world size or sharding.
     """
     shadow = copy.copy(module)
     shadow._parameters = {k: (None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype)))
@@ -201,12 +203,15 @@ def _init_module_full(model: nn.Module, module: nn.Module, name: str, seed: int)
     shadow._buffers = {k: (None if b is None else torch.empty(b.shape, dtype=b.dtype))
                        for k, b in module._buffers.items()}
     shadow._modules = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed((seed * 1_000_003 + zlib.crc32(adapters.checkpoint_name(name).encode())) % (2**63))
         for t in list(shadow._parameters.values()) + list(shadow._buffers.values()):
             if t is not None and t.is_floating_point():
-                nn.init.normal_(t.data, std=0.02)  # fallback for tensors _init_weights does not cover
-        model._init_weights(shadow)
+                nn.init.normal_(t.data, std=0.02)  # fallback for tensors the init rules do not cover
+        if adapters.is_adapter(name):
+            adapters.init_adapter(name, shadow)
+        else:
+            hf_model._init_weights(shadow)
     full = {k: p.detach() for k, p in shadow._parameters.items() if p is not None}
     full.update({k: b for k, b in shadow._buffers.items() if b is not None})
     return full
@@ -215,10 +220,12 @@ def _init_module_full(model: nn.Module, module: nn.Module, name: str, seed: int)
 def materialize(model: nn.Module, source, seed: int, device: torch.device) -> dict:
     """Give every meta tensor real storage on `device`: checkpoint rows where the checkpoint has them, else init.
 
-    Returns counts of loaded and initialised tensors (new heads, random init) for the log.
+    Works on sharded (DTensor) and plain models alike. Returns the count of loaded tensors and the names of
+    initialised ones (new heads, adapters, random init) for the log.
     """
     model.to_empty(device=device)
-    base_prefix = getattr(model, "base_model_prefix", "")
+    hf_model = adapters.base_model(model)
+    base_prefix = getattr(hf_model, "base_model_prefix", "")
     seen: set[int] = set()
     loaded, initialised = [], []
     for mname, module in model.named_modules():
@@ -227,21 +234,57 @@ def materialize(model: nn.Module, source, seed: int, device: torch.device) -> di
         if not tensors:
             continue
         seen.update(id(t) for t in tensors.values())
-        keys = {k: (_source_key(source, f"{mname}.{k}".lstrip("."), base_prefix) if source is not None else None)
-                for k in tensors}
-        missing = [k for k in tensors if keys[k] is None]
-        full = _init_module_full(model, module, mname, seed) if missing else {}
+        ckpt_module = adapters.checkpoint_name(mname)
+        keys = {k: (_source_key(source, f"{ckpt_module}.{k}".lstrip("."), base_prefix)
+                    if source is not None and not adapters.is_adapter(mname) else None) for k in tensors}
+        full = _init_module_full(hf_model, module, mname, seed) if None in keys.values() else {}
         for k, t in tensors.items():
-            _, start, stop = _local_view(t)
-            if keys[k] is not None:
+            local, start, stop = _local_view(t)
+            if quantize.is_nf4(t):  # quantize the whole weight, keep this rank's rows: same as 1 process
+                whole = source.read_rows(keys[k], 0, t.shape[0]) if keys[k] is not None else full[k]
+                _set_nf4(model, module, f"{mname}.{k}", k, t, quantize.to_nf4(whole, like=local))
+            elif keys[k] is not None:
                 _copy_rows(t, source.read_rows(keys[k], start, stop))
-                loaded.append(f"{mname}.{k}")
             else:
                 _copy_rows(t, _rows(full[k], start, stop))
-                initialised.append(f"{mname}.{k}")
+            (loaded if keys[k] is not None else initialised).append(f"{mname}.{k}")
     if source is not None:
         source.close()
+    _init_dora_magnitudes(model)
     return {"loaded": len(loaded), "initialised": initialised}
+
+
+@torch.no_grad()
+def _set_nf4(model: nn.Module, module: nn.Module, fqn: str, name: str, t: torch.Tensor, quantized) -> None:
+    """Store a quantized weight: the whole tensor when unsharded, else this rank's chunk as FSDP's new shard.
+
+    A sharded NF4 weight is swapped in with `load_state_dict(assign=True)`, the route FSDP2 offers for
+    replacing a shard (it re-registers the parameter); copying into the placeholder would keep its meta parts.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        module._parameters[name] = nn.Parameter(quantized, requires_grad=False)
+        return
+    (dim,) = [i for i, p in enumerate(t.placements) if isinstance(p, Shard)]
+    chunk = torch.chunk(quantized, t.device_mesh.size(dim), dim=0)[t.device_mesh.get_local_rank(dim)]
+    shard = DTensor.from_local(chunk, t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                               stride=t.stride())
+    model.load_state_dict({fqn: nn.Parameter(shard, requires_grad=False)}, strict=False, assign=True)
+
+
+def dense_weight(t: torch.Tensor) -> torch.Tensor:
+    """A weight as a plain float tensor (dequantizing a 4-bit one)."""
+    return t.get_original_weight() if hasattr(t, "get_original_weight") else t
+
+
+@torch.no_grad()
+def _init_dora_magnitudes(model: nn.Module) -> None:
+    """DoRA starts with magnitude = row norm of the base weight; rows of both are sharded alike, so local works."""
+    for magnitude, base in adapters.dora_magnitude_pairs(model):
+        mag_local, _, _ = _local_view(magnitude)
+        weight_local, _, _ = _local_view(base.weight)
+        mag_local.copy_(torch.linalg.norm(dense_weight(weight_local).float(), dim=1).to(mag_local.dtype))
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from fsdp_ft import adapters, quantize
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.model import DTYPE
@@ -74,7 +75,7 @@ def mixed_precision_policy(cfg: Config) -> MixedPrecisionPolicy:
 
 def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
     """Checkpoint, then shard each block, then the root (embeddings, head and anything left)."""
-    blocks = find_blocks(model, cfg.model.block_classes)
+    blocks = find_blocks(adapters.base_model(model), cfg.model.block_classes)
     block_class = type(blocks[0]).__name__
     checkpointed = apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
     kwargs = {
@@ -83,6 +84,10 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
         "offload_policy": (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.fsdp.cpu_offload
                           else OffloadPolicy()),
     }
+    if mesh.size() == 1:
+        # FSDP2's world-size-1 shortcut mishandles tensor subclasses with several inner tensors (NF4); with one
+        # rank there is nothing to shard, so FSDP leaves the 4-bit weights alone
+        kwargs["ignored_params"] = {p for p in model.parameters() if quantize.is_nf4(p)}
     for block in blocks:
         fully_shard(block, reshard_after_forward=cfg.fsdp.reshard_after_forward, **kwargs)
     # the root's parameters (embeddings, head) are used again at once in backward: keep them gathered

@@ -78,3 +78,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pretrained_q256(tmp_path_factory) -> Path:
+    """A 'pretrained' Llama whose weights are saved by transformers itself, with 256-wide layers: every linear
+    holds a multiple of 64 x 256 values, as NF4 double quantization needs (real models always do)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("pretrained") / "llama-256"
+    cfg = AutoConfig.from_pretrained(ASSETS / "tiny-llama")
+    cfg.update(dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
+                    head_dim=64, num_hidden_layers=2))
+    torch.manual_seed(11)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    for f in (ASSETS / "tiny-llama").iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out

@@ -52,6 +52,7 @@ class CausalLMTask:
 
     def loss_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual-token positions
         shift_logits = logits[:, :-1].float()
         shift_labels = batch["labels"][:, 1:]
         loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
