@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_ft import checkpoint, distributed, parallel
+from fsdp_ft import adapters, checkpoint, distributed, parallel, quantize
 from fsdp_ft.config import Config, dump_config
 from fsdp_ft.data import BatchPlan, load_splits
 from fsdp_ft.errors import ConfigError, DataError
@@ -68,8 +68,12 @@ def build(cfg: Config, env: distributed.DistEnv):
     labels = task.labels(splits.train)
     hf_config = load_hf_config(cfg, model_dir)
     model = build_meta_model(cfg, hf_config, tokenizer, labels)
-    blocks = parallel.find_blocks(model, cfg.model.block_classes)
-    apply_finetune(model, cfg, blocks)
+    if adapters.is_peft(cfg):
+        model = adapters.wrap(model, cfg)
+        if cfg.finetune.method == "qlora":
+            quantize.quantize_meta_model(model, cfg)
+    else:
+        apply_finetune(model, cfg, parallel.find_blocks(model, cfg.model.block_classes))
     trainable, total = parameter_counts(model)
     mesh = distributed.build_mesh(env, cfg.fsdp.hybrid_replicas)
     shard_info = parallel.parallelize(model, cfg, mesh)
@@ -111,7 +115,8 @@ def train(cfg: Config) -> TrainResult:
     if env.is_main:
         dump_config(cfg, out / "config.yaml")
     info.update(setup_s=time.perf_counter() - t0, world_size=env.world_size, device=str(env.device),
-                total_steps=steps, host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()))
+                total_steps=steps, host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()),
+                quantized_bytes_per_rank=distributed.all_gather_object(quantize.quantized_bytes(model)))
     _log(env, f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "
               f"({100 * info['trainable_share']:.2f}%); {info['blocks']} x {info['block_class']} sharded over "
               f"{env.world_size} rank(s); {steps} steps")
@@ -121,7 +126,7 @@ def train(cfg: Config) -> TrainResult:
                       state, steps)
     state = trainer.fit()
     logger.close()
-    if env.is_main:
+    if env.is_main and state.step >= steps:  # a run stopped early by a signal exports when it resumes and ends
         export_final(out, tokenizer)
     distributed.barrier()
     return TrainResult(model=model, tokenizer=tokenizer, state=state, output_dir=out)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fsdp_ft import checkpoint, parallel
+from fsdp_ft import adapters, checkpoint, parallel, preemption
 from fsdp_ft.config import Config
 from fsdp_ft.data import BatchPlan, eval_batches
 from fsdp_ft.distributed import DistEnv, all_gather_object, all_reduce_sum
@@ -142,7 +142,7 @@ class Trainer:
         state["scheduler"] = self.scheduler.state_dict()
         state["scaler"] = self.scaler.state_dict() if self.scaler else None
         checkpoint.save_checkpoint(self.cfg.output_dir, self.state.step, self.model, self.optimizer, state,
-                                   self.env, self.cfg.train.keep_last)
+                                   self.env, self.cfg.train.keep_last, trainable_only=adapters.is_peft(self.cfg))
 
     def fit(self) -> TrainState:
         t = self.cfg.train
@@ -166,4 +166,9 @@ class Trainer:
             if (t.save_every and self.state.step % t.save_every == 0) or done:
                 self.save()
             self.logger.advance()
+            if preemption.should_stop():  # a stop signal reached some rank: all save this same step and return
+                if window is not None:
+                    self._log_train(window, started, first)
+                self.save()
+                break
         return self.state

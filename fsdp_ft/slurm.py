@@ -1,0 +1,228 @@
+"""`fsdp-ft submit`: SLURM jobs through submitit, one task per GPU, that checkpoint and requeue themselves.
+
+Each srun task runs `TrainJob`: it turns SLURM's variables into the env:// ones (rank 0's node is the rendezvous
+host, the port comes from the job id) and calls the same `train(cfg)` as every launcher. Stop signals are only
+recorded (`preemption`); ranks agree, save a checkpoint, and then:
+- SIGUSR2 (submitit's signal before the time limit, `--signal-delay-s`, or a preemption notice) -> rank 0 hands
+  over to submitit's own handler, which calls `TrainJob.checkpoint` (the same job with `resume=auto`) and
+  requeues it with `scontrol requeue`;
+- SIGTERM (`scontrol requeue`, preemption with PreemptMode=REQUEUE, scancel) -> SLURM decides; if it requeues,
+  the job resumes from that checkpoint.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fsdp_ft.errors import UserError
+
+
+class SlurmError(UserError):
+    """SLURM is missing or refused the job (unknown partition, bad option)."""
+
+
+@dataclass
+class SubmitOptions:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None   # default: gpus_per_node, or 1 on CPU nodes
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: int = 60                      # minutes
+    constraint: str | None = None
+    exclusive: bool = False
+    sbatch: list[str] = field(default_factory=list)   # extra KEY=VALUE sbatch options
+    signal_delay_s: int = 120
+    job_name: str = "fsdp-ft"
+    folder: str | None = None           # submitit's folder; default output_dir/logs/slurm
+    setup: list[str] = field(default_factory=list)    # shell lines run before srun (module load ...)
+    sweep: list[str] = field(default_factory=list)    # KEY=V1,V2,... -> one array task per combination
+    dry_run: bool = False
+    wait: bool = False
+
+
+# ---------------------------------------------------------------- inside the job
+
+
+def _node_address(name: str) -> str:
+    """An address for a node name: DNS, else the NodeAddr SLURM itself uses (simulated nodes share one host)."""
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        out = subprocess.run(["scontrol", "show", "node", name], capture_output=True, text=True).stdout
+        m = re.search(r"NodeAddr=(\S+)", out)
+        return m.group(1) if m else name
+
+
+def set_torch_env(job_env) -> None:
+    """env:// variables from submitit's view of SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_JOB_NODELIST ...)."""
+    os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
+                      LOCAL_RANK=str(job_env.local_rank),
+                      LOCAL_WORLD_SIZE=str(job_env.num_tasks // max(job_env.num_nodes, 1)))
+    os.environ.setdefault("MASTER_ADDR", _node_address(job_env.hostnames[0]))
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+class TrainJob:
+    """The callable submitit pickles: train from a resolved config (a dict), requeue-safe."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def __call__(self) -> dict:
+        import submitit
+
+        from fsdp_ft import distributed, preemption, ranklog
+        from fsdp_ft.config import config_from_dict
+        from fsdp_ft.engine import train
+
+        set_torch_env(submitit.JobEnvironment())
+        cfg = config_from_dict(self.config)
+        ranklog.start(Path(cfg.output_dir) / "logs")
+        submitit_handlers = preemption.install()
+        result = train(cfg)
+        sig = preemption.stop_signal()
+        if not sig:
+            distributed.shutdown()
+            return {"output_dir": str(result.output_dir), "step": result.state.step}
+        print(f"[fsdp_ft] stopped on {signal.Signals(sig).name} at step {result.state.step}; checkpoint saved",
+              file=sys.stderr, flush=True)
+        handler = submitit_handlers.get(sig)
+        try:
+            if sig == signal.SIGUSR2 and callable(handler):
+                handler(sig, None)  # rank 0: submitit calls self.checkpoint(), requeues the job and exits
+        finally:  # the other ranks wait until the requeue is done: an early exit would make srun kill rank 0
+            distributed.barrier()
+            distributed.shutdown()
+        raise SystemExit(128 + sig)  # no result file: the job is not over
+
+    def checkpoint(self) -> "object":
+        """What submitit resubmits on requeue: the same job, resuming from the newest checkpoint."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob({**self.config, "resume": "auto"}))
+
+
+# ---------------------------------------------------------------- submitting
+
+
+def _parse_kv(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SlurmError(f"{what} '{item}' must look like KEY=VALUE")
+        out[key.lstrip("-")] = value
+    return out
+
+
+def sweep_overrides(sweep: list[str]) -> list[list[str]]:
+    """KEY=V1,V2 entries -> the cartesian product as override lists ([[]] without a sweep)."""
+    axes = [[f"{k}={v}" for v in vals.split(",")] for k, vals in _parse_kv(sweep, "--sweep").items()]
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def run_name(overrides: list[str]) -> str:
+    return "_".join(re.sub(r"[^\w.=-]+", "-", o) for o in overrides) or "run"
+
+
+def build_executor(opts: SubmitOptions, folder: Path):
+    import submitit
+
+    tasks = opts.tasks_per_node or max(opts.gpus_per_node, 1)
+    ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    params = dict(nodes=opts.nodes, tasks_per_node=tasks, timeout_min=opts.time, name=opts.job_name,
+                  slurm_signal_delay_s=opts.signal_delay_s, slurm_additional_parameters=_parse_kv(opts.sbatch, "--sbatch"),
+                  # one failing task ends the step at once instead of leaving the others in a collective
+                  slurm_srun_args=["--kill-on-bad-exit=1"])
+    optional = dict(gpus_per_node=opts.gpus_per_node or None, cpus_per_task=opts.cpus_per_task, mem_gb=opts.mem_gb,
+                    slurm_partition=opts.partition, slurm_account=opts.account, slurm_qos=opts.qos,
+                    slurm_constraint=opts.constraint, slurm_exclusive=opts.exclusive or None,
+                    slurm_setup=opts.setup or None)
+    ex.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
+    return ex
+
+
+def batch_script(ex, array_size: int | None = None) -> str:
+    """The sbatch file submitit would submit (what --dry-run prints)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    inner = ex._executor
+    return _make_sbatch_string(command=inner._submitit_command_str, folder=inner.folder,
+                               map_count=array_size, **inner.parameters)
+
+
+def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
+    from fsdp_ft.config import load_config
+
+    base = load_config(config_path, overrides)  # validate (and resolve paths) here, before anything is queued
+    combos = sweep_overrides(opts.sweep)
+    configs = [load_config(config_path, [*overrides, *combo,
+                                         *([f"output_dir={Path(base.output_dir) / run_name(combo)}"] if combo else [])])
+               for combo in combos] if opts.sweep else [base]
+    folder = Path(opts.folder or Path(base.output_dir) / "logs" / "slurm").absolute()
+    if not opts.dry_run and shutil.which("sbatch") is None:
+        raise SlurmError("`sbatch` is not on PATH: `fsdp-ft submit` needs a SLURM cluster "
+                         "(use `fsdp-ft run` on a workstation, or --dry-run to see the batch script)")
+    ex = build_executor(opts, folder)
+    if opts.dry_run:
+        print(batch_script(ex, len(configs) if opts.sweep else None))
+        return 0
+    folder.mkdir(parents=True, exist_ok=True)
+    _test_only(batch_script(ex, len(configs) if opts.sweep else None), folder)
+    try:
+        with ex.batch():
+            jobs = [ex.submit(TrainJob(cfg.to_dict())) for cfg in configs]
+    except Exception as e:  # sbatch's own message ("invalid partition specified: x") is the useful line
+        raise SlurmError(f"sbatch refused the job: {_sbatch_reason(e)}") from None
+    for job, cfg in zip(jobs, configs):
+        print(f"submitted job {job.job_id}: {cfg.output_dir}\n  slurm logs: {folder}/{job.job_id}_<task>_log.out|err"
+              f"\n  rank logs:  {cfg.output_dir}/logs/rank-<N>.log", flush=True)
+    if not opts.wait:
+        return 0
+    return _wait(jobs)
+
+
+def _test_only(script: str, folder: Path) -> None:
+    """`sbatch --test-only` first: SLURM's own one-line reason (unknown partition, too many nodes ...) and nothing
+    queued, instead of sbatch's multi-line output from inside submitit."""
+    path = folder / ".test-only.sh"
+    path.write_text(script)
+    try:
+        res = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True, timeout=60)
+    finally:
+        path.unlink(missing_ok=True)
+    if res.returncode != 0:
+        lines = [ln.strip() for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
+        raise SlurmError(f"sbatch refused the job: {(lines or ['no reason given'])[0][:300]}")
+
+
+def _sbatch_reason(e: Exception) -> str:
+    text = str(e)
+    lines = [line.strip() for line in text.splitlines() if "error" in line.lower() and line.strip()]
+    return (lines[-1] if lines else text.strip().splitlines()[-1] if text.strip() else repr(e))[:300]
+
+
+def _wait(jobs) -> int:
+    """Block until every job ends; non-zero if any failed (its traceback is in its log)."""
+    code = 0
+    for job in jobs:
+        try:
+            job.results()
+            print(f"job {job.job_id} finished", flush=True)
+        except Exception as e:
+            print(f"fsdp-ft: job {job.job_id} failed ({job.state}): {str(e).strip().splitlines()[-1][:300]}\n"
+                  f"  see {job.paths.stderr}", file=sys.stderr, flush=True)
+            code = 1
+    return code

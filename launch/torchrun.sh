@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Workstation launcher: N local ranks of `fsdp-ft train` through torchrun (`fsdp-ft run`), with per-rank logs in
+# output_dir/logs/rank-N.log, signals forwarded to the ranks, and the failing rank's exit code.
+#
+#   launch/torchrun.sh CONFIG.yaml [key=value ...]                 # all local GPUs (or 1 process on CPU)
+#   NPROC=2 launch/torchrun.sh configs/tiny.yaml output_dir=runs/x  # two ranks
+#   # two machines: run on each, NODE_RANK=0 on the one whose address is in RDZV_ENDPOINT
+#   NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=10.0.0.1:29500 launch/torchrun.sh CONFIG.yaml
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+fsdp_ft=${FSDP_FT:-$( [ -x "$here/.venv/bin/fsdp-ft" ] && echo "$here/.venv/bin/fsdp-ft" || echo fsdp-ft )}
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+exec "$fsdp_ft" run --nproc-per-node "${NPROC:-$(( gpus > 0 ? gpus : 1 ))}" --nnodes "${NNODES:-1}" \
+  --node-rank "${NODE_RANK:-0}" --rdzv-endpoint "${RDZV_ENDPOINT:-127.0.0.1:29500}" "$@"

@@ -1,0 +1,81 @@
+"""`fsdp-ft run` and launch/torchrun.sh: several launchers rendezvous, per-rank logs, signals forwarded to the ranks
+(checkpoint, stop, resume to the same loss curve), and the failing rank's exit code."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY, assert_losses_close, free_port, losses
+from launch_helpers import RUN, rank_pid, reference_losses, setup_rows, wait_for_step
+
+pytestmark = pytest.mark.distributed
+FSDP_FT = str(Path(sys.executable).parent / "fsdp-ft")
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+
+
+def _run(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fsdp_ft.cli", "run", *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return reference_losses(tmp_path_factory)
+
+
+def test_two_launchers_as_two_nodes_equal_one_launcher(tmp_path, reference):
+    """--nnodes 2: two `fsdp-ft run` processes (one rank each) meet on 127.0.0.1 and train like one 2-rank run."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = [_run("--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
+                  str(TINY), f"output_dir={tmp_path}", *RUN) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert_losses_close(losses(tmp_path), reference, 1e-6)
+    for rank in (0, 1):
+        log = (tmp_path / "logs" / f"rank-{rank}.log").read_text()
+        assert f"rank {rank} of 2" in log
+    assert "[train] step=24" in (tmp_path / "logs" / "rank-0.log").read_text()
+
+
+def test_sigterm_checkpoints_and_the_rerun_continues_the_same_curve(tmp_path, reference):
+    """SIGTERM to the launcher reaches every rank; they stop after the same step with a checkpoint (exit 143), and
+    launch/torchrun.sh with the same config resumes: the loss curve equals the uninterrupted run's."""
+    proc = _run("--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
+                f"output_dir={tmp_path}", *RUN)
+    wait_for_step(tmp_path, 1, alive=lambda: proc.poll() is None)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    from fsdp_ft.checkpoint import list_checkpoints
+    (stopped_at, _), = list_checkpoints(tmp_path)
+    assert 1 <= stopped_at < 24
+    assert not (tmp_path / "final").exists()  # exported only when the run really ends
+    env = {**_env(), "NPROC": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "FSDP_FT": FSDP_FT}
+    res = subprocess.run(["bash", "launch/torchrun.sh", str(TINY), f"output_dir={tmp_path}", *RUN], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert [r["step"] for r in setup_rows(tmp_path)] == [0, stopped_at]
+    assert_losses_close(losses(tmp_path), reference, 1e-6)
+    assert (tmp_path / "final" / "config.json").is_file()
+
+
+def test_a_killed_rank_stops_the_run_with_its_exit_code(tmp_path):
+    """kill -9 of rank 1: torchrun stops rank 0 too, and `fsdp-ft run` exits 128 + 9 quickly (no hang)."""
+    proc = _run("--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
+                f"output_dir={tmp_path}", *RUN, "train.max_steps=200")
+    wait_for_step(tmp_path, 1, alive=lambda: proc.poll() is None)
+    os.kill(rank_pid(tmp_path, 1), signal.SIGKILL)
+    t0 = time.time()
+    out = proc.communicate(timeout=90)[0]
+    assert proc.returncode == 128 + signal.SIGKILL, out
+    assert time.time() - t0 < 60
+    assert "exitcode: -9) local_rank: 1" in out  # torchrun names the rank that failed first

@@ -1,0 +1,154 @@
+"""`fsdp-ft submit` on a real SLURM cluster (tests/slurm/start_cluster.sh: slurmctld + slurmdbd + two simulated
+nodes on this machine): 2 nodes train like a local 2-rank run; `scontrol requeue` (SIGTERM) and the preemption /
+time-limit signal (USR2, requeued by submitit) checkpoint, requeue, resume, and end on the same loss curve; bad
+input and crashing ranks fail loudly and fast."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY, assert_losses_close, cli, losses
+from launch_helpers import RUN, rank_pid, reference_losses, setup_rows, wait_for_step
+
+pytestmark = pytest.mark.distributed
+SCRIPTS = REPO / "tests" / "slurm"
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """Start the local cluster (installing the Debian packages if needed) for the session; stop it afterwards."""
+    if os.geteuid() != 0 or not (shutil.which("apt-get") or shutil.which("slurmctld")):
+        pytest.skip("the local SLURM cluster needs root and Debian packages")
+    state = os.environ.get("FSDP_FT_SLURM_DIR", "/tmp/fsdp-ft-slurm")
+    ours = not (Path(state) / "slurmctld.pid").exists()
+    res = subprocess.run(["bash", str(SCRIPTS / "start_cluster.sh")], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    os.environ["SLURM_CONF"] = str(Path(state) / "slurm.conf")
+    yield
+    if ours:
+        subprocess.run(["bash", str(SCRIPTS / "stop_cluster.sh")], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return reference_losses(tmp_path_factory)
+
+
+def submit(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return cli("submit", str(TINY), "--nodes", "2", "--time", "10", f"output_dir={out}", *RUN, *args,
+               check=check, timeout=300)
+
+
+def job_id(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
+
+
+def wait_job(jid: str, timeout: float = 240) -> str:
+    """Wait until the job has left the queue (requeues included); its final accounting state."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not subprocess.run(["squeue", "-h", "-j", jid], capture_output=True, text=True).stdout.strip():
+            break
+        time.sleep(0.5)
+    else:
+        subprocess.run(["scancel", jid])
+        raise AssertionError(f"job {jid} still queued after {timeout} s")
+    for _ in range(20):  # accounting lags the queue by a moment
+        states = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", jid], capture_output=True,
+                                text=True).stdout.split()
+        if states and states[-1].split()[0] in DONE:
+            return states[-1]
+        time.sleep(0.5)
+    return states[-1] if states else "UNKNOWN"
+
+
+def test_submit_two_nodes_equals_a_local_two_rank_run(slurm_cluster, tmp_path, reference):
+    res = submit(tmp_path, "--wait")
+    assert "rank logs" in res.stdout
+    assert_losses_close(losses(tmp_path), reference, 1e-6)
+    nodes = {r: (tmp_path / "logs" / f"rank-{r}.log").read_text() for r in (0, 1)}
+    assert "rank 0 of 2 on node node1" in nodes[0] and "rank 1 of 2 on node node2" in nodes[1]
+    assert (tmp_path / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("how", ["scontrol_requeue", "usr2_signal"])
+def test_requeue_checkpoints_resumes_and_matches(slurm_cluster, tmp_path, reference, how):
+    """scontrol requeue (SLURM sends SIGTERM and requeues) or the time-limit/preemption signal USR2 (the job
+    checkpoints and submitit requeues it): the job resumes by itself and ends on the uninterrupted loss curve."""
+    jid = job_id(submit(tmp_path))
+    wait_for_step(tmp_path, 1, timeout=120)
+    if how == "scontrol_requeue":
+        subprocess.run(["scontrol", "requeue", jid], check=True)
+    else:
+        subprocess.run(["scancel", "--signal=USR2", jid], check=True)  # what submitit's job._interrupt() sends
+    assert wait_job(jid) == "COMPLETED"
+    rows = setup_rows(tmp_path)
+    assert len(rows) == 2 and 1 <= rows[1]["step"] < 24, rows  # ran twice, the second time from a checkpoint
+    sig = "SIGTERM" if how == "scontrol_requeue" else "SIGUSR2"
+    assert f"stopped on {sig} at step {rows[1]['step']}" in (tmp_path / "logs" / "rank-0.log").read_text()
+    assert_losses_close(losses(tmp_path), reference, 1e-6)
+    assert (tmp_path / "final" / "config.json").is_file()
+
+
+def test_dry_run_is_a_valid_batch_script(slurm_cluster, tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text(submit(tmp_path, "--dry-run", "--partition", "debug", "--sbatch", "comment=x").stdout)
+    assert "#SBATCH --nodes=2" in script.read_text() and "#SBATCH --signal=USR2@120" in script.read_text()
+    res = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0 and "to start at" in res.stderr, res.stderr
+    assert not list(tmp_path.glob("**/*_submitted.pkl"))  # nothing was submitted
+
+
+def test_sbatch_template_runs_srun_fsdp_ft_run(slurm_cluster, tmp_path, reference):
+    """launch/sbatch_template.sh (one `fsdp-ft run` per node through srun) passes --test-only, then trains on
+    node1 + node2 like the local 2-rank run."""
+    args = ["--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out",
+            str(REPO / "launch" / "sbatch_template.sh"), str(TINY), f"output_dir={tmp_path}", *RUN]
+    env = {**os.environ, "FSDP_FT": str(Path(sys.executable).parent / "fsdp-ft")}
+    res = subprocess.run(["sbatch", "--test-only", *args], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "to start at" in res.stderr, res.stderr
+    jid = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env,
+                         check=True).stdout.strip()
+    assert wait_job(jid) == "COMPLETED", (tmp_path / f"slurm-{jid}.out").read_text()[-3000:]
+    assert_losses_close(losses(tmp_path), reference, 1e-6)
+    assert "on node node2" in (tmp_path / "logs" / "rank-1.log").read_text()
+
+
+def test_unknown_partition_fails_in_one_line(slurm_cluster, tmp_path):
+    res = submit(tmp_path, "--partition", "nosuchpartition", check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "invalid partition" in res.stderr.lower(), res.stderr
+
+
+def test_without_slurm_submit_says_so(tmp_path):
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no sbatch on PATH
+    res = subprocess.run([sys.executable, "-m", "fsdp_ft.cli", "submit", str(TINY), f"output_dir={tmp_path}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "`sbatch` is not on PATH" in res.stderr, res.stderr
+
+
+def test_a_crashing_rank_ends_the_job_with_its_traceback(slurm_cluster, tmp_path):
+    """SIGINT to rank 1 raises KeyboardInterrupt there: srun --kill-on-bad-exit ends rank 0 at once, the job fails,
+    and rank 1's log holds the traceback."""
+    jid = job_id(submit(tmp_path, "train.max_steps=400"))
+    wait_for_step(tmp_path, 1, timeout=120)
+    os.kill(rank_pid(tmp_path, 1), signal.SIGINT)
+    t0 = time.time()
+    assert wait_job(jid, timeout=90).startswith("FAILED")
+    assert time.time() - t0 < 60
+    log = (tmp_path / "logs" / "rank-1.log").read_text()
+    assert "Traceback" in log and "KeyboardInterrupt" in log
+
+
+def test_sweep_dry_run_is_one_job_array(tmp_path):
+    res = cli("submit", str(TINY), "--dry-run", "--sweep", "optim.lr=1e-3,2e-3", "--sweep", "train.seed=1,2",
+              f"output_dir={tmp_path}")
+    assert "#SBATCH --array=0-3%4" in res.stdout
