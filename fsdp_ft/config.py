@@ -64,7 +64,7 @@ class LoraConfig:
     r: int = _f(8, "LoRA rank")
     alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha / r, or alpha / sqrt(r) with rslora)")
     dropout: float = _f(0.0, "dropout on the LoRA input")
-    target_modules: list[str] = _f([], "module names (or a single regex) to adapt; empty: every linear layer but the head")
+    target_modules: list[str] = _f([], "names of the modules to adapt (e.g. [q_proj, v_proj]); empty: every linear layer but the head")
     bias: str = _f("none", "which biases train", ("none", "all", "lora_only"))
     modules_to_save: list[str] = _f([], "modules trained in full beside the adapters (a classifier head is added by itself)")
     rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")

@@ -53,9 +53,15 @@ def _log(env, msg: str) -> None:
 
 def total_steps(cfg: Config, plan: BatchPlan) -> int:
     if plan.steps_per_epoch == 0:
-        raise DataError(f"data.train has {plan.num_samples} rows, fewer than one global batch of "
-                        f"{plan.global_batch} (micro_batch_size x grad_accum x ranks)")
+        raise DataError(f"data.train: '{cfg.data.train}' has {plan.num_samples} usable rows, fewer than one global "
+                        f"batch of {plan.global_batch} (train.micro_batch_size={cfg.train.micro_batch_size} x "
+                        f"train.grad_accum={cfg.train.grad_accum} x {plan.world_size} ranks)")
     return cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
+
+
+def _plan(cfg: Config, env: distributed.DistEnv, num_samples: int) -> BatchPlan:
+    return BatchPlan(num_samples, cfg.train.micro_batch_size, cfg.train.grad_accum, env.world_size, env.rank,
+                     cfg.train.seed)
 
 
 def build(cfg: Config, env: distributed.DistEnv):
@@ -65,6 +71,7 @@ def build(cfg: Config, env: distributed.DistEnv):
     task = get_task(cfg, tokenizer)
     with distributed.main_process_first(env):
         splits = load_splits(cfg, task.columns())
+    total_steps(cfg, _plan(cfg, env, len(splits.train)))  # too little data fails before the model is built
     labels = task.labels(splits.train)
     hf_config = load_hf_config(cfg, model_dir)
     model = build_meta_model(cfg, hf_config, tokenizer, labels)
@@ -95,9 +102,7 @@ def train(cfg: Config) -> TrainResult:
     resume_from = checkpoint.resolve_checkpoint(out, cfg.resume)
     t0 = time.perf_counter()
     model, tokenizer, task, splits, info = build(cfg, env)
-    plan = BatchPlan(len(splits.train), cfg.train.micro_batch_size, cfg.train.grad_accum, env.world_size,
-                     env.rank, cfg.train.seed)
-    steps = total_steps(cfg, plan)
+    steps = total_steps(cfg, _plan(cfg, env, len(splits.train)))
     optimizer = build_optimizer(model, cfg, env.device)
     scheduler = build_scheduler(optimizer, steps, cfg)
     scaler = _grad_scaler(cfg)

@@ -74,6 +74,7 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = parallel.clip_grad_norm(self.trainable, self.cfg.optim.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on below)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -81,7 +82,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return {"loss_sum": loss_sum, "count": count, "tokens": tokens, "grad_norm": grad_norm}
+        return {"loss_sum": loss_sum, "count": count, "tokens": tokens, "grad_norm": grad_norm, "lr": lr}
 
     # ------------------------------------------------------------ evaluation
 
@@ -121,7 +122,7 @@ class Trainer:
         elapsed = max(time.perf_counter() - started, 1e-9)
         peaks = all_gather_object(peak_memory_bytes(self.env.device))
         row = {"step": self.state.step, "epoch": self.state.epoch, "loss": (loss_sum / window["count"]).item(),
-               "lr": self.scheduler.get_last_lr()[0], "grad_norm": window["grad_norm"].item(),
+               "lr": window["lr"], "grad_norm": window["grad_norm"].item(),
                "tokens": self.state.tokens_seen, "tokens_per_s": tokens / elapsed,
                "peak_mem_bytes": max(peaks), "peak_mem_bytes_per_rank": peaks,
                "peak_host_rss_bytes": peak_host_rss_bytes()}
@@ -154,7 +155,7 @@ class Trainer:
                 window = out
             else:
                 window = {"loss_sum": window["loss_sum"] + out["loss_sum"], "count": window["count"] + out["count"],
-                          "tokens": window["tokens"] + out["tokens"], "grad_norm": out["grad_norm"]}
+                          "tokens": window["tokens"] + out["tokens"], "grad_norm": out["grad_norm"], "lr": out["lr"]}
             epoch_end = self._advance_position()
             done = self.state.step >= self.total_steps
             if self.state.step % t.log_every == 0 or done:

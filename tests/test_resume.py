@@ -36,17 +36,22 @@ def _wait_for_step(out, step: int, proc, timeout: float = 240) -> None:
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-def test_kill9_then_resume_continues_exactly(session_tmp):
-    full = train_nproc(2, session_tmp / "uninterrupted", *RUN)
-    out = session_tmp / "killed"
-    proc = _launch(out)
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_kill9_then_resume_continues_exactly(session_tmp, pretrained_q256, method):
+    """For QLoRA only the adapters and their optimizer state are in the checkpoint; the 4-bit base is rebuilt
+    from model.path on resume, so it must come back bit-identical too."""
+    extra = [] if method == "full" else [f"model.path={pretrained_q256}", "model.random_init=false",
+                                         "finetune.method=qlora", "optim.lr=1e-2"]
+    full = train_nproc(2, session_tmp / f"uninterrupted-{method}", *RUN, *extra)
+    out = session_tmp / f"killed-{method}"
+    proc = _launch(out, *extra)
     _wait_for_step(out, 7, proc)  # the step-6 checkpoint is complete once step 7 is logged
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = max(losses(out))
     assert killed_at < 10, "the run finished before it could be killed"
     cli("run", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
-        f"output_dir={out}", *FAST, *RUN)  # resume: auto is the default
+        f"output_dir={out}", *FAST, *RUN, *extra)  # resume: auto is the default
     resumed, want = losses(out), losses(full)
     assert sorted(resumed) == list(range(1, 11))
     for step in range(7, 11):  # steps after the checkpoint were trained again, and equal bit for bit

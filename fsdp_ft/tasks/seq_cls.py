@@ -1,8 +1,6 @@
 """Sequence classification on a text (or text pair) column and a label column."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +26,8 @@ class SeqClsTask:
         """Label names from the training data: sorted numerically when all are integers, else by name."""
         values = set(table[self.cfg.data.label_column])
         if None in values:
-            raise DataError(f"data.train: column '{self.cfg.data.label_column}' has empty labels")
+            raise DataError(f"data.train: '{self.cfg.data.train}' column '{self.cfg.data.label_column}' has empty "
+                            "labels; fill or drop those rows")
         names = sorted(values) if all(isinstance(v, int) for v in values) else sorted(str(v) for v in values)
         names = [str(v) for v in names]
         if self.cfg.model.num_labels is not None and self.cfg.model.num_labels != len(names):
@@ -46,7 +45,8 @@ class SeqClsTask:
         enc = self.tok(row[d.text_column], pair, truncation=True, max_length=self.cfg.train.seq_len)
         label = str(row[d.label_column])
         if label not in self.label2id:
-            raise DataError(f"data: label {label!r} is not among the training labels {list(self.label2id)}")
+            raise DataError(f"data: label {label!r} (column '{d.label_column}') is not among the labels of "
+                            f"data.train '{d.train}': {list(self.label2id)}")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "label": self.label2id[label]}
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
