@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc-per-node", type=int, default=1, help="processes (ranks) on this machine")
     r.add_argument("--nnodes", type=int, default=1, help="machines taking part")
     r.add_argument("--node-rank", type=int, default=0, help="this machine's index among --nnodes")
-    r.add_argument("--rdzv-endpoint", default="127.0.0.1:29500", help="HOST:PORT of node 0 for the rendezvous")
+    r.add_argument("--rdzv-endpoint", default=None,
+                   help="HOST:PORT of node 0 for the rendezvous (default on one machine: a free local port)")
     r.add_argument("config", help="YAML config file")
     r.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
@@ -106,7 +107,8 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
     from fsdp_ft import launcher
 
-    argv = launcher.torchrun_argv(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint,
+    endpoint = launcher.resolve_endpoint(args.rdzv_endpoint, args.nnodes, args.node_rank)
+    argv = launcher.torchrun_argv(args.nproc_per_node, args.nnodes, args.node_rank, endpoint,
                                   args.config, args.overrides)
     return launcher.run(argv, cfg.output_dir)
 

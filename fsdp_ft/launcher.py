@@ -14,6 +14,31 @@ from fsdp_ft.ranklog import LOG_DIR_ENV
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 
+def resolve_endpoint(endpoint: str | None, nnodes: int, node_rank: int) -> str:
+    """HOST:PORT for the rendezvous: a free local port for a single machine when none is given; on node 0,
+    a port already taken fails here with one line (torchrun would exit 1 without saying why)."""
+    import socket
+
+    from fsdp_ft.errors import ConfigError
+
+    if endpoint is None:
+        if nnodes > 1:
+            raise ConfigError("--rdzv-endpoint HOST:PORT (of node 0) is required with --nnodes > 1")
+        endpoint = "127.0.0.1:0"
+    host, _, port = endpoint.rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f"--rdzv-endpoint '{endpoint}' must be HOST:PORT")
+    if node_rank == 0:
+        with socket.socket() as s:
+            try:
+                s.bind(("", int(port)))
+            except OSError:
+                raise ConfigError(f"--rdzv-endpoint '{endpoint}': port {port} is already in use on this machine; "
+                                  "choose another (or leave --rdzv-endpoint out on a single machine)") from None
+            port = str(s.getsockname()[1])
+    return f"{host or '127.0.0.1'}:{port}"
+
+
 def torchrun_argv(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str, config: str,
                   overrides: list[str]) -> list[str]:
     """Static rendezvous on HOST:PORT of node 0 (the same as `torchrun --master-addr --master-port`)."""

@@ -8,10 +8,8 @@ cd "$(dirname "$0")/.."
 bash launch/install.sh
 .venv/bin/python -m fsdp_ft.prepare.imdb --out data
 out="runs/demo_imdb-$(date +%Y%m%d-%H%M%S)"
-# a free port: torchrun's default 29500 may be taken by another job on a shared machine
-port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 start=$SECONDS
-.venv/bin/fsdp-ft run --nproc-per-node 2 --rdzv-endpoint "127.0.0.1:$port" configs/demo_imdb.yaml "output_dir=$out" "$@"
+.venv/bin/fsdp-ft run --nproc-per-node 2 configs/demo_imdb.yaml "output_dir=$out" "$@"
 elapsed=$((SECONDS - start))
 .venv/bin/python - "$out" "$elapsed" <<'EOF'
 import sys

@@ -10,5 +10,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 fsdp_ft=${FSDP_FT:-$( [ -x "$here/.venv/bin/fsdp-ft" ] && echo "$here/.venv/bin/fsdp-ft" || echo fsdp-ft )}
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+endpoint=()
+[ -n "${RDZV_ENDPOINT:-}" ] && endpoint=(--rdzv-endpoint "$RDZV_ENDPOINT")  # unset on one machine: a free port
 exec "$fsdp_ft" run --nproc-per-node "${NPROC:-$(( gpus > 0 ? gpus : 1 ))}" --nnodes "${NNODES:-1}" \
-  --node-rank "${NODE_RANK:-0}" --rdzv-endpoint "${RDZV_ENDPOINT:-127.0.0.1:29500}" "$@"
+  --node-rank "${NODE_RANK:-0}" "${endpoint[@]}" "$@"

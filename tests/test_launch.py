@@ -79,3 +79,19 @@ def test_a_killed_rank_stops_the_run_with_its_exit_code(tmp_path):
     assert proc.returncode == 128 + signal.SIGKILL, out
     assert time.time() - t0 < 60
     assert "exitcode: -9) local_rank: 1" in out  # torchrun names the rank that failed first
+
+
+def test_rdzv_port_in_use_is_a_one_line_error(tmp_path):
+    """torchrun alone exits 1 without a word when node 0's port is taken; we name the port."""
+    import socket
+
+    from conftest import TINY, cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = cli("run", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", str(TINY),
+                   f"output_dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"port {port} is already in use" in proc.stderr.strip().splitlines()[-1]
