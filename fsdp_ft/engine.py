@@ -78,7 +78,7 @@ def build(cfg: Config, env: distributed.DistEnv):
     if adapters.is_peft(cfg):
         model = adapters.wrap(model, cfg)
         if cfg.finetune.method == "qlora":
-            quantize.quantize_meta_model(model, cfg)
+            quantize.quantize_meta_model(model, cfg, shards=env.world_size // cfg.fsdp.hybrid_replicas)
     else:
         apply_finetune(model, cfg, parallel.find_blocks(model, cfg.model.block_classes))
     trainable, total = parameter_counts(model)

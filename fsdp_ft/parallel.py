@@ -117,8 +117,10 @@ def sharded_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> i
     def local(t):
         return t.to_local() if isinstance(t, DTensor) else t
 
-    total = 0
+    total = quantize.quantized_bytes(model)  # 4-bit weights: their packed bytes, not numel x element size
     for p in model.parameters():
+        if quantize.is_nf4(p):
+            continue
         total += local(p).numel() * p.element_size()
         if p.grad is not None:
             total += local(p.grad).numel() * p.grad.element_size()

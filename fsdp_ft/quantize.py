@@ -9,6 +9,7 @@ in blocks of 256 (double quantization).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -42,12 +43,30 @@ def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return out
 
 
-def _check_shape(name: str, shape: torch.Size, cfg: Config) -> None:
+def _shard_blocks(shape: torch.Size, block_size: int, shards: int) -> list[int]:
+    """4-bit blocks in each row shard FSDP makes of a weight (torch.chunk of the rows)."""
+    rows, per_row = shape[0], shape.numel() // shape[0]
+    step = -(-rows // shards)
+    return [min(step, rows - start) * per_row // block_size for start in range(0, rows, step)]
+
+
+def check_block_sizes(layers: list[tuple[str, nn.Linear]], cfg: Config, shards: int) -> None:
+    """Every weight, and every rank's row shard of it, must hold whole double-quantization blocks."""
     q = cfg.finetune.quant
-    if shape.numel() % (q.block_size * q.scaler_block_size):
-        raise ConfigError(f"finetune.method=qlora: weight '{name}' {tuple(shape)} has {shape.numel()} values, not a "
-                          f"multiple of quant.block_size x quant.scaler_block_size = "
-                          f"{q.block_size * q.scaler_block_size}; exclude it via finetune.lora.target_modules")
+    counts = []
+    for name, linear in layers:
+        shape = linear.weight.shape
+        if shape.numel() % q.block_size:
+            raise ConfigError(f"finetune.method=qlora: weight '{name}' {tuple(shape)} is not a multiple of "
+                              f"finetune.quant.block_size={q.block_size}; exclude it via finetune.lora.target_modules")
+        counts += _shard_blocks(shape, q.block_size, shards)
+    bad = [c for c in counts if c % q.scaler_block_size]
+    if bad:
+        common = math.gcd(*counts)
+        fits = max(d for d in range(1, min(common, 256) + 1) if common % d == 0)
+        raise ConfigError(f"finetune.quant.scaler_block_size={q.scaler_block_size} does not divide the 4-bit blocks of "
+                          f"every weight's row shard on {shards} rank(s) (e.g. {bad[0]}); set "
+                          f"finetune.quant.scaler_block_size={fits}")
 
 
 def meta_nf4(shape: torch.Size, dtype: torch.dtype, block_size: int, scaler_block_size: int) -> torch.Tensor:
@@ -68,12 +87,12 @@ def meta_nf4(shape: torch.Size, dtype: torch.dtype, block_size: int, scaler_bloc
     return nf4.NF4Tensor.__tensor_unflatten__(inner, ctx, shape, None)
 
 
-def quantize_meta_model(model: nn.Module, cfg: Config) -> int:
-    """Swap every LoRA base weight for an NF4 placeholder (before sharding); returns how many."""
+def quantize_meta_model(model: nn.Module, cfg: Config, shards: int) -> int:
+    """Swap every LoRA base weight for an NF4 placeholder (before sharding over `shards` ranks); returns how many."""
     q = cfg.finetune.quant
     layers = quantized_linears(model)
+    check_block_sizes(layers, cfg, shards)
     for name, linear in layers:
-        _check_shape(name, linear.weight.shape, cfg)
         linear.weight = nn.Parameter(meta_nf4(linear.weight.shape, linear.weight.dtype, q.block_size,
                                               q.scaler_block_size), requires_grad=False)
     return len(layers)

@@ -83,7 +83,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def pretrained_q256(tmp_path_factory) -> Path:
     """A 'pretrained' Llama whose weights are saved by transformers itself, with 256-wide layers: every linear
-    holds a multiple of 64 x 256 values, as NF4 double quantization needs (real models always do)."""
+    holds a multiple of 64 x 256 values and so does each row shard on 2 or 4 ranks, as NF4 double quantization
+    with the default block sizes needs (SmolLM2's 576-wide layers, say, need a smaller scaler_block_size)."""
     import shutil
 
     import torch

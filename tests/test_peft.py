@@ -143,3 +143,23 @@ def test_other_peft_methods_under_fsdp(session_tmp, method):
     two = train_nproc(2, session_tmp / f"{method}-2", *TWO_RANKS, *args)
     assert_losses_close(losses(two), losses(one), 1e-5)
     assert (two / "final" / "adapter_config.json").is_file()
+
+
+def test_scaler_block_size_must_fit_every_row_shard():
+    """576-wide layers (SmolLM2) hold 2,592 and 864 blocks per row shard on 2 ranks: 256 and 64 do not divide
+    them; the error names the key and the largest size that does (216 = the largest divisor <= 256 of 864)."""
+    from torch import nn
+
+    from fsdp_ft.config import load_config
+    from fsdp_ft.errors import ConfigError
+    from fsdp_ft.quantize import check_block_sizes
+
+    layers = [("q_proj", nn.Linear(576, 576, device="meta")), ("k_proj", nn.Linear(576, 192, device="meta"))]
+    for size in (256, 64):
+        cfg = load_config(TINY, ["output_dir=/tmp/x", "finetune.method=qlora", f"finetune.quant.scaler_block_size={size}"])
+        with pytest.raises(ConfigError, match="set finetune.quant.scaler_block_size=216$"):
+            check_block_sizes(layers, cfg, shards=2)
+    for size, shards in ((216, 2), (144, 2), (144, 4)):
+        cfg = load_config(TINY, ["output_dir=/tmp/x", "finetune.method=qlora",
+                                 f"finetune.quant.scaler_block_size={size}"])
+        check_block_sizes(layers, cfg, shards=shards)
