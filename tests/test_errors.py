@@ -173,7 +173,7 @@ def test_jsonl_with_malformed_line(results, files):
 
 
 def test_fewer_rows_than_one_global_batch(results):
-    assert_user_error(results["batch_too_large"], "data.train", "3 rows")
+    assert_user_error(results["batch_too_large"], "data.train", "3 usable rows", "train.micro_batch_size=4")
 
 
 def test_eval_label_not_seen_in_training(results, files):
