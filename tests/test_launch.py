@@ -95,3 +95,26 @@ def test_rdzv_port_in_use_is_a_one_line_error(tmp_path):
                    f"output_dir={tmp_path}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"port {port} is already in use" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_run_without_endpoint_picks_a_free_port(tmp_path):
+    """On one machine no --rdzv-endpoint is needed, even while torchrun's usual 29500 is taken; losses equal the
+    1-process run with the same global batch."""
+    import socket
+
+    from conftest import FAST, TINY, cli, losses
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 29500))
+            s.listen()
+        except OSError:
+            pass  # already taken by someone else: the point stands
+        cli("run", "--nproc-per-node", "2", str(TINY), f"output_dir={tmp_path / 'two'}", *FAST, "train.max_steps=3",
+            "train.micro_batch_size=2", "train.grad_accum=1")
+    cli("train", str(TINY), f"output_dir={tmp_path / 'one'}", *FAST, "train.max_steps=3", "train.micro_batch_size=2",
+        "train.grad_accum=2")
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(two) == [1, 2, 3]
+    for step in two:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
