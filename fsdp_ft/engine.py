@@ -71,7 +71,8 @@ def build(cfg: Config, env: distributed.DistEnv):
     task = get_task(cfg, tokenizer)
     with distributed.main_process_first(env):
         splits = load_splits(cfg, task.columns())
-    total_steps(cfg, _plan(cfg, env, len(splits.train)))  # too little data fails before the model is built
+    plan = _plan(cfg, env, len(splits.train))
+    steps = total_steps(cfg, plan)  # too little data fails here, before the model is built
     labels = task.labels(splits.train)
     hf_config = load_hf_config(cfg, model_dir)
     model = build_meta_model(cfg, hf_config, tokenizer, labels)
@@ -89,7 +90,8 @@ def build(cfg: Config, env: distributed.DistEnv):
     info = {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
             **shard_info, "weights_loaded": mat["loaded"], "weights_initialised": len(mat["initialised"]),
             "dropped_rows": splits.dropped, "train_rows": len(splits.train),
-            "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": labels}
+            "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": labels,
+            "total_steps": steps, "plan": plan}
     if mat["initialised"] and source is not None:
         _log(env, f"initialised (not in checkpoint): {', '.join(mat['initialised'][:8])}")
     return model, tokenizer, task, splits, info
@@ -102,7 +104,7 @@ def train(cfg: Config) -> TrainResult:
     resume_from = checkpoint.resolve_checkpoint(out, cfg.resume)
     t0 = time.perf_counter()
     model, tokenizer, task, splits, info = build(cfg, env)
-    steps = total_steps(cfg, _plan(cfg, env, len(splits.train)))
+    plan, steps = info.pop("plan"), info["total_steps"]
     optimizer = build_optimizer(model, cfg, env.device)
     scheduler = build_scheduler(optimizer, steps, cfg)
     scaler = _grad_scaler(cfg)
@@ -120,7 +122,7 @@ def train(cfg: Config) -> TrainResult:
     if env.is_main:
         dump_config(cfg, out / "config.yaml")
     info.update(setup_s=time.perf_counter() - t0, world_size=env.world_size, device=str(env.device),
-                total_steps=steps, host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()),
+                host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()),
                 quantized_bytes_per_rank=distributed.all_gather_object(quantize.quantized_bytes(model)))
     _log(env, f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "
               f"({100 * info['trainable_share']:.2f}%); {info['blocks']} x {info['block_class']} sharded over "
@@ -128,7 +130,7 @@ def train(cfg: Config) -> TrainResult:
     logger = MetricsLogger(out, env.is_main, steps, cfg.train.tensorboard, cfg.train.progress_bar, state.step)
     logger.log({"split": "setup", "step": state.step, **info})
     trainer = Trainer(cfg, env, model, task, optimizer, scheduler, scaler, splits.train, splits.eval, logger,
-                      state, steps)
+                      state, plan, steps)
     state = trainer.fit()
     logger.close()
     if env.is_main and state.step >= steps:  # a run stopped early by a signal exports when it resumes and ends

@@ -31,14 +31,14 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, model, task, optimizer, scheduler, scaler,
-                 train_rows, eval_rows, logger: MetricsLogger, state: TrainState, total_steps: int):
+                 train_rows, eval_rows, logger: MetricsLogger, state: TrainState, plan: BatchPlan,
+                 total_steps: int):
         self.cfg, self.env, self.model, self.task = cfg, env, model, task
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.train_rows, self.eval_rows, self.logger, self.state = train_rows, eval_rows, logger, state
         self.total_steps = total_steps
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.plan = BatchPlan(len(train_rows), cfg.train.micro_batch_size, cfg.train.grad_accum,
-                              env.world_size, env.rank, cfg.train.seed)
+        self.plan = plan
         self._perm_epoch, self._perm = -1, None
 
     # ------------------------------------------------------------ batches
