@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fsdp_ft import adapters, quantize
+from fsdp_ft import adapters, parallel, quantize
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.weights_io import SafetensorsReader, local_rows
+from fsdp_ft.weights_io import SafetensorsReader
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -171,18 +171,8 @@ def _source_key(source, name: str, base_prefix: str) -> str | None:
 
 # ---------------------------------------------------------------- materialisation
 
-def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """This rank's storage of a (possibly sharded) tensor and the dim-0 rows of the full tensor it holds."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        start, stop = local_rows(t) if t.dim() else (0, 0)
-        return t.to_local(), start, stop
-    return t, 0, (t.shape[0] if t.dim() else 0)
-
-
 def _copy_rows(dst: torch.Tensor, full_or_rows: torch.Tensor) -> None:
-    local, _, _ = _local_view(dst)
+    local, _, _ = parallel.local_shard(dst)
     with torch.no_grad():
         local.copy_(full_or_rows.reshape(local.shape).to(local.dtype))
 
@@ -239,10 +229,10 @@ def materialize(model: nn.Module, source, seed: int, device: torch.device) -> di
                     if source is not None and not adapters.is_adapter(mname) else None) for k in tensors}
         full = _init_module_full(hf_model, module, mname, seed) if None in keys.values() else {}
         for k, t in tensors.items():
-            local, start, stop = _local_view(t)
+            local, start, stop = parallel.local_shard(t)
             if quantize.is_nf4(t):  # quantize the whole weight, keep this rank's rows: same as 1 process
                 whole = source.read_rows(keys[k], 0, t.shape[0]) if keys[k] is not None else full[k]
-                _set_nf4(model, module, f"{mname}.{k}", k, t, quantize.to_nf4(whole, like=local))
+                parallel.assign_nf4_shard(model, module, f"{mname}.{k}", k, t, quantize.to_nf4(whole, like=local))
             elif keys[k] is not None:
                 _copy_rows(t, source.read_rows(keys[k], start, stop))
             else:
@@ -254,25 +244,6 @@ def materialize(model: nn.Module, source, seed: int, device: torch.device) -> di
     return {"loaded": len(loaded), "initialised": initialised}
 
 
-@torch.no_grad()
-def _set_nf4(model: nn.Module, module: nn.Module, fqn: str, name: str, t: torch.Tensor, quantized) -> None:
-    """Store a quantized weight: the whole tensor when unsharded, else this rank's chunk as FSDP's new shard.
-
-    A sharded NF4 weight is swapped in with `load_state_dict(assign=True)`, the route FSDP2 offers for
-    replacing a shard (it re-registers the parameter); copying into the placeholder would keep its meta parts.
-    """
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(t, DTensor):
-        module._parameters[name] = nn.Parameter(quantized, requires_grad=False)
-        return
-    (dim,) = [i for i, p in enumerate(t.placements) if isinstance(p, Shard)]
-    chunk = torch.chunk(quantized, t.device_mesh.size(dim), dim=0)[t.device_mesh.get_local_rank(dim)]
-    shard = DTensor.from_local(chunk, t.device_mesh, t.placements, run_check=False, shape=t.shape,
-                               stride=t.stride())
-    model.load_state_dict({fqn: nn.Parameter(shard, requires_grad=False)}, strict=False, assign=True)
-
-
 def dense_weight(t: torch.Tensor) -> torch.Tensor:
     """A weight as a plain float tensor (dequantizing a 4-bit one)."""
     return t.get_original_weight() if hasattr(t, "get_original_weight") else t
@@ -282,8 +253,8 @@ def dense_weight(t: torch.Tensor) -> torch.Tensor:
 def _init_dora_magnitudes(model: nn.Module) -> None:
     """DoRA starts with magnitude = row norm of the base weight; rows of both are sharded alike, so local works."""
     for magnitude, base in adapters.dora_magnitude_pairs(model):
-        mag_local, _, _ = _local_view(magnitude)
-        weight_local, _, _ = _local_view(base.weight)
+        mag_local, _, _ = parallel.local_shard(magnitude)
+        weight_local, _, _ = parallel.local_shard(base.weight)
         mag_local.copy_(torch.linalg.norm(dense_weight(weight_local).float(), dim=1).to(mag_local.dtype))
 
 

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from fsdp_ft import adapters, quantize
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.model import DTYPE
+from fsdp_ft.weights_io import local_rows
 
 
 def find_blocks(model: nn.Module, class_names: list[str] = ()) -> list[nn.Module]:
@@ -67,6 +67,8 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> list[n
 
 
 def mixed_precision_policy(cfg: Config) -> MixedPrecisionPolicy:
+    from fsdp_ft.model import DTYPE  # model.py uses this module to fill shards
+
     param = cfg.fsdp.param_dtype or cfg.fsdp.mixed_precision
     reduce = cfg.fsdp.reduce_dtype or "fp32"
     return MixedPrecisionPolicy(param_dtype=DTYPE[param], reduce_dtype=DTYPE[reduce],
@@ -129,3 +131,34 @@ def sharded_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> i
             if torch.is_tensor(v) and v.dim() > 0:
                 total += local(v).numel() * v.element_size()
     return total
+
+
+# ---------------------------------------------------------------- filling shards (used by model.materialize)
+
+def local_shard(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """This rank's storage of a (possibly sharded) tensor and the dim-0 rows of the full tensor it holds."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        start, stop = local_rows(t) if t.dim() else (0, 0)
+        return t.to_local(), start, stop
+    return t, 0, (t.shape[0] if t.dim() else 0)
+
+
+@torch.no_grad()
+def assign_nf4_shard(model: nn.Module, module: nn.Module, fqn: str, name: str, t: torch.Tensor, quantized) -> None:
+    """Store a quantized weight: the whole tensor when unsharded, else this rank's chunk as FSDP's new shard.
+
+    A sharded NF4 weight is swapped in with `load_state_dict(assign=True)`, the route FSDP2 offers for
+    replacing a shard (it re-registers the parameter); copying into the placeholder would keep its meta parts.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        module._parameters[name] = nn.Parameter(quantized, requires_grad=False)
+        return
+    (dim,) = [i for i, p in enumerate(t.placements) if isinstance(p, Shard)]
+    chunk = torch.chunk(quantized, t.device_mesh.size(dim), dim=0)[t.device_mesh.get_local_rank(dim)]
+    shard = DTensor.from_local(chunk, t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                               stride=t.stride())
+    model.load_state_dict({fqn: nn.Parameter(shard, requires_grad=False)}, strict=False, assign=True)
