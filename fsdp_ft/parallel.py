@@ -88,8 +88,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
     }
     if mesh.size() == 1:
         # FSDP2's world-size-1 shortcut mishandles tensor subclasses with several inner tensors (NF4); with one
-        # rank there is nothing to shard, so FSDP leaves the 4-bit weights alone
-        kwargs["ignored_params"] = {p for p in model.parameters() if quantize.is_nf4(p)}
+        # rank there is nothing to shard, so FSDP leaves the quantized weights alone
+        kwargs["ignored_params"] = {p for p in model.parameters() if quantize.is_quantized(p)}
     for block in blocks:
         fully_shard(block, reshard_after_forward=cfg.fsdp.reshard_after_forward, **kwargs)
     # the root's parameters (embeddings, head) are used again at once in backward: keep them gathered
@@ -119,9 +119,9 @@ def sharded_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> i
     def local(t):
         return t.to_local() if isinstance(t, DTensor) else t
 
-    total = quantize.quantized_bytes(model)  # 4-bit weights: their packed bytes, not numel x element size
+    total = quantize.quantized_bytes(model)  # quantized weights: their stored bytes, not numel x element size
     for p in model.parameters():
-        if quantize.is_nf4(p):
+        if quantize.is_quantized(p):
             continue
         total += local(p).numel() * p.element_size()
         if p.grad is not None:
@@ -162,3 +162,13 @@ def assign_nf4_shard(model: nn.Module, module: nn.Module, fqn: str, name: str, t
     shard = DTensor.from_local(chunk, t.device_mesh, t.placements, run_check=False, shape=t.shape,
                                stride=t.stride())
     model.load_state_dict({fqn: nn.Parameter(shard, requires_grad=False)}, strict=False, assign=True)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Free the gathered parameters of a forward-only model (DPO's frozen reference): with no backward to
+    reshard them, the root (kept gathered after forward) and ZeRO-2 blocks would otherwise stay whole."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
