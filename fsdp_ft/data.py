@@ -122,18 +122,16 @@ def _column_key(col: str, cfg: Config | None) -> str:
     for name in ("text_column", "text_pair_column", "label_column"):
         if d is not None and getattr(d, name) == col:
             return f"data.{name}"
+    if d is not None and cfg.task == "causal_lm":  # the SFT formats' columns (fsdp_ft.formats)
+        for name in ("prompt_column", "completion_column", "messages_column"):
+            if getattr(d, name) == col or (name == "messages_column" and col in ("messages", "conversations")):
+                return f"data.{name}"
+        if col in ("instruction", "output"):
+            return "data.format (alpaca rows need instruction and output)"
+    for name in ("prompt_column", "chosen_column", "rejected_column"):
+        if cfg is not None and getattr(cfg.preference, name) == col:
+            return f"preference.{name}"
     return "data.text_column / data.label_column"
-
-
-def check_eval_labels(train, evaluation, cfg: Config, source: str) -> None:
-    """An eval label that training never shows has no class id: fail at load, not at the first evaluation."""
-    col, num_labels = cfg.data.label_column, cfg.model.num_labels
-    known = {str(v) for v in train[col]}
-    for v in evaluation[col]:
-        in_range = num_labels is not None and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_labels
-        if str(v) not in known and not in_range:
-            raise DataError(f"{source} has label {v!r} (column '{col}') that data.train never uses; "
-                            f"training labels: {sorted(known)[:20]}")
 
 
 @dataclass
@@ -143,40 +141,146 @@ class Splits:
     dropped: dict
 
 
-def drop_empty(table, column: str):
-    """Rows whose text is missing or blank cannot train; drop and count them."""
-    before = len(table)
-    table = table.filter(lambda v: isinstance(v, str) and v.strip() != "", input_columns=[column])
-    return table, before - len(table)
+# ---------------------------------------------------------------- row validation: drop, count, or fail
+
+class BadRow(Exception):
+    """Raised by a task's `prepare` for a malformed row (index within the table it was given); load_splits turns
+    it into a DataError naming the file and the row."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+        self.message = message
 
 
-def load_splits(cfg: Config, columns: list[str]) -> Splits:
-    """Train and eval tables with the task's columns checked and empty texts dropped."""
+class Drops:
+    """Rows left out of one split, by reason, with the first offending row of each (and what was wrong with it)."""
+
+    def __init__(self, reasons: tuple[str, ...] = ()):
+        self.counts = {r: 0 for r in reasons}
+        self.first: dict[str, tuple[int, str]] = {}
+
+    def add(self, reason: str, index: int, detail: str = "") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.first.setdefault(reason, (index, detail))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class _Source:
+    """Where a split's rows come from: the config key, the file, and each row's 0-based row in that file."""
+    key: str
+    path: str
+    rows: list[int] | None = None  # None: row i of the table is row i of the file
+
+    def row(self, index: int) -> int:
+        return (self.rows[index] if self.rows is not None else index) + 1
+
+
+def _default_prepare(table, split: str, cfg: Config, columns: list[str], known_labels: set | None):
+    """Tasks without their own `prepare`: drop rows with empty text and (seq_cls eval) labels training never shows
+    (they have no class id). The table keeps its type; dropped rows are counted."""
+    d = cfg.data
+    drops = Drops(("empty_text",) + (("unknown_label",) if known_labels is not None else ()))
+    texts = table[d.text_column] if d.text_column in columns else None
+    labels = table[d.label_column] if known_labels is not None else None
+    keep = []
+    for i in range(len(table)):
+        if texts is not None and not (isinstance(texts[i], str) and texts[i].strip()):
+            drops.add("empty_text", i)
+        elif labels is not None and not _label_known(labels[i], known_labels, cfg.model.num_labels):
+            drops.add("unknown_label", i, f"label {labels[i]!r} (column '{d.label_column}') that data.train never "
+                                          f"uses; training labels: {sorted(known_labels)[:20]}")
+        else:
+            keep.append(i)
+    return (table if len(keep) == len(table) else table.select(keep)), drops
+
+
+def _label_known(v, known: set, num_labels: int | None) -> bool:
+    in_range = num_labels is not None and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_labels
+    return str(v) in known or in_range
+
+
+def _checked(rows, drops: Drops, total: int, source: _Source, split: str, cfg: Config) -> dict[str, int]:
+    """Fail when more than data.max_drop_share of a split would be dropped; else the counts for the setup row."""
+    share = cfg.data.max_drop_share
+    if total and (drops.total > share * total or drops.total == total):
+        parts = []
+        for reason, n in sorted(drops.counts.items(), key=lambda kv: -kv[1]):
+            if n:
+                index, detail = drops.first[reason]
+                parts.append(f"{reason} {n} (first: row {source.row(index)}{': ' + detail if detail else ''})")
+        raise DataError(f"{source.key}: file '{source.path}': {drops.total} of {total} rows would be dropped "
+                        f"({100 * drops.total / total:.1f}%, more than data.max_drop_share={share:g}): "
+                        f"{'; '.join(parts)}")
+    return {f"{split}_{reason}": n for reason, n in drops.counts.items()}
+
+
+def _prepared(task, table, split: str, source: _Source, cfg: Config, columns: list[str], known_labels=None):
+    """The task's rows for one split (its own `prepare`, or the default drops), with the drop counts checked."""
+    prepare = getattr(task, "prepare", None)
+    try:
+        if prepare is not None:
+            rows, drops = prepare(table, split)
+        else:
+            rows, drops = _default_prepare(table, split, cfg, columns, known_labels)
+    except BadRow as e:
+        raise DataError(f"{source.key}: file '{source.path}' row {source.row(e.index)}: {e.message}") from None
+    return rows, _checked(rows, drops, len(table), source, split, cfg)
+
+
+def _carve(table, share: float, seed: int):
+    """Hold out `share` of the training rows with a fixed seed; also returns each part's rows in the file."""
+    marked = table.add_column("__fsdp_ft_row__", list(range(len(table))))
+    parts = marked.train_test_split(test_size=share, seed=seed, shuffle=True)
+    rows = [parts[k]["__fsdp_ft_row__"] for k in ("train", "test")]
+    return (parts["train"].remove_columns("__fsdp_ft_row__"), parts["test"].remove_columns("__fsdp_ft_row__"),
+            *rows)
+
+
+def load_splits(cfg: Config, task, check_rows=None) -> Splits:
+    """Train and eval rows, checked, with rows that cannot train dropped and counted per split and reason.
+
+    `task` is the task object, or just the list of columns it needs. The task's optional hooks:
+    `resolve_format(column_names)` (decide the row format from the training file's columns, before `columns()`),
+    `check_rows(table, source)` (its own checks on whole files, raising a DataError naming file and row), and
+    `prepare(table, split) -> (rows, Drops)` (validate and encode every row once, e.g. tokenize and pack; raise
+    BadRow for a malformed row). A split of which more than data.max_drop_share would be dropped fails, naming
+    the file, the reasons and the first offending row of each.
+    """
     d = cfg.data
     train = load_table(d.train, d.train_split, "data.train")
+    if hasattr(task, "resolve_format"):
+        task.resolve_format(train.column_names)
+    columns = task.columns() if hasattr(task, "columns") else list(task)
+    check_rows = check_rows or getattr(task, "check_rows", None)
     check_columns(train, columns, "data.train", d.train, cfg)
-    train, dropped_train = drop_empty(train, d.text_column)
-    if len(train) == 0:
-        raise DataError(f"data.train: '{d.train}' has no usable rows (empty file or all texts empty)")
-    evaluation, dropped_eval = None, 0
+    if check_rows is not None:
+        check_rows(train, f"data.train: file '{d.train}'")
+    train_source, evaluation, eval_source = _Source("data.train", d.train), None, None
     if d.eval:
         evaluation = load_table(d.eval, d.eval_split, "data.eval")
         check_columns(evaluation, columns, "data.eval", d.eval, cfg)
-        evaluation, dropped_eval = drop_empty(evaluation, d.text_column)
-        if len(evaluation) == 0:
-            raise DataError(f"data.eval: '{d.eval}' has no usable rows (empty file or all texts empty)")
-        if cfg.task == "seq_cls":
-            check_eval_labels(train, evaluation, cfg, f"data.eval: file '{d.eval}'")
+        if check_rows is not None:
+            check_rows(evaluation, f"data.eval: file '{d.eval}'")
+        eval_source = _Source("data.eval", d.eval)
     elif d.eval_share > 0:
-        parts = train.train_test_split(test_size=d.eval_share, seed=cfg.train.seed, shuffle=True)
-        train, evaluation = parts["train"], parts["test"]
-        if cfg.task == "seq_cls":  # a rare label can land only in the held-out share
-            check_eval_labels(train, evaluation, cfg, f"data.eval_share: a row held out of '{d.train}'")
-    if evaluation is not None and d.max_eval_samples:
-        evaluation = evaluation.select(range(min(d.max_eval_samples, len(evaluation))))
-    if evaluation is not None and len(evaluation) == 0:
-        evaluation = None
-    return Splits(train, evaluation, {"train_empty_text": dropped_train, "eval_empty_text": dropped_eval})
+        train, evaluation, train_rows, eval_rows = _carve(train, d.eval_share, cfg.train.seed)
+        train_source = _Source("data.train", d.train, train_rows)
+        eval_source = _Source("data.eval_share (rows held out of data.train)", d.train, eval_rows)
+    train, dropped = _prepared(task, train, "train", train_source, cfg, columns)
+    if evaluation is not None:
+        known = None
+        if cfg.task == "seq_cls":  # a label training never shows has no class id
+            known = {str(v) for v in train[d.label_column]}
+        evaluation, dropped_eval = _prepared(task, evaluation, "eval", eval_source, cfg, columns, known)
+        dropped.update(dropped_eval)
+        if d.max_eval_samples:
+            evaluation = evaluation.select(range(min(d.max_eval_samples, len(evaluation))))
+    return Splits(train, evaluation, dropped)
 
 
 # ---------------------------------------------------------------- batch plan

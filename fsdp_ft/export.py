@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from fsdp_ft import adapters, checkpoint, quantize
+from fsdp_ft import adapters, checkpoint, quantize, vocab
 from fsdp_ft.config import config_from_dict
 from fsdp_ft.errors import CheckpointError
-from fsdp_ft.weights_io import atomic_dir, iter_dcp_tensors, write_safetensors_shards
+from fsdp_ft.weights_io import atomic_dir, write_safetensors_shards
 
 
 def _unique_state_names(model: torch.nn.Module) -> list[str]:
@@ -52,19 +52,22 @@ def export_checkpoint(run_dir: Path, ckpt: Path, out: Path, tokenizer=None, max_
     from fsdp_ft.model import build_meta_model, load_hf_config, load_tokenizer, resolve_model_dir
 
     cfg = _load_run_config(run_dir)
-    labels = checkpoint.read_state(ckpt).get("extra", {}).get("labels")
+    extra = checkpoint.read_state(ckpt).get("extra", {})
+    labels = extra.get("labels")
     model_dir = resolve_model_dir(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg, model_dir)
+    if extra.get("chat_tokens"):  # training gave the template-less tokenizer ChatML (and the model its rows)
+        vocab.ensure_chat_template(tokenizer)
     model = build_meta_model(cfg, load_hf_config(cfg, model_dir), tokenizer, labels)
     if adapters.is_peft(cfg):
-        model = adapters.wrap(model, cfg)
+        model = adapters.wrap(model, cfg, vocab.added_chat_tokens(tokenizer))
         if not merge_adapters:
             return _write_adapter(cfg, model, ckpt, out, tokenizer)
         model = _merged_model(cfg, model_dir, model, ckpt)
         stream = ((n, t) for n, t in model.state_dict().items() if n in set(_unique_state_names(model)))
     else:
         keep = set(_unique_state_names(model))
-        stream = ((k, v) for k, v in iter_dcp_tensors(ckpt, prefix="model.") if k in keep)
+        stream = ((k, v) for k, v in checkpoint.iter_model_tensors(ckpt) if k in keep)
     with atomic_dir(out) as tmp:
         write_safetensors_shards(stream, Path(tmp) / "weights", max_shard_bytes=max_shard_bytes)
         for f in (Path(tmp) / "weights").iterdir():
@@ -82,8 +85,9 @@ def _write_adapter(cfg, model, ckpt: Path, out: Path, tokenizer) -> Path:
 
     # adapters are small: give the meta model their trained values (the frozen base stays meta) and let peft
     # pick and name what it saves (prompt learning saves the encoder's output, not its weights)
-    model.load_state_dict(dict(iter_dcp_tensors(ckpt, prefix="model.")), strict=False, assign=True)
-    adapter_sd = get_peft_model_state_dict(model)
+    model.load_state_dict(dict(checkpoint.iter_model_tensors(ckpt)), strict=False, assign=True)
+    # new chat tokens' rows are in the trainable tokens; the base embedding is not saved (it stays meta here)
+    adapter_sd = get_peft_model_state_dict(model, save_embedding_layers=False)
     with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in adapter_sd.items()}, str(Path(tmp) / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
@@ -100,7 +104,7 @@ def _merged_model(cfg, model_dir: Path, model: torch.nn.Module, ckpt: Path) -> t
 
     materialize(model, open_weight_source(cfg, model_dir, model), cfg.train.seed, torch.device("cpu"))
     quantize.round_trip_base(model, cfg)
-    trained = dict(iter_dcp_tensors(ckpt, prefix="model."))
+    trained = dict(checkpoint.iter_model_tensors(ckpt))
     result = model.load_state_dict(trained, strict=False)
     if result.unexpected_keys:
         raise CheckpointError(f"checkpoint '{ckpt}' holds tensors this model lacks: {result.unexpected_keys[:3]}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fsdp_ft import adapters, parallel, quantize
+from fsdp_ft import adapters, parallel, quantize, vocab
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.weights_io import SafetensorsReader
@@ -80,7 +80,7 @@ def build_meta_model(cfg: Config, hf_config, tokenizer, labels: list[str] | None
     """The task's model class on the meta device (no memory), parameters in model.dtype."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if cfg.task == "seq_cls":
+    if cfg.task in ("seq_cls", "reward"):  # a reward model is a classifier with one output
         if not labels:
             raise ConfigError("task 'seq_cls' needs labels: set model.num_labels or give labelled data")
         hf_config.num_labels = len(labels)
@@ -90,6 +90,7 @@ def build_meta_model(cfg: Config, hf_config, tokenizer, labels: list[str] | None
             hf_config.pad_token_id = tokenizer.pad_token_id
         auto = AutoModelForSequenceClassification
     else:
+        vocab.grow_config(hf_config, tokenizer)  # ChatML tokens added to a template-less tokenizer need rows
         auto = AutoModelForCausalLM
     kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.attn_implementation:
@@ -130,21 +131,31 @@ class DictSource:
         t = self.tensors[name]
         return t if t.dim() == 0 else t[start:stop]
 
+    def shape(self, name):
+        return tuple(self.tensors[name].shape)
+
     def close(self):
         self.tensors = {}
 
 
 def open_weight_source(cfg: Config, model_dir: Path, model: nn.Module):
-    """Where pretrained weights come from; None for random init."""
+    """Where pretrained weights come from; None for random init. Rows of a grown vocabulary read as the mean row."""
     if cfg.model.random_init:
         return None
     if cfg.model.gguf_file:
-        return _gguf_source(cfg, model_dir, model)
+        return _with_grown_vocab(_gguf_source(cfg, model_dir, model), model)
     try:
-        return SafetensorsReader(model_dir)
+        return _with_grown_vocab(SafetensorsReader(model_dir), model)
     except FileNotFoundError:
         raise ConfigError(f"config key 'model.path': '{model_dir}' holds no *.safetensors weights; "
                           "set model.random_init=true to train from scratch, or model.gguf_file") from None
+
+
+def _with_grown_vocab(source, model: nn.Module):
+    hf_model = adapters.base_model(model)
+    prefix = getattr(hf_model, "base_model_prefix", "")
+    return vocab.wrap_grown(source, model, hf_model.config.vocab_size,
+                            lambda name: _source_key(source, adapters.checkpoint_name(name), prefix))
 
 
 def _gguf_source(cfg: Config, model_dir: Path, model: nn.Module) -> DictSource:
@@ -214,11 +225,24 @@ def materialize(model: nn.Module, source, seed: int, device: torch.device) -> di
     initialised ones (new heads, adapters, random init) for the log.
     """
     model.to_empty(device=device)
+    result = fill_tensors(model, model.named_modules(), source, seed)
+    if source is not None:
+        source.close()
+    _init_dora_magnitudes(model)
+    return result
+
+
+def fill_tensors(model: nn.Module, named_modules, source, seed: int, seen: set[int] | None = None) -> dict:
+    """Fill the allocated tensors of `named_modules` (pairs from model.named_modules()): checkpoint rows or init.
+
+    `seen` (ids of tensors already filled) lets a caller fill the model a group of modules at a time
+    (engine deepspeed partitions each block as soon as it is filled); a tied tensor is filled once.
+    """
     hf_model = adapters.base_model(model)
     base_prefix = getattr(hf_model, "base_model_prefix", "")
-    seen: set[int] = set()
+    seen = set() if seen is None else seen
     loaded, initialised = [], []
-    for mname, module in model.named_modules():
+    for mname, module in named_modules:
         tensors = {k: t for k, t in list(module._parameters.items()) + list(module._buffers.items())
                    if t is not None and id(t) not in seen}
         if not tensors:
@@ -227,26 +251,38 @@ def materialize(model: nn.Module, source, seed: int, device: torch.device) -> di
         ckpt_module = adapters.checkpoint_name(mname)
         keys = {k: (_source_key(source, f"{ckpt_module}.{k}".lstrip("."), base_prefix)
                     if source is not None and not adapters.is_adapter(mname) else None) for k in tensors}
-        full = _init_module_full(hf_model, module, mname, seed) if None in keys.values() else {}
+        tokens = adapters.trainable_token_rows(model, mname)
+        if tokens is not None:  # peft trainable tokens start as the rows they replace
+            full = dict.fromkeys(tensors, _base_rows(model, hf_model, source, base_prefix, seed, *tokens))
+        else:
+            full = _init_module_full(hf_model, module, mname, seed) if None in keys.values() else {}
         for k, t in tensors.items():
             local, start, stop = parallel.local_shard(t)
-            if quantize.is_nf4(t):  # quantize the whole weight, keep this rank's rows: same as 1 process
+            if quantize.is_quantized(t):  # quantize the whole weight, keep this rank's rows: same as 1 process
                 whole = source.read_rows(keys[k], 0, t.shape[0]) if keys[k] is not None else full[k]
-                parallel.assign_nf4_shard(model, module, f"{mname}.{k}", k, t, quantize.to_nf4(whole, like=local))
+                parallel.assign_nf4_shard(model, module, f"{mname}.{k}", k, t,
+                                          quantize.quantize_like(whole, like=local, module=module))
             elif keys[k] is not None:
                 _copy_rows(t, source.read_rows(keys[k], start, stop))
             else:
                 _copy_rows(t, _rows(full[k], start, stop))
             (loaded if keys[k] is not None else initialised).append(f"{mname}.{k}")
-    if source is not None:
-        source.close()
-    _init_dora_magnitudes(model)
     return {"loaded": len(loaded), "initialised": initialised}
 
 
+def _base_rows(model, hf_model, source, base_prefix: str, seed: int, base_name: str, ids: list[int]) -> torch.Tensor:
+    """Rows `ids` of a base layer's weight as materialize gives them: from the checkpoint (the mean row where the
+    vocabulary grew), or the layer's own seeded init."""
+    key = (_source_key(source, f"{adapters.checkpoint_name(base_name)}.weight", base_prefix)
+           if source is not None else None)
+    if key is not None:
+        return torch.cat([source.read_rows(key, i, i + 1) for i in ids])
+    return _init_module_full(hf_model, model.get_submodule(base_name), base_name, seed)["weight"][ids]
+
+
 def dense_weight(t: torch.Tensor) -> torch.Tensor:
-    """A weight as a plain float tensor (dequantizing a 4-bit one)."""
-    return t.get_original_weight() if hasattr(t, "get_original_weight") else t
+    """A weight as a plain float tensor (dequantizing a quantized one)."""
+    return quantize.dequantize(t) if quantize.is_quantized(t) else t
 
 
 @torch.no_grad()

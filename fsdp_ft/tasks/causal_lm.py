@@ -1,4 +1,8 @@
-"""Causal language modelling on a text column: next-token loss on every real token."""
+"""Causal language modelling and SFT: next-token loss on the completion tokens (or on every token).
+
+Rows of any `data.format` (see `fsdp_ft.formats`) are tokenized once at load time, truncated by
+`data.truncation`, and, with `data.packing`, packed into rows of train.seq_len (see `fsdp_ft.packing`).
+"""
 from __future__ import annotations
 
 import math
@@ -6,17 +10,22 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fsdp_ft import formats, vocab
 from fsdp_ft.config import Config
+from fsdp_ft.data import BadRow, Drops
+from fsdp_ft.errors import DataError
+from fsdp_ft.packing import PackedRows, TokenRows
 
 IGNORE = -100
+PADDING = {"labels": IGNORE, "attention_mask": 0, "position_ids": 0}
 
 
 def pad_batch(rows: list[dict], pad_id: int, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Right-pad token lists to the longest row; labels pad with IGNORE, attention_mask with 0."""
+    """Right-pad token lists to the longest row; labels pad with IGNORE, attention_mask and position_ids with 0."""
     width = max(len(r["input_ids"]) for r in rows)
     out = {}
     for key in keys:
-        fill = {"labels": IGNORE, "attention_mask": 0}.get(key, pad_id)
+        fill = PADDING.get(key, pad_id)
         out[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows], dtype=torch.long)
     return out
 
@@ -28,34 +37,95 @@ class CausalLMTask:
     def __init__(self, cfg: Config, tokenizer):
         self.cfg = cfg
         self.tok = tokenizer
+        self.format = cfg.data.format
+        self.chat_tokens: list[int] = []  # ChatML tokens added to a template-less tokenizer (their rows must train)
+        if self.format in formats.CHAT_FORMATS:
+            self.chat_tokens = vocab.ensure_chat_template(tokenizer)
+
+    # ------------------------------------------------------------ data
+
+    def resolve_format(self, column_names: list[str]) -> str:
+        """data.format=auto: decide from the training file's columns (once); chat formats need a chat template."""
+        if self.format == "auto":
+            self.format = formats.detect_format(column_names, self.cfg.data)
+            if self.format in formats.CHAT_FORMATS:
+                self.chat_tokens = vocab.ensure_chat_template(self.tok)
+        return self.format
 
     def columns(self) -> list[str]:
-        return [self.cfg.data.text_column]
+        fmt = self.format if self.format != "auto" else "text"
+        return formats.required_columns(fmt, self.cfg.data)
 
     def labels(self, table) -> None:
         return None
 
+    def sample(self, row: dict) -> formats.Sample | None:
+        """A raw row as tokens with completion flags, truncated by data.truncation (None: dropped as too long)."""
+        if self.format == "auto":
+            self.resolve_format(list(row))
+        sample = formats.row_to_sample(row, self.format, self.tok, self.cfg.data)
+        return formats.truncate(sample, self.cfg.train.seq_len, self.cfg.data.truncation)
+
+    def prepare(self, table, split: str):
+        """Tokenize every row once: malformed rows fail (BadRow), rows with nothing to train on are dropped and
+        counted. Training rows are packed when data.packing is on (eval rows never are: their loss is the same)."""
+        drops = Drops(("empty_text", "too_long") if self.format == "text" else
+                      ("empty_text", "empty_completion", "no_answer", "too_long"))
+        rows = TokenRows()
+        for i, row in enumerate(table):
+            try:
+                sample = self.sample(row)
+            except formats.RowError as e:
+                raise BadRow(i, str(e)) from None
+            except formats.SkipRow as e:
+                drops.add(e.reason, i, e.detail)
+                continue
+            if sample is None:
+                drops.add("too_long", i, f"longer than train.seq_len={self.cfg.train.seq_len}")
+                continue
+            if len(sample) < 2 or not self._has_loss(sample):
+                drops.add("empty_completion", i, "no token left to train on")
+                continue
+            rows.append(sample.ids, formats.labels_for(sample, self.cfg.data.loss_on, IGNORE))
+        if split == "train" and self.cfg.data.packing and len(rows):
+            return PackedRows.pack(rows, self.cfg.train.seq_len, self.cfg.train.seed), drops
+        return rows, drops
+
+    def _has_loss(self, sample: formats.Sample) -> bool:
+        return self.cfg.data.loss_on == "all" or any(sample.completion[1:])
+
     def encode(self, row: dict) -> dict:
-        """Tokenize with the tokenizer's special tokens, end with EOS, truncate to train.seq_len (keep the start)."""
-        ids = self.tok(row[self.cfg.data.text_column], add_special_tokens=True)["input_ids"]
-        if self.tok.eos_token_id is not None and (not ids or ids[-1] != self.tok.eos_token_id):
-            ids = ids + [self.tok.eos_token_id]
-        ids = ids[: self.cfg.train.seq_len]
-        return {"input_ids": ids, "labels": list(ids), "attention_mask": [1] * len(ids)}
+        """A prepared row (ids, labels, ...) as it is; a raw row is formatted and tokenized here."""
+        if "input_ids" in row and "labels" in row:
+            return row
+        sample = self.sample(row)
+        if sample is None:
+            raise DataError(f"a row is longer than train.seq_len={self.cfg.train.seq_len} and "
+                            "data.truncation=drop")
+        ids = sample.ids
+        return {"input_ids": ids, "labels": formats.labels_for(sample, self.cfg.data.loss_on, IGNORE),
+                "attention_mask": [1] * len(ids)}
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_batch(rows, self.tok.pad_token_id, ("input_ids", "labels", "attention_mask"))
+        keys = ("input_ids", "labels", "attention_mask") + (("position_ids",) if "position_ids" in rows[0] else ())
+        return pad_batch(rows, self.tok.pad_token_id, keys)
+
+    # ------------------------------------------------------------ loss
 
     def count(self, batch: dict) -> torch.Tensor:
         """Tokens that carry loss: every label except the first of each row (nothing predicts it)."""
         return (batch["labels"][:, 1:] != IGNORE).sum()
 
     def loss_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        if "position_ids" in batch:  # packed: no 2-D mask, so transformers masks per sample from the position ids
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
         logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual-token positions
-        shift_logits = logits[:, :-1].float()
-        shift_labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        # shift the labels, not the logits: slicing the logits copies them (and their gradient) once more
+        shift_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
         return {"loss": loss, "count": (shift_labels != IGNORE).sum()}
 

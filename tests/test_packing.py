@@ -1,0 +1,100 @@
+"""Packing (data.packing=true): packs are deterministic and fit train.seq_len, a packed row's logits equal each
+sample run alone (no attention across samples), and packed training resumes exactly and equals one process."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ASSETS, FAST, TINY, assert_losses_close, cli, free_port, losses, train_1proc, train_nproc
+from fsdp_ft.config import load_config
+from fsdp_ft.data import load_splits
+from fsdp_ft.packing import PackedRows, TokenRows, plan_packs
+from fsdp_ft.tasks.causal_lm import IGNORE, CausalLMTask
+from launch_helpers import kill9_job
+from test_resume import RUN, _launch, _wait_for_step
+from test_sft_data import chat_rows, write_jsonl
+
+
+def test_packs_are_seeded_and_fit():
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, 60, (500,), generator=g).tolist()
+    packs = plan_packs(lengths, 64, seed=1)
+    assert sorted(i for p in packs for i in p) == list(range(500))  # every row exactly once
+    assert all(sum(lengths[i] for i in p) <= 64 for p in packs)
+    assert plan_packs(lengths, 64, seed=1) == packs and plan_packs(lengths, 64, seed=2) != packs
+    assert sum(lengths) / (64 * len(packs)) > 0.9  # best fit wastes little
+
+
+def test_packed_rows_restart_positions_and_hide_first_labels():
+    rows = TokenRows()
+    rows.append([1, 10, 11], [1, 10, 11])
+    rows.append([1, 20], [IGNORE, 20])
+    packed = PackedRows(rows, [[1, 0]])[0]
+    assert packed == {"input_ids": [1, 20, 1, 10, 11], "labels": [IGNORE, 20, IGNORE, 10, 11],
+                      "position_ids": [0, 1, 0, 1, 2], "attention_mask": [1] * 5}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_row_equals_samples_alone(tmp_path, attn):
+    """Logits of every sample inside a packed row equal its logits run alone; loss sums and counts add up."""
+    train = write_jsonl(tmp_path / "chat.jsonl", chat_rows(40))
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", *FAST, f"data.train={train}", "data.eval=null",
+                             "data.packing=true", "train.seq_len=256", f"model.attn_implementation={attn}"])
+    task = CausalLMTask(cfg, AutoTokenizer.from_pretrained(ASSETS / "tiny-llama"))
+    packed = load_splits(cfg, task).train
+    assert isinstance(packed, PackedRows) and len(packed) < 40
+    k = max(range(len(packed)), key=lambda i: len(packed.packs[i]))
+    members = packed.packs[k]
+    assert len(members) >= 3
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ASSETS / "tiny-llama"),
+                                             attn_implementation=attn).eval()
+    batch = task.collate([task.encode(packed[k])])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        sums = task.loss_sums(model, batch)
+        start, loss, count = 0, 0.0, 0
+        for i in members:
+            alone = task.collate([packed.rows[i]])
+            want = model(input_ids=alone["input_ids"], use_cache=False).logits[0]
+            torch.testing.assert_close(logits[start:start + len(want)], want, rtol=1e-5, atol=1e-5)
+            s = task.loss_sums(model, alone)
+            loss, count, start = loss + s["loss"], count + s["count"], start + len(want)
+    assert int(sums["count"]) == int(count) == int(task.count(batch))
+    torch.testing.assert_close(sums["loss"], loss, rtol=1e-5, atol=1e-4)
+    # a plain causal mask over the same row (what packing without restarted positions would do) differs
+    with torch.no_grad():
+        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+    assert not torch.allclose(leaky[start - len(want):start], want, atol=1e-3)
+
+
+PACK = ["data.packing=true", "train.seq_len=128"]
+
+
+@pytest.mark.distributed
+def test_packing_resumes_exactly_and_two_ranks_equal_one_process(session_tmp):
+    """kill -9 mid-run and resume: the packed run's loss curve continues bit for bit; 2 ranks equal 1 process."""
+    full = train_nproc(2, session_tmp / "packed-full", *RUN, *PACK)
+    one = train_1proc(session_tmp / "packed-1proc", *RUN, *PACK, "train.grad_accum=2")
+    assert_losses_close(losses(one), losses(full), rtol=1e-5)
+    setup = [r for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())
+             if r.get("split") == "setup"][0]
+    assert setup["train_rows"] < setup["packing"]["samples"] == 1500 and setup["packing"]["fill"] > 0.9
+
+    out = session_tmp / "packed-killed"
+    proc = _launch(out, *PACK)
+    _wait_for_step(out, 7, proc)
+    kill9_job(proc)
+    time.sleep(2)
+    killed_at = max(losses(out))
+    assert killed_at < 9 and max(losses(out)) == killed_at, "the ranks went on after the kill"
+    cli("run", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
+        f"output_dir={out}", *FAST, *RUN, *PACK)
+    resumed, want = losses(out), losses(full)
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(7, 11):
+        assert resumed[step] == want[step], (step, resumed[step], want[step])
