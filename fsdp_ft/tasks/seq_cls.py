@@ -1,4 +1,8 @@
-"""Sequence classification on a text (or text pair) column and a label column."""
+"""Sequence classification on a text (or text pair) column and a label column.
+
+Eval metrics (accuracy, macro F1, confusion matrix) are built from per-cell confusion counts: the trainer
+sums scalar counts over batches and ranks, so every metric is exact for any number of ranks.
+"""
 from __future__ import annotations
 
 import torch
@@ -12,6 +16,7 @@ from fsdp_ft.tasks.causal_lm import pad_batch
 class SeqClsTask:
     name = "seq_cls"
     count_unit = "samples"
+    eval_metrics = ("loss", "accuracy", "f1_macro")  # the numeric ones train.best_metric may name
 
     def __init__(self, cfg: Config, tokenizer):
         self.cfg = cfg
@@ -63,6 +68,41 @@ class SeqClsTask:
         correct = (logits.argmax(-1) == batch["labels"]).sum()
         return {"loss": loss, "count": torch.tensor(batch["labels"].numel()), "correct": correct}
 
-    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+    def eval_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """loss_sums plus one count per confusion-matrix cell (`cm.TRUE.PRED`), so ranks can sum them."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"]
+        k = logits.shape[-1]
+        cells = torch.bincount(labels * k + logits.argmax(-1), minlength=k * k)
+        sums = {"loss": F.cross_entropy(logits, labels, reduction="sum"), "count": torch.tensor(labels.numel())}
+        sums.update({f"cm.{t}.{p}": cells[t * k + p] for t in range(k) for p in range(k)})
+        return sums
+
+    def metrics(self, sums: dict[str, float]) -> dict:
         n = max(sums["count"], 1)
-        return {"loss": sums["loss"] / n, "accuracy": sums["correct"] / n}
+        out = {"loss": sums["loss"] / n}
+        if "correct" in sums:  # sums from loss_sums (no confusion counts)
+            return {**out, "accuracy": sums["correct"] / n}
+        names = list(self.label2id)
+        matrix = confusion_from_sums(sums, len(names))
+        return {**out, **classification_metrics(matrix), "confusion_matrix": {"labels": names, "matrix": matrix}}
+
+
+def confusion_from_sums(sums: dict[str, float], num_labels: int) -> list[list[int]]:
+    """Rows are true labels, columns predicted labels, both in label-id order."""
+    return [[int(round(sums[f"cm.{t}.{p}"])) for p in range(num_labels)] for t in range(num_labels)]
+
+
+def classification_metrics(matrix: list[list[int]]) -> dict[str, float]:
+    """Accuracy and macro F1 from a confusion matrix (rows true, columns predicted).
+
+    Macro F1 averages F1 = 2TP / (2TP + FP + FN) over the labels that occur as truth or prediction, as
+    scikit-learn's f1_score(average="macro") does; a label absent from both would otherwise count as 0.
+    """
+    k = len(matrix)
+    total = sum(map(sum, matrix))
+    tp = [matrix[i][i] for i in range(k)]
+    true_counts = [sum(row) for row in matrix]
+    pred_counts = [sum(matrix[t][p] for t in range(k)) for p in range(k)]
+    f1 = [2 * tp[i] / (true_counts[i] + pred_counts[i]) for i in range(k) if true_counts[i] + pred_counts[i]]
+    return {"accuracy": sum(tp) / max(total, 1), "f1_macro": sum(f1) / len(f1) if f1 else 0.0}
