@@ -43,3 +43,24 @@ def rank_pid(out: Path, rank: int) -> int:
 def setup_rows(out: Path) -> list[dict]:
     from fsdp_ft.metrics import read_metrics
     return [r for r in read_metrics(out) if r.get("split") == "setup"]
+
+
+def kill9_job(proc) -> None:
+    """SIGKILL a launcher and every process under it at once, as when a node dies. torchrun starts each rank in a
+    session of its own, so killing the launcher's process group alone would leave the ranks training on."""
+    import os
+    import signal
+
+    def descendants(pid: int) -> list[int]:
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return []
+        return [int(k) for k in kids] + [d for k in kids for d in descendants(int(k))]
+
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()

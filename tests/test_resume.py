@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +9,8 @@ import time
 import pytest
 
 from conftest import FAST, REPO, TINY, cli, free_port, losses, train_nproc
+from fsdp_ft.metrics import read_metrics
+from launch_helpers import kill9_job
 
 pytestmark = pytest.mark.distributed
 
@@ -46,14 +46,15 @@ def test_kill9_then_resume_continues_exactly(session_tmp, pretrained_q256, metho
     out = session_tmp / f"killed-{method}"
     proc = _launch(out, *extra)
     _wait_for_step(out, 7, proc)  # the step-6 checkpoint is complete once step 7 is logged
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill9_job(proc)
+    time.sleep(2)
     killed_at = max(losses(out))
-    assert killed_at < 10, "the run finished before it could be killed"
+    assert killed_at < 9 and max(losses(out)) == killed_at, "the ranks went on after the kill"
     cli("run", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
         f"output_dir={out}", *FAST, *RUN, *extra)  # resume: auto is the default
     resumed, want = losses(out), losses(full)
     assert sorted(resumed) == list(range(1, 11))
+    assert [r["step"] for r in read_metrics(out) if r.get("split") == "setup"] == [0, 6]  # resumed at step 6
     for step in range(7, 11):  # steps after the checkpoint were trained again, and equal bit for bit
         assert resumed[step] == want[step], (step, resumed[step], want[step])
     state = json.loads((out / "checkpoints" / "step-10" / "state.json").read_text())
