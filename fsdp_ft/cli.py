@@ -46,7 +46,78 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--merge-adapters", action="store_true",
                    help="PEFT runs: merge the adapters into the base (a dequantized base for QLoRA) and write a "
                         "plain HF model instead of a PEFT adapter folder")
+    _add_inference_parsers(sub)
+    _add_performance_parsers(sub)
+    sub.add_parser("bench", add_help=False, help="benchmark against HF Trainer (FSDP2) and DeepSpeed ZeRO-2/3: "
+                   "benchmarks/run.py of a source checkout (`fsdp-ft bench --help`)")
     return p
+
+
+def _add_performance_parsers(sub) -> None:
+    """plan (memory before launch) and report (a run's HTML page)."""
+    pl = sub.add_parser("plan", help="predict the peak memory per rank of a config (no weights loaded) and, given "
+                        "a device memory size, the cheapest settings that fit",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EPILOG)
+    pl.add_argument("config", help="YAML config file")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    pl.add_argument("--nproc", "--nproc-per-node", "--gpus-per-node", dest="nproc", type=int, default=1,
+                    help="ranks per node (default 1)")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes (world size = nodes x nproc)")
+    pl.add_argument("--gpu-mem-gb", "--gpu-memory-gib", dest="gpu_mem_gb", type=float, default=None,
+                    help="memory of one device in GiB: say whether the config fits and, if not, what to change")
+    pl.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="what the run trains on (default: cuda with --gpu-mem-gb or a visible GPU, else cpu)")
+    pl.add_argument("--json", action="store_true", help="print the prediction(s) as JSON")
+    pl.add_argument("--exact", action="store_true", help="simulate every block (slower) instead of two short "
+                    "stacks extrapolated to the model's depth")
+
+    rp = sub.add_parser("report", help="write a self-contained HTML page of a run: loss, eval metrics, lr, "
+                        "tokens/s, MFU and memory over steps, and the set-up facts")
+    rp.add_argument("run_dir", help="the run's output_dir")
+    rp.add_argument("--out", default=None, help="HTML file to write (default RUN_DIR/report.html)")
+
+
+MODEL_HELP = ("a run directory (its final/, or its newest checkpoint when there is no final/), an exported model "
+              "folder, or a PEFT adapter folder (its base is loaded from adapter_config.json)")
+
+
+def _add_inference_parsers(sub) -> None:
+    """eval / generate / predict: one process, no FSDP, on the GPU when there is one."""
+    v = sub.add_parser("eval", help="the task's eval metrics (loss, accuracy, F1, confusion matrix, perplexity) "
+                       "of a trained model on a data file", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="overrides: config keys of the run (or defaults), e.g. data.text_column=sentence "
+                              "train.seq_len=256 task=seq_cls")
+    v.add_argument("model", help=MODEL_HELP)
+    v.add_argument("--data", required=True, help="data file (.jsonl/.json/.csv/.parquet) with the task's columns")
+    v.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
+    v.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+
+    g = sub.add_parser("generate", help="generate text from a causal LM")
+    g.add_argument("model", help=MODEL_HELP)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt; the completion is printed")
+    src.add_argument("--prompts-file", help="a .jsonl file (--prompt-column of each row) or a text file (one prompt "
+                     "per line); prints one JSON line {prompt, completion} per prompt")
+    g.add_argument("--prompt-column", default="prompt", help="column of --prompts-file .jsonl rows (default prompt)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the tokenizer's chat "
+                   "template and generate the assistant's answer")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling share (default 0.9)")
+    g.add_argument("--top-k", type=int, default=50, help="sample among the K most likely tokens; 0: all (default 50)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, set before each prompt (default 0)")
+    g.add_argument("--output", default=None, help="write the JSON lines to this file instead of stdout")
+
+    d = sub.add_parser("predict", help="label and class probabilities for each row of a JSON Lines file")
+    d.add_argument("model", help=MODEL_HELP)
+    d.add_argument("--input", required=True, help="JSON Lines file, one object per line with the text column")
+    d.add_argument("--output", required=True, help="JSON Lines file to write: {label, score, probabilities} per row")
+    d.add_argument("--text-column", default="text", help="column holding the text (default text)")
+    d.add_argument("--text-pair-column", default=None, help="second text column for pair classifiers")
+    d.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
+    d.add_argument("--max-length", type=int, default=None,
+                   help="truncate to this many tokens (default: the run's train.seq_len, else the model's limit)")
 
 
 def _add_submit_parser(sub) -> None:
@@ -128,6 +199,85 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _check_input(path: str | None, option: str) -> None:
+    """A missing input file fails in a blink, before a model is loaded."""
+    from pathlib import Path
+
+    from fsdp_ft.errors import DataError
+
+    if path is not None and not Path(path).is_file():
+        raise DataError(f"{option}: file '{path}' " + ("is not a file" if Path(path).exists() else "does not exist"))
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    _check_input(args.data, "--data")
+    from fsdp_ft.evaluate import evaluate_file
+    from fsdp_ft.inference import load_model
+
+    loaded = load_model(args.model, args.overrides)
+    print(json.dumps(evaluate_file(loaded, args.data, args.max_samples)))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    _check_input(args.prompts_file, "--prompts-file")
+    from fsdp_ft.generate import Sampling, generate_texts, read_prompts
+    from fsdp_ft.inference import load_model
+
+    sampling = Sampling(args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.top_k, args.seed)
+    sampling.check()
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file, args.prompt_column)
+    completions = generate_texts(load_model(args.model), prompts, args.chat, sampling)
+    if args.prompt is not None and args.output is None:
+        print(completions[0])
+        return 0
+    lines = "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in zip(prompts, completions))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(lines)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    _check_input(args.input, "--input")
+    from fsdp_ft.inference import load_model
+    from fsdp_ft.predict import predict_file
+
+    n = predict_file(load_model(args.model), args.input, args.output, args.text_column, args.text_pair_column,
+                     args.batch_size, args.max_length)
+    print(f"wrote {n} predictions to {args.output}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from fsdp_ft.config import load_config
+
+    load_config(args.config, args.overrides)  # a bad config fails in a blink, before torch loads
+    if args.nproc < 1 or args.nodes < 1:
+        from fsdp_ft.errors import ConfigError
+        raise ConfigError("fsdp-ft plan: --nproc and --nodes must be >= 1")
+    import torch
+
+    from fsdp_ft.plan import run_plan
+
+    target = args.device or ("cuda" if args.gpu_mem_gb or torch.cuda.is_available() else "cpu")
+    return run_plan(args.config, args.overrides, args.nodes * args.nproc, target, args.gpu_mem_gb, args.json,
+                    args.exact)
+
+
+def cmd_report(args) -> int:
+    from fsdp_ft.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out)}")
+    return 0
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """Like parse_args, but overrides may also follow options (`submit CONFIG --nodes 2 optim.lr=1e-4`)."""
     parser = _parser()
@@ -140,9 +290,28 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """benchmarks/run.py with its own arguments (it lives beside the package in a source checkout)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    if not script.is_file():
+        print(f"fsdp-ft: error: fsdp-ft bench needs a source checkout ({script} not found)", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("fsdp_ft_bench_run", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options belong to benchmarks/run.py's own parser
+        return cmd_bench(argv[1:])
     args = _parse(argv)
-    handler = {"train": cmd_train, "run": cmd_run, "submit": cmd_submit, "export": cmd_export}[args.command]
+    handler = {"train": cmd_train, "run": cmd_run, "submit": cmd_submit, "export": cmd_export, "eval": cmd_eval,
+               "generate": cmd_generate, "predict": cmd_predict, "plan": cmd_plan, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -57,6 +57,34 @@ class DataConfig:
     text_pair_column: Optional[str] = _f(None, "second text column for pair classification")
     label_column: str = _f("label", "column holding the class label (seq_cls)")
     max_eval_samples: Optional[int] = _f(None, "use at most this many eval rows")
+    format: str = _f("auto", "causal_lm row format: text, prompt_completion, chat ({role, content} messages), alpaca "
+                     "(instruction/input/output), sharegpt ({from, value} turns); auto: from the columns "
+                     "(docs/data.md)", ("auto", "text", "prompt_completion", "chat", "alpaca", "sharegpt"))
+    prompt_column: str = _f("prompt", "prompt_completion: column holding the prompt")
+    completion_column: str = _f("completion", "prompt_completion: column holding the completion")
+    messages_column: Optional[str] = _f(None, "chat / sharegpt: column holding the message list; null: messages "
+                                        "(chat), conversations (sharegpt)")
+    loss_on: str = _f("completion", "causal_lm tokens that carry loss: completion (answers / assistant turns, "
+                      "end-of-turn included) or all", ("completion", "all"))
+    truncation: str = _f("keep_completion", "rows longer than train.seq_len: keep_completion (cut the prompt from "
+                         "the left, then the end), keep_start (cut the end), drop (drop and count)",
+                         ("keep_completion", "keep_start", "drop"))
+    packing: bool = _f(False, "causal_lm: pack short training rows into rows of train.seq_len (no attention "
+                       "across samples; train.micro_batch_size then counts packed rows)")
+    max_drop_share: float = _f(0.05, "fail when more than this share of a split's rows would be dropped (empty "
+                               "text, no answer, unknown eval label, too long under truncation=drop)")
+
+
+@dataclass
+class PreferenceConfig:
+    prompt_column: str = _f("prompt", "dpo/orpo/reward: column holding the prompt (a string; with chat-list data "
+                                      "optional shared turns)")
+    chosen_column: str = _f("chosen", "dpo/orpo/reward: preferred response (a string, or a chat message list "
+                                      "ending in the assistant turn)")
+    rejected_column: str = _f("rejected", "dpo/orpo/reward: dispreferred response (same form as the chosen one)")
+    beta: float = _f(0.1, "dpo: strength of the tie to the reference model (implicit reward = beta x log-ratio)")
+    label_smoothing: float = _f(0.0, "dpo: assumed share of wrongly ranked pairs (conservative DPO); 0: plain DPO")
+    orpo_lambda: float = _f(0.1, "orpo: weight of the odds-ratio term beside the NLL of the chosen response")
 
 
 @dataclass
@@ -72,9 +100,11 @@ class LoraConfig:
 
 @dataclass
 class QuantConfig:
-    type: str = _f("nf4", "4-bit data type of the frozen base (NF4: the QLoRA code book)", ("nf4",))
-    block_size: int = _f(64, "weights per 4-bit block")
-    scaler_block_size: int = _f(256, "scales per double-quantization block (scales are always stored in 8 bits)")
+    type: str = _f("nf4", "data type of the frozen base: nf4 (4-bit, the QLoRA code book), fp4 (4-bit, "
+                   "bitsandbytes' FP4 code book), int8 (LLM.int8's row-wise absmax int8); all sharded by FSDP2",
+                   ("nf4", "fp4", "int8"))
+    block_size: int = _f(64, "weights per 4-bit block (nf4, fp4)")
+    scaler_block_size: int = _f(256, "scales per double-quantization block (nf4, fp4; scales are always stored in 8 bits)")
 
 
 @dataclass
@@ -108,6 +138,14 @@ class FSDPConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    stage: Optional[int] = _f(None, "engine deepspeed: ZeRO stage 2 (shard optimizer state and gradients) or 3 (also "
+                              "parameters); null: the stage in deepspeed.config, else 3", (2, 3, None))
+    config: Optional[str] = _f(None, "engine deepspeed: a DeepSpeed JSON merged over the config built from these keys "
+                               "(batch sizes must agree or be \"auto\"; no optimizer/scheduler sections)", path=True)
+
+
+@dataclass
 class OptimConfig:
     lr: float = _f(2e-5, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms)")
@@ -117,7 +155,7 @@ class OptimConfig:
     schedule: str = _f("cosine", "decay after warmup", ("cosine", "linear", "constant"))
     min_lr_ratio: float = _f(0.0, "final learning rate as a share of optim.lr (cosine, linear)")
     max_grad_norm: Optional[float] = _f(1.0, "clip the global gradient norm to this; null: no clipping")
-    implementation: str = _f("auto", "AdamW kernel: auto (fused on GPU, foreach on CPU), fused, foreach, for_loop",
+    implementation: str = _f("auto", "AdamW kernel: auto (fused, on CPU too), fused, foreach, for_loop",
                              ("auto", "fused", "foreach", "for_loop"))
 
 
@@ -133,22 +171,36 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate every N steps (0: at each epoch end); always at the end")
     eval_batch_size: Optional[int] = _f(None, "samples per rank per eval batch; null: train.micro_batch_size")
     save_every: int = _f(0, "save a checkpoint every N steps (0: only at the end)")
-    keep_last: int = _f(2, "checkpoints kept on disk (older ones are deleted)")
+    keep_last: int = _f(2, "checkpoints kept on disk (older ones are deleted; the best one is always kept)")
+    best_metric: Optional[str] = _f(None, "eval metric that picks the best checkpoint (e.g. accuracy, f1_macro, loss): "
+                                    "each eval saves a checkpoint and final/ is the best; null: final/ is the last")
+    best_mode: str = _f("auto", "max or min of train.best_metric is best; auto: min for loss/perplexity, else max",
+                        ("auto", "max", "min"))
     progress_bar: bool = _f(True, "show a progress bar on rank 0")
     tensorboard: bool = _f(False, "also write TensorBoard event files to output_dir/tensorboard")
+    profile_steps: list[int] = _f([], "[start, end]: write torch.profiler traces of these optimizer steps (1-based, "
+                                  "inclusive) to output_dir/profile/ on every rank; empty: no profiling")
+    track_memory: bool = _f(False, "log the peak of live tensor bytes per rank (peak_tensor_bytes_per_rank; counted "
+                            "by torch's MemTracker, slower): on CPU the stand-in for max_memory_allocated")
+    peak_flops: Optional[float] = _f(None, "peak FLOP/s of one rank's device for MFU; null: the GPU's data-sheet "
+                                     "peak, or measured once with a large matmul (CPU) and cached")
 
 
 @dataclass
 class Config:
     output_dir: str = _f("", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/", path=True)
-    task: str = _f("causal_lm", "training objective", ("causal_lm", "seq_cls"))
+    engine: str = _f("fsdp", "training engine: fsdp (FSDP2) or deepspeed (ZeRO-2/3; pip install 'fsdp_ft[deepspeed]')",
+                     ("fsdp", "deepspeed"))
+    task: str = _f("causal_lm", "training objective", ("causal_lm", "seq_cls", "dpo", "orpo", "reward"))
     resume: str = _f("auto", "auto: newest complete checkpoint in output_dir; none; or a checkpoint path",
                      path=True)
     activation_checkpointing: str = _f("none", "recompute block activations: none, full, or selective:K (every K-th)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={"help": "preference"})
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "finetune"})
     fsdp: FSDPConfig = field(default_factory=FSDPConfig, metadata={"help": "fsdp"})
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, metadata={"help": "deepspeed"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optim"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "train"})
 
@@ -359,10 +411,20 @@ def validate(cfg: Config) -> None:
     for key in ("max_steps", "eval_every", "save_every"):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"config key 'train.{key}' must be >= 0")
+    steps = cfg.train.profile_steps
+    if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+        raise ConfigError(f"config key 'train.profile_steps' must be [start, end] with 1 <= start <= end, got {steps}")
+    if cfg.train.peak_flops is not None and cfg.train.peak_flops <= 0:
+        raise ConfigError("config key 'train.peak_flops' must be > 0 (or null)")
     if cfg.fsdp.hybrid_replicas < 1:
         raise ConfigError("config key 'fsdp.hybrid_replicas' must be >= 1")
     if not 0.0 <= cfg.data.eval_share < 1.0:
         raise ConfigError("config key 'data.eval_share' must be in [0, 1)")
+    _validate_preference(cfg)
+    _validate_data(cfg)
+    _validate_engine(cfg)
+    if cfg.train.best_metric and not cfg.data.eval and cfg.data.eval_share == 0:
+        raise ConfigError("config key 'train.best_metric' needs eval data: set data.eval or data.eval_share")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("config key 'optim.betas' must be a list of two numbers")
     if cfg.finetune.method == "full" and _partial_options_set(cfg.finetune):
@@ -373,6 +435,48 @@ def validate(cfg: Config) -> None:
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"config key 'finetune.{key}' has an invalid regex {pattern!r}: {e}") from None
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    if not 0.0 <= d.max_drop_share <= 1.0:
+        raise ConfigError("config key 'data.max_drop_share' must be in [0, 1]")
+    if d.packing and cfg.task != "causal_lm":
+        raise ConfigError(f"config key 'data.packing' works with task causal_lm only, not {cfg.task!r}")
+    if d.packing and cfg.finetune.method in ("prefix", "prompt", "p_tuning"):
+        raise ConfigError(f"config key 'data.packing' cannot be used with finetune.method={cfg.finetune.method}: "
+                          "virtual tokens shared by a packed row would let its samples attend to each other")
+
+
+def _validate_preference(cfg: Config) -> None:
+    p = cfg.preference
+    if p.beta <= 0:
+        raise ConfigError("config key 'preference.beta' must be > 0")
+    if not 0.0 <= p.label_smoothing < 0.5:
+        raise ConfigError("config key 'preference.label_smoothing' must be in [0, 0.5)")
+    if p.orpo_lambda < 0:
+        raise ConfigError("config key 'preference.orpo_lambda' must be >= 0")
+    if cfg.task in ("dpo", "orpo", "reward") and p.chosen_column == p.rejected_column:
+        raise ConfigError("config keys 'preference.chosen_column' and 'preference.rejected_column' must differ")
+    if cfg.task == "reward" and cfg.model.num_labels not in (None, 1):
+        raise ConfigError("config key 'model.num_labels' must be 1 (or null) for task 'reward': one scalar score")
+
+
+DEEPSPEED_METHODS = ("full", "partial", "lora", "dora", "ia3")
+
+
+def _validate_engine(cfg: Config) -> None:
+    """What engine deepspeed cannot run fails here, before any process starts."""
+    if cfg.engine != "deepspeed":
+        return
+    if cfg.finetune.method not in DEEPSPEED_METHODS:
+        raise ConfigError(f"config key 'finetune.method'={cfg.finetune.method} is not available with engine "
+                          f"deepspeed (it runs {', '.join(DEEPSPEED_METHODS)}); use engine=fsdp")
+    if cfg.fsdp.hybrid_replicas != 1:
+        raise ConfigError("config key 'fsdp.hybrid_replicas' is FSDP-only; with engine deepspeed use ZeRO++ "
+                          "(zero_hpz_partition_size) in deepspeed.config")
+    from fsdp_ft.ds_config import read_user_config  # imports nothing heavy; checks the JSON before launch
+    read_user_config(cfg.deepspeed.config)
 
 
 def _partial_options_set(ft: FinetuneConfig) -> bool:

@@ -1,6 +1,7 @@
 """`train(cfg)`: the one entry every launcher ends in — set up, build, shard, load, resume, train, export."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from fsdp_ft import adapters, checkpoint, distributed, parallel, quantize
+from fsdp_ft import adapters, best, checkpoint, distributed, memtrack, parallel, quantize, vocab
 from fsdp_ft.config import Config, dump_config
 from fsdp_ft.data import BatchPlan, load_splits
 from fsdp_ft.errors import ConfigError, DataError
 from fsdp_ft.finetune import apply_finetune
+from fsdp_ft.flops import FlopCounts, count_flops, peak_flops
 from fsdp_ft.metrics import MetricsLogger, peak_host_rss_bytes
 from fsdp_ft.model import (build_meta_model, load_hf_config, load_tokenizer, materialize, open_weight_source,
                            parameter_counts, resolve_model_dir)
@@ -64,24 +66,50 @@ def _plan(cfg: Config, env: distributed.DistEnv, num_samples: int) -> BatchPlan:
                      cfg.train.seed)
 
 
-def build(cfg: Config, env: distributed.DistEnv):
-    """Data, tokenizer and the sharded, materialised model."""
+def load_data(cfg: Config, env: distributed.DistEnv):
+    """Tokenizer, task, splits, batch plan, step count and labels: all checked before any model is built."""
     model_dir = resolve_model_dir(cfg)
     tokenizer = load_tokenizer(cfg, model_dir)
     task = get_task(cfg, tokenizer)
+    best.check_metric(cfg, task)
     with distributed.main_process_first(env):
-        splits = load_splits(cfg, task.columns())
+        splits = load_splits(cfg, task)  # may give the tokenizer ChatML tokens (data.format chat, no template)
     plan = _plan(cfg, env, len(splits.train))
     steps = total_steps(cfg, plan)  # too little data fails here, before the model is built
     labels = task.labels(splits.train)
-    hf_config = load_hf_config(cfg, model_dir)
+    return model_dir, tokenizer, task, splits, plan, steps, labels
+
+
+def build_meta(cfg: Config, env: distributed.DistEnv, model_dir, tokenizer, labels, hf_config=None):
+    """The model on the meta device, PEFT-wrapped (QLoRA base quantized) or with its frozen parts marked.
+    `hf_config` replaces model.path's config (`fsdp-ft plan` simulates shorter stacks of blocks)."""
+    hf_config = hf_config if hf_config is not None else load_hf_config(cfg, model_dir)
     model = build_meta_model(cfg, hf_config, tokenizer, labels)
     if adapters.is_peft(cfg):
-        model = adapters.wrap(model, cfg)
+        model = adapters.wrap(model, cfg, vocab.added_chat_tokens(tokenizer))
         if cfg.finetune.method == "qlora":
             quantize.quantize_meta_model(model, cfg, shards=env.world_size // cfg.fsdp.hybrid_replicas)
     else:
         apply_finetune(model, cfg, parallel.find_blocks(model, cfg.model.block_classes))
+        vocab.check_rows_train(model, cfg.finetune.method, vocab.added_chat_tokens(tokenizer))
+    return model, hf_config
+
+
+def _count_flops(env, model) -> FlopCounts | None:
+    """FLOPs for MFU; a model whose forward cannot run on fake tensors (data-dependent control flow, as in
+    GPT-2's mask code) trains without an MFU column rather than not at all."""
+    try:
+        return count_flops(model)
+    except Exception as e:  # the tracer's failure is not the user's: say so once and go on
+        _log(env, f"MFU not reported: counting this model's FLOPs on fake tensors failed ({type(e).__name__})")
+        return None
+
+
+def build(cfg: Config, env: distributed.DistEnv):
+    """Data, tokenizer and the sharded, materialised model."""
+    model_dir, tokenizer, task, splits, plan, steps, labels = load_data(cfg, env)
+    model, hf_config = build_meta(cfg, env, model_dir, tokenizer, labels)
+    flop_counts = _count_flops(env, model)  # what trains is settled; traced on fake tensors before sharding
     trainable, total = parameter_counts(model)
     mesh = distributed.build_mesh(env, cfg.fsdp.hybrid_replicas)
     shard_info = parallel.parallelize(model, cfg, mesh)
@@ -91,13 +119,39 @@ def build(cfg: Config, env: distributed.DistEnv):
             **shard_info, "weights_loaded": mat["loaded"], "weights_initialised": len(mat["initialised"]),
             "dropped_rows": splits.dropped, "train_rows": len(splits.train),
             "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": labels,
-            "total_steps": steps, "plan": plan}
+            "total_steps": steps, "plan": plan,
+            "flop_counts": flop_counts.to_dict() if flop_counts else None,
+            "flops_per_token": flop_counts.per_token_at(cfg.train.seq_len) if flop_counts else None}
+    if hasattr(splits.train, "packs"):  # data.packing: train_rows counts packed rows
+        info["packing"] = {"samples": len(splits.train.rows), "fill": splits.train.fill(cfg.train.seq_len)}
+    if getattr(task, "needs_reference", False):  # DPO
+        info["reference"] = _attach_reference(task, cfg, env, mesh, model_dir, hf_config, tokenizer, labels)
     if mat["initialised"] and source is not None:
         _log(env, f"initialised (not in checkpoint): {', '.join(mat['initialised'][:8])}")
     return model, tokenizer, task, splits, info
 
 
+def _attach_reference(task, cfg: Config, env: distributed.DistEnv, mesh, model_dir, hf_config, tokenizer,
+                      labels) -> str:
+    """DPO's reference is the starting model. PEFT runs use the policy with its adapters disabled (no copy);
+    full and partial fine-tuning get a frozen copy built, sharded and loaded like the policy: 1/N of it per
+    rank, no gradients or optimizer state, never checkpointed (rebuilt from model.path, so it cannot drift)."""
+    if adapters.is_peft(cfg):
+        task.reference = None
+        return "policy with adapters disabled"
+    reference = build_meta_model(cfg, hf_config, tokenizer, labels)
+    reference.requires_grad_(False)
+    parallel.parallelize(reference, dataclasses.replace(cfg, activation_checkpointing="none"), mesh)
+    materialize(reference, open_weight_source(cfg, model_dir, reference), cfg.train.seed,
+                torch.device("cpu") if cfg.fsdp.cpu_offload else env.device)
+    task.reference = reference.eval()
+    return "frozen sharded copy"
+
+
 def train(cfg: Config) -> TrainResult:
+    if cfg.engine == "deepspeed":
+        from fsdp_ft.engine_deepspeed import train as train_deepspeed
+        return train_deepspeed(cfg)
     env = distributed.init_distributed()
     torch.manual_seed(cfg.train.seed)
     out = prepare_output_dir(cfg, env)
@@ -118,10 +172,12 @@ def train(cfg: Config) -> TrainResult:
         saved.pop("scaler", None)
         state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
         _log(env, f"resumed from {resume_from} at step {state.step}")
-    state.extra = {"labels": info["labels"]}
+    state.extra = {"labels": info["labels"], "chat_tokens": vocab.added_chat_tokens(tokenizer)}
     if env.is_main:
         dump_config(cfg, out / "config.yaml")
+    peak, peak_source = _peak_flops(cfg, env)
     info.update(setup_s=time.perf_counter() - t0, world_size=env.world_size, device=str(env.device),
+                peak_flops=peak, peak_flops_source=peak_source,
                 host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()),
                 quantized_bytes_per_rank=distributed.all_gather_object(quantize.quantized_bytes(model)))
     _log(env, f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "
@@ -130,13 +186,23 @@ def train(cfg: Config) -> TrainResult:
     logger = MetricsLogger(out, env.is_main, steps, cfg.train.tensorboard, cfg.train.progress_bar, state.step)
     logger.log({"split": "setup", "step": state.step, **info})
     trainer = Trainer(cfg, env, model, task, optimizer, scheduler, scaler, splits.train, splits.eval, logger,
-                      state, plan, steps)
-    state = trainer.fit()
-    logger.close()
+                      state, plan, steps, peak_flops=peak,
+                      flop_counts=FlopCounts(**info["flop_counts"]) if info["flop_counts"] else None)
+    with memtrack.tracking(cfg.train.track_memory, model, optimizer) as trainer.mem_tracker:
+        state = trainer.fit()
     if env.is_main and state.step >= steps:  # a run stopped early by a signal exports when it resumes and ends
-        export_final(out, tokenizer)
+        logger.log({"split": "final", "step": state.step, **export_final(out, tokenizer)})
+    logger.close()
     distributed.barrier()
     return TrainResult(model=model, tokenizer=tokenizer, state=state, output_dir=out)
+
+
+def _peak_flops(cfg: Config, env: distributed.DistEnv) -> tuple[float, str]:
+    """One rank's peak FLOP/s in the compute dtype, for MFU: train.peak_flops, the GPU's table entry, or measured."""
+    if cfg.train.peak_flops:
+        return cfg.train.peak_flops, "config: train.peak_flops"
+    from fsdp_ft.model import DTYPE
+    return peak_flops(env.device, DTYPE[cfg.fsdp.param_dtype or cfg.fsdp.mixed_precision])
 
 
 def _grad_scaler(cfg: Config):
@@ -147,17 +213,24 @@ def _grad_scaler(cfg: Config):
     return ShardedGradScaler()
 
 
-def export_final(out: Path, tokenizer) -> None:
-    """Write output_dir/final (an HF folder) from the newest checkpoint, replacing an older final/ only at the end."""
+def export_final(out: Path, tokenizer) -> dict:
+    """Write output_dir/final (an HF folder) from the best checkpoint (train.best_metric) or else the newest,
+    replacing an older final/ only at the end. Returns which step it came from, for the log."""
     from fsdp_ft.export import export_checkpoint
 
-    newest = checkpoint.list_checkpoints(out)[-1][1]
+    source, best_record = checkpoint.final_checkpoint(out)
     staging = out / ".final-new"
     if staging.exists():
         shutil.rmtree(staging)
-    export_checkpoint(out, newest, staging, tokenizer=tokenizer)
+    export_checkpoint(out, source, staging, tokenizer=tokenizer)
     old = out / ".final-old"
     if (out / "final").exists():
         os.replace(out / "final", old)
     os.replace(staging, out / "final")
     shutil.rmtree(old, ignore_errors=True)
+    exported = checkpoint.read_state(source)["step"]
+    if best_record:
+        print(f"[fsdp_ft] final/ is step {exported}, the best by {best_record['metric']} "
+              f"({best_record['value']:.6g})", file=sys.stderr, flush=True)
+        return {"final_from_step": exported, "best_metric": best_record["metric"], "best_value": best_record["value"]}
+    return {"final_from_step": exported}

@@ -62,9 +62,10 @@ class MetricsLogger:
         live_bar = self.bar is not None and not self.bar.disable
         if live_bar and prefix == "train" and "loss" in row:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row.get('lr', 0):.2e}",
-                                 tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+                                 tok_s=f"{row.get('tokens_per_s', 0):.0f}",
+                                 **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
         elif "loss" in row:
-            keys = ("step", "loss", "accuracy", "perplexity", "lr", "grad_norm", "tokens_per_s")
+            keys = ("step", "loss", "accuracy", "perplexity", "lr", "grad_norm", "tokens_per_s", "mfu")
             print(f"[{prefix}] " + " ".join(f"{k}={_fmt(row[k])}" for k in keys if k in row), flush=True)
 
     def advance(self, n: int = 1) -> None:

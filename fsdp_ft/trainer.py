@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fsdp_ft import adapters, checkpoint, parallel, preemption
+from fsdp_ft import adapters, best, checkpoint, parallel, preemption
 from fsdp_ft.config import Config
 from fsdp_ft.data import BatchPlan, eval_batches
 from fsdp_ft.distributed import DistEnv, all_gather_object, all_reduce_sum
+from fsdp_ft.flops import FlopCounts, batch_flops, mfu
 from fsdp_ft.metrics import MetricsLogger, peak_host_rss_bytes, peak_memory_bytes
+from fsdp_ft.profiling import StepProfiler
 
 
 @dataclass
@@ -27,13 +29,17 @@ class TrainState:
     tokens_seen: int = 0
     last_eval_step: int = -1
     extra: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)  # train.best_metric: metric, mode, step, value (see best.py)
 
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, model, task, optimizer, scheduler, scaler,
                  train_rows, eval_rows, logger: MetricsLogger, state: TrainState, plan: BatchPlan,
-                 total_steps: int):
+                 total_steps: int, flop_counts: FlopCounts | None = None, peak_flops: float = 0.0):
         self.cfg, self.env, self.model, self.task = cfg, env, model, task
+        self.flop_counts, self.peak_flops = flop_counts, peak_flops  # for MFU (see flops.py)
+        self.mem_tracker = None  # a memtrack.TensorMemory when train.track_memory is on
+        self.profiler = StepProfiler(cfg.train.profile_steps, cfg.output_dir, env.rank, env.device)
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.train_rows, self.eval_rows, self.logger, self.state = train_rows, eval_rows, logger, state
         self.total_steps = total_steps
@@ -63,26 +69,41 @@ class Trainer:
         count = all_reduce_sum(sum(self.task.count(b) for b in batches).to(self.env.device).float())
         loss_sum = torch.zeros((), device=self.env.device)
         tokens = torch.zeros((), device=self.env.device, dtype=torch.long)
+        flops = torch.zeros((), device=self.env.device, dtype=torch.float64)
         for i, batch in enumerate(batches):
-            parallel.set_gradient_sync(self.model, i == len(batches) - 1)
-            sums = self.task.loss_sums(self.model, batch)
-            # FSDP averages gradients over ranks; scaling by world size turns that average into the global sum
-            loss = sums["loss"] * self.env.world_size / count
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            sums = self.micro_step(batch, count, last=i == len(batches) - 1)
             loss_sum += sums["loss"].detach()
             tokens += batch["attention_mask"].sum()
+            if self.flop_counts is not None:
+                flops += batch_flops(self.flop_counts, batch)
+        grad_norm, lr = self.optimizer_step()
+        self.scheduler.step()
+        return {"loss_sum": loss_sum, "count": count, "tokens": tokens, "grad_norm": grad_norm, "lr": lr,
+                "flops": flops}
+
+    def micro_step(self, batch: dict, count: torch.Tensor, last: bool) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch; gradients are reduced over ranks after the last one only.
+        (engine_deepspeed.py overrides this and optimizer_step: the rest of the loop is shared.)"""
+        parallel.set_gradient_sync(self.model, last)
+        sums = self.task.loss_sums(self.model, batch)
+        # FSDP averages gradients over ranks; scaling by world size turns that average into the global sum
+        loss = sums["loss"] * self.env.world_size / count
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return sums
+
+    def optimizer_step(self) -> tuple[torch.Tensor, float]:
+        """Clip and step; returns the gradient norm before clipping and the lr this step used."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = parallel.clip_grad_norm(self.trainable, self.cfg.optim.max_grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on below)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on after)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return {"loss_sum": loss_sum, "count": count, "tokens": tokens, "grad_norm": grad_norm, "lr": lr}
+        return grad_norm, lr
 
     # ------------------------------------------------------------ evaluation
 
@@ -95,7 +116,7 @@ class Trainer:
         for idx in eval_batches(len(self.eval_rows), size, self.env.world_size, self.env.rank):
             weight = 1.0 if idx else 0.0  # a rank with no rows left still runs the forward FSDP needs
             batch = self._collate(self.eval_rows, idx or [0])
-            for k, v in self.task.loss_sums(self.model, batch).items():
+            for k, v in getattr(self.task, "eval_sums", self.task.loss_sums)(self.model, batch).items():
                 sums[k] = sums.get(k, 0) + v.detach().double().to(self.env.device) * weight
         self.model.train()
         keys = sorted(sums)
@@ -129,14 +150,32 @@ class Trainer:
         if self.scaler:
             row["loss_scale"] = float(self.scaler.get_scale())
         if first_row:
-            row["state_bytes_per_rank"] = all_gather_object(parallel.sharded_state_bytes(self.model, self.optimizer))
+            row["state_bytes_per_rank"] = all_gather_object(self.state_bytes())
+        if self.flop_counts is not None and torch.is_tensor(window.get("flops")):
+            flops_per_s = all_reduce_sum(window["flops"].clone()).item() / elapsed  # model FLOPs of all ranks
+            row.update(flops_per_s=flops_per_s, mfu=mfu(flops_per_s, self.peak_flops, self.env.world_size))
+        if self.mem_tracker is not None:
+            tensor_peaks = all_gather_object(self.mem_tracker.peak_bytes())
+            row.update(peak_tensor_bytes=max(tensor_peaks), peak_tensor_bytes_per_rank=tensor_peaks,
+                       peak_tensor_bytes_by_kind=self.mem_tracker.peak_by_kind())  # rank 0's
         self.logger.log(row)
 
-    def _log_eval(self) -> None:
+    def state_bytes(self) -> int:
+        """Bytes this rank holds for parameters, gradients and optimizer state (another engine counts its own)."""
+        return parallel.sharded_state_bytes(self.model, self.optimizer)
+
+    def _log_eval(self) -> bool:
+        """Evaluate and log; True when train.best_metric is on (this step's checkpoint must then be saved)."""
         if self.eval_rows is None:
-            return
+            return False
         metrics = self.evaluate()
-        self.logger.log({"split": "eval", "step": self.state.step, "epoch": self.state.epoch, **metrics})
+        row = {"split": "eval", "step": self.state.step, "epoch": self.state.epoch, **metrics}
+        if best.enabled(self.cfg):
+            self.state.best = best.start(self.cfg, self.state.best)
+            row["is_best"] = best.update(self.state.best, metrics, self.state.step)
+            row.update(best_step=self.state.best["step"], best_value=self.state.best["value"])
+        self.logger.log(row)
+        return best.enabled(self.cfg)
 
     def save(self) -> None:
         state = {k: v for k, v in vars(self.state).items()}
@@ -150,21 +189,25 @@ class Trainer:
         self.model.train()
         window, started, first = None, time.perf_counter(), True
         while self.state.step < self.total_steps:
+            self.profiler.before_step(self.state.step + 1)
             out = self.train_step()
+            self.profiler.after_step(self.state.step + 1)
             if window is None:
                 window = out
             else:
                 window = {"loss_sum": window["loss_sum"] + out["loss_sum"], "count": window["count"] + out["count"],
-                          "tokens": window["tokens"] + out["tokens"], "grad_norm": out["grad_norm"], "lr": out["lr"]}
+                          "tokens": window["tokens"] + out["tokens"], "grad_norm": out["grad_norm"], "lr": out["lr"],
+                          **({"flops": window["flops"] + out["flops"]} if "flops" in out else {})}
             epoch_end = self._advance_position()
             done = self.state.step >= self.total_steps
             if self.state.step % t.log_every == 0 or done:
                 self._log_train(window, started, first)
                 window, started, first = None, time.perf_counter(), False
+            save_for_best = False  # with train.best_metric every evaluated step is saved: it may be the best
             if (t.eval_every and self.state.step % t.eval_every == 0) or (not t.eval_every and epoch_end) or done:
                 if self.state.last_eval_step != self.state.step:
-                    self._log_eval()
-            if (t.save_every and self.state.step % t.save_every == 0) or done:
+                    save_for_best = self._log_eval()
+            if (t.save_every and self.state.step % t.save_every == 0) or done or save_for_best:
                 self.save()
             self.logger.advance()
             if preemption.should_stop():  # a stop signal reached some rank: all save this same step and return
@@ -172,4 +215,5 @@ class Trainer:
                     self._log_train(window, started, first)
                 self.save()
                 break
+        self.profiler.close()
         return self.state

@@ -13,5 +13,11 @@ def get_task(cfg: Config, tokenizer):
     if cfg.task == "causal_lm":
         from fsdp_ft.tasks.causal_lm import CausalLMTask
         return CausalLMTask(cfg, tokenizer)
+    if cfg.task in ("dpo", "orpo"):
+        from fsdp_ft.tasks.preference import DPOTask, ORPOTask
+        return (DPOTask if cfg.task == "dpo" else ORPOTask)(cfg, tokenizer)
+    if cfg.task == "reward":
+        from fsdp_ft.tasks.reward import RewardTask
+        return RewardTask(cfg, tokenizer)
     from fsdp_ft.tasks.seq_cls import SeqClsTask
     return SeqClsTask(cfg, tokenizer)
