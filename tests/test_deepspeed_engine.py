@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import (FAST, REPO, TINY, assert_losses_close, cli, eval_rows, free_port, losses, train_1proc,
                       train_nproc)
+from launch_helpers import kill9_job
+from test_resume import _wait_for_step
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.metrics import read_metrics
 
@@ -168,35 +167,6 @@ def _launch(out, *overrides):
                             start_new_session=True)
 
 
-def _kill9_job(proc) -> None:
-    """SIGKILL the launcher and every process under it at once, as when a node dies. torchrun starts each rank in
-    a session of its own, so killing the launcher's process group alone would leave the ranks training on."""
-    def descendants(pid: int) -> list[int]:
-        try:
-            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            return []
-        return [int(k) for k in kids] + [d for k in kids for d in descendants(int(k))]
-
-    for pid in [*descendants(proc.pid), proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
-def _wait_for_step(out, step: int, proc, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if step in losses(out):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
-
-
 @needs_deepspeed
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["full", pytest.param("lora", marks=pytest.mark.slow)])
@@ -208,8 +178,8 @@ def test_kill9_then_resume_continues_exactly(runs, session_tmp, method):
     full = runs("deepspeed", 3, method, 2)
     out = session_tmp / f"ds-killed-{method}"
     proc = _launch(out, *args)
-    _wait_for_step(out, 7, proc)  # the step-6 checkpoint is complete once step 7 is logged
-    _kill9_job(proc)
+    _wait_for_step(out, 7, proc, timeout=300)  # the step-6 checkpoint is complete once step 7 is logged
+    kill9_job(proc)
     time.sleep(2)
     killed_at = max(losses(out))
     assert killed_at < 9 and max(losses(out)) == killed_at, "the ranks went on after the kill"
