@@ -95,6 +95,7 @@ def test_plan_full_one_rank_and_its_advice(full_width_data, tmp_path):
     assert tried[-1]["peak_bytes"] <= plan.HEADROOM * budget and result["advice"] == tried[-1]
 
 
+@pytest.mark.slow  # keeps the default run under 30 min; the one-rank case stays in CI
 def test_plan_lora_checkpointing_two_ranks(full_width_data, tmp_path):
     _check("lora-ac-2ranks", 2, ["finetune.method=lora", "activation_checkpointing=full", "train.profile_steps=[2,2]"],
            full_width_data, tmp_path)

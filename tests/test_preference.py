@@ -112,6 +112,7 @@ def test_dpo_starts_at_log2_and_two_ranks_equal_one_process(runs, method):
     assert setup["reference"] == ("policy with adapters disabled" if method == "lora" else "frozen sharded copy")
 
 
+@pytest.mark.slow  # the DPO 2-rank tests cover the same path; ORPO's loss is checked by hand below
 @pytest.mark.distributed
 def test_orpo_two_ranks_equal_one_process(runs):
     one, two = runs("orpo", 1), runs("orpo", 2)
