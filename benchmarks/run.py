@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-reshard-after-forward", dest="reshard_after_forward", action="store_false",
                    help="fsdp_ft and hf_fsdp2 keep gathered blocks from forward to backward (ZeRO-2-like; default: "
                         "reshard, ZeRO-3-like)")
+    p.add_argument("--fsdp-ft-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an fsdp_ft config override for fsdp_ft's runs only (repeatable; listed in the report), "
+                        "e.g. fsdp.gather_once_per_step=true")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
@@ -77,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def workload(args, mode: str) -> Workload:
     kw = {f.name: getattr(args, f.name) for f in fields(Workload) if hasattr(args, f.name)}
-    return Workload(**{**kw, "mode": mode})
+    return Workload(**{**kw, "mode": mode, "fsdp_ft_set": tuple(args.fsdp_ft_set)})
 
 
 def machine(args, cuda: bool, threads: int | None) -> dict:
@@ -250,7 +253,8 @@ def _markdown_page(report: dict, md_table: str) -> str:
         lines.append(f"- {mode}: seq {w['seq_len']}, global batch {w['micro_batch_size']} x {w['grad_accum']} x "
                      f"{w['nproc']}, {w['warmup_steps']} warm-up + {w['timed_steps']} timed steps, {w['precision']}, "
                      f"FSDP reshard after forward: {w['reshard_after_forward']}; "
-                     f"same tokens per step: {c['same_tokens_per_step']}; step-1 loss relative to fsdp_ft: "
+                     + (f"fsdp_ft only: {' '.join(w['fsdp_ft_set'])}; " if w.get("fsdp_ft_set") else "")
+                     + f"same tokens per step: {c['same_tokens_per_step']}; step-1 loss relative to fsdp_ft: "
                      + ", ".join(f"{k} {v:.1e}" for k, v in c["step1_loss_rel_diff_vs_fsdp_ft"].items()))
         if case["flops"].get("note"):
             lines.append(f"  - {case['flops']['note']}")

@@ -81,7 +81,7 @@ def fsdp_ft_config(w: Workload, prep: Prepared, path: Path) -> Path:
 def fsdp_ft_command(w: Workload, config: Path, run_dir: Path, profile_step: int | None = None) -> list[str]:
     profile = [f"train.profile_steps=[{profile_step},{profile_step}]"] if profile_step else []
     return [sys.executable, "-m", "fsdp_ft.cli", "run", "--nproc-per-node", str(w.nproc), str(config),
-            f"output_dir={run_dir}", *profile]
+            f"output_dir={run_dir}", *w.fsdp_ft_set, *profile]
 
 
 def read_fsdp_ft(run_dir: Path) -> dict:

@@ -55,6 +55,7 @@ class Workload:
     lora_alpha: float = 32.0
     qlora_scaler_block: int | None = None  # fsdp_ft's NF4 double-quant block; None: the largest that fits
     reshard_after_forward: bool = True   # fsdp_ft and hf_fsdp2: free gathered blocks after forward (ZeRO-3-like)
+    fsdp_ft_set: tuple[str, ...] = ()    # extra KEY=VALUE overrides for fsdp_ft only (shown in the report)
     text: str = str(TEXT)
 
     @property

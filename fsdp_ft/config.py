@@ -130,6 +130,9 @@ class FinetuneConfig:
 @dataclass
 class FSDPConfig:
     reshard_after_forward: bool = _f(True, "free gathered block weights after forward (ZeRO-3); false: keep (ZeRO-2)")
+    gather_once_per_step: bool = _f(False, "keep block weights gathered from the step's first forward to its last "
+                                    "backward: one all-gather per optimizer step instead of two per micro-batch "
+                                    "(holds the unsharded weights all step)")
     hybrid_replicas: int = _f(1, "replicate groups for hybrid sharding (2-D mesh replicas x shards); 1: full sharding")
     cpu_offload: bool = _f(False, "keep sharded parameters, gradients and optimizer state in host memory")
     mixed_precision: str = _f("fp32", "compute precision", DTYPES)
@@ -166,6 +169,9 @@ class TrainConfig:
     micro_batch_size: int = _f(1, "samples per rank per forward/backward")
     grad_accum: int = _f(1, "micro-batches per optimizer step (global batch = micro x accum x data-parallel ranks)")
     seq_len: int = _f(512, "tokens per sample; longer samples are truncated")
+    chunked_head_loss: bool = _f(True, "causal LM: run the LM head and its loss a chunk of tokens at a time on the "
+                                 "labelled tokens only, never holding the full logits (models whose head is a plain "
+                                 "linear layer; others, and engine: deepspeed, use the plain logits)")
     seed: int = _f(0, "seed for initialization, data order and dropout")
     log_every: int = _f(10, "write a metrics row every N steps")
     eval_every: int = _f(0, "evaluate every N steps (0: at each epoch end); always at the end")
@@ -180,6 +186,8 @@ class TrainConfig:
     tensorboard: bool = _f(False, "also write TensorBoard event files to output_dir/tensorboard")
     profile_steps: list[int] = _f([], "[start, end]: write torch.profiler traces of these optimizer steps (1-based, "
                                   "inclusive) to output_dir/profile/ on every rank; empty: no profiling")
+    tune_host_malloc: bool = _f(True, "glibc: keep big freed buffers in the heap (fixed 32 MiB mmap threshold, no "
+                                "trimming) so steps on the host skip page faults; false: glibc's defaults")
     track_memory: bool = _f(False, "log the peak of live tensor bytes per rank (peak_tensor_bytes_per_rank; counted "
                             "by torch's MemTracker, slower): on CPU the stand-in for max_memory_allocated")
     peak_flops: Optional[float] = _f(None, "peak FLOP/s of one rank's device for MFU; null: the GPU's data-sheet "

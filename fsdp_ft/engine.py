@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_ft import adapters, best, checkpoint, distributed, memtrack, parallel, quantize, vocab
+from fsdp_ft import adapters, best, checkpoint, distributed, host_malloc, memtrack, parallel, quantize, vocab
 from fsdp_ft.config import Config, dump_config
 from fsdp_ft.data import BatchPlan, load_splits
 from fsdp_ft.errors import ConfigError, DataError
@@ -149,6 +149,7 @@ def _attach_reference(task, cfg: Config, env: distributed.DistEnv, mesh, model_d
 
 
 def train(cfg: Config) -> TrainResult:
+    malloc = host_malloc.tune() if cfg.train.tune_host_malloc else "default (train.tune_host_malloc=false)"
     if cfg.engine == "deepspeed":
         from fsdp_ft.engine_deepspeed import train as train_deepspeed
         return train_deepspeed(cfg)
@@ -177,7 +178,7 @@ def train(cfg: Config) -> TrainResult:
         dump_config(cfg, out / "config.yaml")
     peak, peak_source = _peak_flops(cfg, env)
     info.update(setup_s=time.perf_counter() - t0, world_size=env.world_size, device=str(env.device),
-                peak_flops=peak, peak_flops_source=peak_source,
+                peak_flops=peak, peak_flops_source=peak_source, host_malloc=malloc,
                 host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()),
                 quantized_bytes_per_rank=distributed.all_gather_object(quantize.quantized_bytes(model)))
     _log(env, f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "

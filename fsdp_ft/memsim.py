@@ -82,6 +82,8 @@ def synthetic_batch(cfg: Config, task, vocab: int, num_labels: int) -> dict[str,
     batch = {"input_ids": ids, "attention_mask": torch.ones(b, s, dtype=torch.long)}
     if cfg.task == "causal_lm":
         batch["labels"] = ids.clone()
+        # every token but each row's last carries loss (what the collator's host-made positions would say)
+        batch["loss_positions"] = torch.arange(b * s).reshape(b, s)[:, :-1].reshape(-1)
     elif cfg.task == "seq_cls":
         batch["labels"] = torch.arange(b).remainder(num_labels)
     else:
@@ -153,7 +155,7 @@ def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
         model.train()
         with tracker:
             for i in range(micro_steps):
-                parallel.set_gradient_sync(model, i == micro_steps - 1)
+                parallel.start_micro_step(model, cfg, i == micro_steps - 1)
                 task.loss_sums(model, batch)["loss"].backward()
                 tracker.reset_mod_stats()  # each micro-step is a new forward of the root
         train_peak = tracker.get_tracker_snapshot("peak")[device]

@@ -90,16 +90,20 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
         # FSDP2's world-size-1 shortcut mishandles tensor subclasses with several inner tensors (NF4); with one
         # rank there is nothing to shard, so FSDP leaves the quantized weights alone
         kwargs["ignored_params"] = {p for p in model.parameters() if quantize.is_quantized(p)}
+    keep = not cfg.fsdp.reshard_after_forward or cfg.fsdp.gather_once_per_step
     for block in blocks:
-        fully_shard(block, reshard_after_forward=cfg.fsdp.reshard_after_forward, **kwargs)
+        fully_shard(block, reshard_after_forward=not keep, **kwargs)
     # the root's parameters (embeddings, head) are used again at once in backward: keep them gathered
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return {"blocks": len(blocks), "block_class": block_class, "checkpointed": len(checkpointed)}
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Skip the reduce-scatter on non-final micro-steps of gradient accumulation."""
-    model.set_requires_gradient_sync(enabled)
+def start_micro_step(model: nn.Module, cfg: Config, last: bool) -> None:
+    """Skip the reduce-scatter on non-final micro-steps of gradient accumulation; with
+    fsdp.gather_once_per_step also keep the weights gathered until the last backward of the step."""
+    model.set_requires_gradient_sync(last)
+    if cfg.fsdp.gather_once_per_step:
+        model.set_reshard_after_backward(last)
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:

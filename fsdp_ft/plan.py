@@ -120,6 +120,8 @@ def candidates(cfg: Config, target: str) -> list[list[str]]:
         micro.append([f"train.micro_batch_size={mb}",
                       f"train.grad_accum={t.grad_accum * t.micro_batch_size // mb}"])
     base = [] if cfg.fsdp.reshard_after_forward else ["fsdp.reshard_after_forward=true"]
+    if cfg.fsdp.gather_once_per_step:
+        base.append("fsdp.gather_once_per_step=false")
     if base:
         out.append(base)
     out += [base + m for m in micro]

@@ -108,3 +108,22 @@ def test_sequence_classification_two_ranks(session_tmp):
     got, want = eval_rows(out)[-1], eval_rows(ref)[-1]
     assert got["accuracy"] == want["accuracy"]
     assert got["loss"] == pytest.approx(want["loss"], rel=FP32_RTOL)
+
+
+def test_gather_once_per_step_equals_one_process_with_one_all_gather_per_block(reference, session_tmp):
+    """fsdp.gather_once_per_step keeps blocks gathered across the micro-batches of a step: the same losses as one
+    process, and the profiled step all-gathers each FSDP module (every block and the root) exactly once, where
+    the default gathers every block twice per micro-batch."""
+    import json
+
+    from fsdp_ft.metrics import read_metrics
+
+    out = train_nproc(2, session_tmp / "2r-gather-once", "train.micro_batch_size=1", "train.grad_accum=2",
+                      "fsdp.gather_once_per_step=true", "train.profile_steps=[3,3]")
+    assert_losses_close(losses(out), losses(reference("full")), FP32_RTOL)
+    (trace,) = (out / "profile").glob("rank0.*.json")
+    names = [e["name"] for e in json.loads(trace.read_text())["traceEvents"]
+             if e.get("ph") == "X" and (e["name"] == "FSDP::all_gather" or e["name"].startswith("FSDP::all_gather ("))]
+    blocks = next(r for r in read_metrics(out) if r.get("split") == "setup")["blocks"]
+    # the root's event carries no module name ("FSDP::all_gather"), each block's its own
+    assert blocks >= 2 and len(names) == blocks + 1 == len(set(names)), names

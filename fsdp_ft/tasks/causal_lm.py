@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fsdp_ft import formats, vocab
+from fsdp_ft import formats, head_loss, vocab
 from fsdp_ft.config import Config
 from fsdp_ft.data import BadRow, Drops
 from fsdp_ft.errors import DataError
@@ -28,6 +28,11 @@ def pad_batch(rows: list[dict], pad_id: int, keys: tuple[str, ...]) -> dict[str,
         fill = PADDING.get(key, pad_id)
         out[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows], dtype=torch.long)
     return out
+
+
+def shift(labels: torch.Tensor) -> torch.Tensor:
+    """Each position's next-token label. The labels move, not the logits: slicing the logits would copy them."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
 
 
 class CausalLMTask:
@@ -108,7 +113,13 @@ class CausalLMTask:
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         keys = ("input_ids", "labels", "attention_mask") + (("position_ids",) if "position_ids" in rows[0] else ())
-        return pad_batch(rows, self.tok.pad_token_id, keys)
+        batch = pad_batch(rows, self.tok.pad_token_id, keys)
+        if self._chunked_head():  # made here, on the host, so the device never syncs to select them
+            batch["loss_positions"] = head_loss.loss_positions(shift(batch["labels"]))
+        return batch
+
+    def _chunked_head(self) -> bool:
+        return self.cfg.train.chunked_head_loss and self.cfg.engine != "deepspeed"
 
     # ------------------------------------------------------------ loss
 
@@ -117,17 +128,26 @@ class CausalLMTask:
         return (batch["labels"][:, 1:] != IGNORE).sum()
 
     def loss_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        if "position_ids" in batch:  # packed: no 2-D mask, so transformers masks per sample from the position ids
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
+        shift_labels = shift(batch["labels"])
+        count = (shift_labels != IGNORE).sum()
+        if self._chunked_head() and head_loss.supported(model):
+            positions = batch.get("loss_positions")
+            if positions is None:  # a batch not made by collate (the planner's synthetic one)
+                positions = head_loss.loss_positions(shift_labels)
+            with head_loss.head_loss(model, shift_labels, positions) as result:
+                self._forward(model, batch)
+            return {"loss": result["loss"], "count": count}
+        logits = self._forward(model, batch).logits
         logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual-token positions
-        # shift the labels, not the logits: slicing the logits copies them (and their gradient) once more
-        shift_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
-        return {"loss": loss, "count": (shift_labels != IGNORE).sum()}
+        return {"loss": loss, "count": count}
+
+    @staticmethod
+    def _forward(model, batch: dict):
+        if "position_ids" in batch:  # packed: no 2-D mask, so transformers masks per sample from the position ids
+            return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         loss = sums["loss"] / max(sums["count"], 1)

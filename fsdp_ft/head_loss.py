@@ -1,0 +1,116 @@
+"""The LM head and its cross-entropy, a chunk of tokens at a time, on only the tokens that carry loss.
+
+A causal LM's logits (tokens x vocabulary, upcast to fp32 for the loss) are the largest activations of a
+fine-tuning step: 100 MB per 512-token row at SmolLM2's 49k vocabulary, 1 GB per 2048-token row at Llama-3's
+128k, held with their log-softmax until backward. Here the head's matmul and the loss run one chunk of tokens at
+a time, and each chunk's gradients for the hidden states (and for the head's weight, when it trains) are made
+in the same pass, since the loss is the graph's end. Nothing of vocabulary size outlives its chunk, and the FLOPs
+are the plain path's (nothing is recomputed) less the head's work on positions without a label (SFT prompts).
+
+It runs inside the model's own forward, in place of the head module's forward, so FSDP (or any hook on the
+head) sees a normal call with the weights gathered. Only heads that are a plain `nn.Linear` whose output the
+model returns untouched qualify (`supported`); anything else keeps the plain path.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+# model types whose causal-LM forward returns `lm_head(hidden)` as the logits, with no scaling or soft-capping
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gpt2"}
+# fp32 logits elements per chunk: big enough for efficient matmuls, small beside the model's own activations
+CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
+
+
+def supported(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return type(head) is nn.Linear and model_type in PLAIN_HEAD_MODELS
+
+
+def _chunked(hidden, weight, bias, labels, chunk, need_h, need_w, need_b):
+    """The summed loss, and the gradients asked for (of the summed loss), a chunk of rows at a time."""
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start:start + chunk], labels[start:start + chunk]
+        logits = F.linear(h, weight, bias)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        loss -= logp.gather(1, y.unsqueeze(1)).sum()
+        if not (need_h or need_w or need_b):
+            continue
+        grad_logits = logp.exp_()  # softmax, in place of the log-probabilities no longer needed
+        grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
+        grad_logits = grad_logits.to(logits.dtype)
+        if need_h:
+            grad_h[start:start + chunk] = grad_logits @ weight
+        if need_w and h.dtype == torch.float32:
+            grad_w.addmm_(grad_logits.t(), h)
+        elif need_w:  # low-precision products, summed over the chunks in fp32
+            grad_w.add_((grad_logits.t() @ h).float())
+        if need_b:
+            grad_b.add_(grad_logits.float().sum(0))
+    return loss, grad_h, grad_w, grad_b
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(hidden @ weight.T + bias, labels), its gradients made during forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk):
+        loss, *grads = _chunked(hidden, weight, bias, labels, chunk, *ctx.needs_input_grad[:3])
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        scale = grad_loss.float()
+        return (None if grad_h is None else grad_h * scale.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * scale).to(w_dtype),
+                None if grad_b is None else (grad_b * scale).to(b_dtype), None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T + bias` (one row per token) against labels (no IGNORE)."""
+    if chunk is None:
+        chunk = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 1 << 24) // weight.shape[0])
+    tensors = [t for t in (hidden, weight, bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)
+    return _chunked(hidden, weight, bias, labels, chunk, False, False, False)[0]
+
+
+def loss_positions(shift_labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into batch x seq) of the tokens that carry loss; the collator makes them on the host, so
+    selecting them on the device needs no sync."""
+    return (shift_labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+
+
+@contextlib.contextmanager
+def head_loss(model: nn.Module, shift_labels: torch.Tensor, positions: torch.Tensor):
+    """While active, the model's head computes the summed next-token loss of `shift_labels` (batch x seq, IGNORE
+    where no loss) at `positions` (see loss_positions) into `result["loss"]` and returns empty logits."""
+    head = model.get_output_embeddings()
+    result: dict[str, torch.Tensor] = {}
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden[:, -shift_labels.shape[1]:]  # prompt tuning prepends virtual-token positions
+        flat_h = hidden.reshape(-1, hidden.shape[-1])[positions]
+        result["loss"] = linear_cross_entropy(flat_h, head.weight, head.bias, shift_labels.reshape(-1)[positions])
+        return hidden[..., :0]
+
+    head.forward = forward
+    try:
+        yield result
+    finally:
+        del head.forward  # back to the class's forward

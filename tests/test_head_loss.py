@@ -1,0 +1,117 @@
+"""The chunked LM-head loss gives the plain path's loss and gradients (HF logits + F.cross_entropy)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from conftest import ASSETS, losses, train_1proc
+from fsdp_ft import head_loss
+from fsdp_ft.config import Config
+from fsdp_ft.tasks.causal_lm import IGNORE, CausalLMTask, shift
+
+
+def _model(name: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.from_pretrained(ASSETS / name)
+    return transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+
+
+def _batch(vocab: int, masked: bool):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (2, 24), generator=g)
+    labels = ids.clone()
+    if masked:  # a prompt without loss and a padded tail, as SFT batches have
+        labels[0, :9] = IGNORE
+        labels[1, 17:] = IGNORE
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _plain(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), shift(batch["labels"]).flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-tied", "tiny-gpt2"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_head_loss_equals_plain_loss_and_gradients(name, masked):
+    model = _model(name)
+    assert head_loss.supported(model)
+    batch = _batch(model.config.vocab_size, masked)
+    _plain(model, batch).backward()
+    want_loss = _plain(model, batch).item()
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    task = CausalLMTask(Config(), tokenizer=None)
+    labels = shift(batch["labels"])
+    positions = head_loss.loss_positions(labels)
+    assert len(positions) == int((labels != IGNORE).sum())
+    head_loss.CHUNK_ELEMENTS["cpu"], saved = 5 * model.config.vocab_size, head_loss.CHUNK_ELEMENTS["cpu"]
+    try:  # 5-token chunks: several chunks, and a short last one
+        with head_loss.head_loss(model, labels, positions) as result:
+            out = task._forward(model, batch)
+    finally:
+        head_loss.CHUNK_ELEMENTS["cpu"] = saved
+    assert out.logits.shape[-1] == 0  # the full logits were never made
+    result["loss"].backward()
+    assert result["loss"].item() == pytest.approx(want_loss, rel=1e-6)
+    got = _grads(model)
+    assert sorted(got) == sorted(want)
+    for n in want:
+        err = ((got[n] - want[n]).norm() / want[n].norm()).item()
+        assert err < 1e-5, (n, err)
+
+
+def test_frozen_head_gets_no_gradient_and_bf16_matches_plain():
+    """A frozen head (LoRA) gets no weight gradient; in bf16 the loss and hidden-state gradients stay within
+    bf16 rounding of the plain path (the chunked path sums the head's products in fp32)."""
+    model = _model("tiny-llama", torch.bfloat16)
+    model.lm_head.weight.requires_grad_(False)
+    batch = _batch(model.config.vocab_size, masked=True)
+    want_loss = _plain(model, batch)
+    want_loss.backward()
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    labels = shift(batch["labels"])
+    with head_loss.head_loss(model, labels, head_loss.loss_positions(labels)) as result:
+        CausalLMTask._forward(model, batch)
+    result["loss"].backward()
+    assert model.lm_head.weight.grad is None
+    assert result["loss"].item() == pytest.approx(want_loss.item(), rel=4e-3)
+    got = _grads(model)
+    norm = lambda g: g.float().norm().item()  # noqa: E731
+    for n in want:
+        assert norm(got[n] - want[n]) <= 0.05 * norm(want[n]) + 1e-6, n
+
+
+def test_no_grad_loss_equals_plain():
+    model = _model("tiny-llama-tied")
+    batch = _batch(model.config.vocab_size, masked=True)
+    labels = shift(batch["labels"])
+    with torch.no_grad():
+        want = _plain(model, batch)
+        with head_loss.head_loss(model, labels, head_loss.loss_positions(labels)) as result:
+            CausalLMTask._forward(model, batch)
+    assert result["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert type(model.lm_head).forward is type(model.lm_head).__dict__["forward"]  # the head is itself again
+    assert "forward" not in vars(model.lm_head)
+
+
+def test_training_with_and_without_chunked_head_loss_gives_the_same_losses(tmp_path):
+    """The whole trainer path (collate's host-made positions, FSDP's gathered head, LoRA) on one process."""
+    common = ["finetune.method=lora"]
+    chunked = train_1proc(tmp_path / "chunked", *common)
+    plain = train_1proc(tmp_path / "plain", *common, "train.chunked_head_loss=false")
+    a, b = losses(chunked), losses(plain)
+    assert sorted(a) == sorted(b) and len(a) == 8
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5)
