@@ -21,8 +21,10 @@ from torch import nn
 from fsdp_ft import adapters, checkpoint, distributed, ds_checkpoint, parallel
 from fsdp_ft.config import Config, dump_config
 from fsdp_ft.ds_config import build_ds_config, precision_of
-from fsdp_ft.engine import TrainResult, build_meta, export_final, load_data, prepare_output_dir
+from fsdp_ft.engine import (TrainResult, _count_flops, _peak_flops, build_meta, export_final, load_data,
+                            prepare_output_dir)
 from fsdp_ft.errors import ConfigError
+from fsdp_ft.flops import FlopCounts
 from fsdp_ft.metrics import MetricsLogger, peak_host_rss_bytes
 from fsdp_ft.model import DTYPE, fill_tensors, open_weight_source, parameter_counts
 from fsdp_ft.optim import build_optimizer, build_scheduler
@@ -195,6 +197,7 @@ def build(cfg: Config, env, ds: dict, deepspeed):
         task.reference = None
     model, _ = build_meta(cfg, env, model_dir, tokenizer, labels)
     trainable, total = parameter_counts(model)
+    flop_counts = _count_flops(env, model)  # the FSDP engine's count: what trains is settled, nothing is placed
     blocks = parallel.find_blocks(adapters.base_model(model), cfg.model.block_classes)
     checkpointed = parallel.apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
     mat = materialize(model, blocks, cfg, model_dir, ds, env, deepspeed)
@@ -206,7 +209,9 @@ def build(cfg: Config, env, ds: dict, deepspeed):
             "weights_loaded": mat["loaded"], "weights_initialised": len(mat["initialised"]),
             "dropped_rows": splits.dropped, "train_rows": len(splits.train),
             "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": labels,
-            "total_steps": steps, "world_size": env.world_size, "device": str(env.device)}
+            "total_steps": steps, "world_size": env.world_size, "device": str(env.device),
+            "flop_counts": flop_counts.to_dict() if flop_counts else None,
+            "flops_per_token": flop_counts.per_token_at(cfg.train.seq_len) if flop_counts else None}
     return engine, optimizer, tokenizer, task, splits, plan, info
 
 
@@ -236,7 +241,8 @@ def train(cfg: Config) -> TrainResult:
     if env.is_main:
         dump_config(cfg, out / "config.yaml")
         (out / "deepspeed_config.json").write_text(json.dumps(ds, indent=1))
-    info.update(setup_s=time.perf_counter() - t0,
+    peak, peak_source = _peak_flops(cfg, env)
+    info.update(setup_s=time.perf_counter() - t0, peak_flops=peak, peak_flops_source=peak_source,
                 host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()))
     _log(env, f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "
               f"({100 * info['trainable_share']:.2f}%); DeepSpeed ZeRO-{info['zero_stage']} over {env.world_size} "
@@ -245,7 +251,8 @@ def train(cfg: Config) -> TrainResult:
     logger.log({"split": "setup", "step": state.step, **info})
     scaler = _LossScale(engine) if info["precision"] == "fp16" else None
     trainer = DeepSpeedTrainer(cfg, env, engine, task, optimizer, scheduler, scaler, splits.train, splits.eval,
-                               logger, state, plan, steps)
+                               logger, state, plan, steps, peak_flops=peak,
+                               flop_counts=FlopCounts(**info["flop_counts"]) if info["flop_counts"] else None)
     state = trainer.fit()
     if env.is_main and state.step >= steps:  # a run stopped early by a signal exports when it resumes and ends
         logger.log({"split": "final", "step": state.step, **export_final(out, tokenizer)})

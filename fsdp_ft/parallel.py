@@ -86,16 +86,37 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
         "offload_policy": (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.fsdp.cpu_offload
                           else OffloadPolicy()),
     }
+    ignored = set()
     if mesh.size() == 1:
         # FSDP2's world-size-1 shortcut mishandles tensor subclasses with several inner tensors (NF4); with one
         # rank there is nothing to shard, so FSDP leaves the quantized weights alone
-        kwargs["ignored_params"] = {p for p in model.parameters() if quantize.is_quantized(p)}
+        ignored |= {p for p in model.parameters() if quantize.is_quantized(p)}
+    if not cfg.fsdp.shard_frozen:
+        ignored |= replicate_frozen(model, mixed_precision_policy(cfg).param_dtype)
+    if ignored:
+        kwargs["ignored_params"] = ignored
     keep = not cfg.fsdp.reshard_after_forward or cfg.fsdp.gather_once_per_step
     for block in blocks:
         fully_shard(block, reshard_after_forward=not keep, **kwargs)
     # the root's parameters (embeddings, head) are used again at once in backward: keep them gathered
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return {"blocks": len(blocks), "block_class": block_class, "checkpointed": len(checkpointed)}
+
+
+def replicate_frozen(model: nn.Module, compute_dtype: torch.dtype | None) -> set[nn.Parameter]:
+    """fsdp.shard_frozen=false: the frozen, unquantized parameters FSDP must leave whole on every rank. They are
+    stored in the compute dtype, which is what FSDP's mixed precision would cast them to at every all-gather;
+    a frozen weight never changes, so the values are the same. Tied weights stay tied."""
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or p.requires_grad or quantize.is_quantized(p):
+                continue
+            if id(p) not in replaced:
+                dtype = compute_dtype if compute_dtype is not None and p.is_floating_point() else p.dtype
+                replaced[id(p)] = p if p.dtype == dtype else nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            module._parameters[name] = replaced[id(p)]
+    return set(replaced.values())
 
 
 def start_micro_step(model: nn.Module, cfg: Config, last: bool) -> None:

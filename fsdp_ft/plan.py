@@ -122,6 +122,8 @@ def candidates(cfg: Config, target: str) -> list[list[str]]:
     base = [] if cfg.fsdp.reshard_after_forward else ["fsdp.reshard_after_forward=true"]
     if cfg.fsdp.gather_once_per_step:
         base.append("fsdp.gather_once_per_step=false")
+    if not cfg.fsdp.shard_frozen:
+        base.append("fsdp.shard_frozen=true")
     if base:
         out.append(base)
     out += [base + m for m in micro]

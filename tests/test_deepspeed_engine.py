@@ -72,6 +72,9 @@ def _check_equal(runs, stage: int, method: str) -> None:
     assert eval_rows(two)[-1]["loss"] == pytest.approx(eval_rows(fsdp)[-1]["loss"], rel=FP32_RTOL)
     setup = _setup(two)
     assert (setup["engine"], setup["zero_stage"], setup["world_size"]) == ("deepspeed", stage, 2)
+    # MFU: the FSDP engine's FLOP count, and every training row reports it
+    assert setup["flops_per_token"] == _setup(fsdp)["flops_per_token"] > 0
+    assert all(r["mfu"] > 0 and r["flops_per_s"] > 0 for r in read_metrics(two) if "split" not in r)
     assert json.loads((two / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == stage
 
 

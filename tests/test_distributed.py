@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import assert_losses_close, eval_rows, losses, train_1proc, train_nproc
+from fsdp_ft.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -62,7 +63,6 @@ def test_bf16_mixed_precision_two_ranks_close_to_one_process(reference, session_
 def test_fp16_with_sharded_grad_scaler(reference, session_tmp):
     """fp16 compute needs loss scaling; the scaler's inf check must agree across shards. Losses track the fp32 run."""
     out = train_nproc(2, session_tmp / "2r-fp16", *TWO_RANKS, "fsdp.mixed_precision=fp16")
-    from fsdp_ft.metrics import read_metrics
     rows = [r for r in read_metrics(out) if "split" not in r]
     assert all(r["loss_scale"] > 0 for r in rows)
     assert_losses_close(losses(out), losses(reference("full")), 1e-2)
@@ -83,7 +83,6 @@ def test_cpu_offload_two_ranks(reference, session_tmp):
 
 def test_sharded_state_bytes_halve(reference, session_tmp):
     """Parameters + gradients + optimizer state per rank at 2 ranks are half of 1 rank (within 10%)."""
-    from fsdp_ft.metrics import read_metrics
 
     def state_bytes(out):
         return [r for r in read_metrics(out) if "state_bytes_per_rank" in r][0]["state_bytes_per_rank"]
@@ -116,8 +115,6 @@ def test_gather_once_per_step_equals_one_process_with_one_all_gather_per_block(r
     the default gathers every block twice per micro-batch."""
     import json
 
-    from fsdp_ft.metrics import read_metrics
-
     out = train_nproc(2, session_tmp / "2r-gather-once", "train.micro_batch_size=1", "train.grad_accum=2",
                       "fsdp.gather_once_per_step=true", "train.profile_steps=[3,3]")
     assert_losses_close(losses(out), losses(reference("full")), FP32_RTOL)
@@ -127,3 +124,19 @@ def test_gather_once_per_step_equals_one_process_with_one_all_gather_per_block(r
     blocks = next(r for r in read_metrics(out) if r.get("split") == "setup")["blocks"]
     # the root's event carries no module name ("FSDP::all_gather"), each block's its own
     assert blocks >= 2 and len(names) == blocks + 1 == len(set(names)), names
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_replicated_frozen_weights_equal_one_process(reference, session_tmp, precision):
+    """fsdp.shard_frozen=false keeps LoRA's frozen base whole on each rank (no all-gathers for it): the same losses
+    as one process, and each rank holds about what one process holds."""
+    extra = ["finetune.method=lora"] + (["fsdp.mixed_precision=bf16"] if precision == "bf16" else [])
+    ref = reference(f"lora-{precision}", *extra)
+    out = train_nproc(2, session_tmp / f"2r-replicated-{precision}", *TWO_RANKS, *extra, "fsdp.shard_frozen=false")
+    assert_losses_close(losses(out), losses(ref), FP32_RTOL if precision == "fp32" else 2e-3)
+    if precision == "bf16":  # the replicated base is stored in bf16 there: its bytes halve, whatever the sharding
+        return
+    first = lambda run: next(r for r in read_metrics(run) if "state_bytes_per_rank" in r)  # noqa: E731
+    per_rank, whole = first(out)["state_bytes_per_rank"], first(ref)["state_bytes_per_rank"][0]
+    # the frozen base whole, the adapters and their state halved: 0.87 of one process here; sharded: about 0.5
+    assert all(b > 0.75 * whole for b in per_rank), (per_rank, whole)
