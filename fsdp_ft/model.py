@@ -224,12 +224,29 @@ def materialize(model: nn.Module, source, seed: int, device: torch.device) -> di
     Works on sharded (DTensor) and plain models alike. Returns the count of loaded tensors and the names of
     initialised ones (new heads, adapters, random init) for the log.
     """
+    from torch.distributed.tensor import DTensor
+
+    tied = _tied_groups(model)
     model.to_empty(device=device)
+    for (module, name), *others in tied:  # to_empty gives each holder of a plain tied weight its own tensor
+        for other, other_name in others:  # (FSDP's own parameters stay shared: they are left alone)
+            if not isinstance(other._parameters[other_name], DTensor):
+                other._parameters[other_name] = module._parameters[name]
     result = fill_tensors(model, model.named_modules(), source, seed)
     if source is not None:
         source.close()
     _init_dora_magnitudes(model)
     return result
+
+
+def _tied_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """(module, name) holders of each parameter held more than once (tied embeddings)."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((module, name))
+    return [h for h in holders.values() if len(h) > 1]
 
 
 def fill_tensors(model: nn.Module, named_modules, source, seed: int, seen: set[int] | None = None) -> dict:

@@ -126,15 +126,20 @@ def test_gather_once_per_step_equals_one_process_with_one_all_gather_per_block(r
     assert blocks >= 2 and len(names) == blocks + 1 == len(set(names)), names
 
 
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("precision", ["fp32", "fp32-tied", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_replicated_frozen_weights_equal_one_process(reference, session_tmp, precision):
     """fsdp.shard_frozen=false keeps LoRA's frozen base whole on each rank (no all-gathers for it): the same losses
-    as one process, and each rank holds about what one process holds."""
+    as one process, and each rank holds about what one process holds. Tied embeddings stay tied (a replicated
+    tied weight once came out of loading as two tensors, one of them random)."""
+    from conftest import ASSETS
+
     extra = ["finetune.method=lora"] + (["fsdp.mixed_precision=bf16"] if precision == "bf16" else [])
+    if precision == "fp32-tied":
+        extra.append(f"model.path={ASSETS / 'tiny-llama-tied'}")
     ref = reference(f"lora-{precision}", *extra)
     out = train_nproc(2, session_tmp / f"2r-replicated-{precision}", *TWO_RANKS, *extra, "fsdp.shard_frozen=false")
-    assert_losses_close(losses(out), losses(ref), FP32_RTOL if precision == "fp32" else 2e-3)
-    if precision == "bf16":  # the replicated base is stored in bf16 there: its bytes halve, whatever the sharding
+    assert_losses_close(losses(out), losses(ref), FP32_RTOL if precision.startswith("fp32") else 2e-3)
+    if precision != "fp32":  # bf16: the replicated base is stored in bf16, its bytes halve whatever the sharding
         return
     first = lambda run: next(r for r in read_metrics(run) if "state_bytes_per_rank" in r)  # noqa: E731
     per_rank, whole = first(out)["state_bytes_per_rank"], first(ref)["state_bytes_per_rank"][0]
