@@ -8,6 +8,7 @@ JSON (deepspeed.config) is merged over the config built from our keys (see ds_co
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -218,6 +219,9 @@ def build(cfg: Config, env, ds: dict, deepspeed):
 def train(cfg: Config) -> TrainResult:
     """`engine.train` for engine=deepspeed: set up, build, partition, resume, train, export."""
     deepspeed = import_deepspeed()
+    # ZeRO-3 gathers the head's weight around its forward and again for its backward; the chunked head loss
+    # makes the weight's gradient inside forward, which that scheme does not expect: plain logits here
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunked_head_loss=False))
     env = distributed.init_distributed()
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it; a plain process has none
     deepspeed.init_distributed("nccl" if env.device.type == "cuda" else "gloo")  # adopts our process group

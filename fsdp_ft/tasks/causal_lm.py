@@ -14,9 +14,9 @@ from fsdp_ft import formats, head_loss, vocab
 from fsdp_ft.config import Config
 from fsdp_ft.data import BadRow, Drops
 from fsdp_ft.errors import DataError
+from fsdp_ft.head_loss import IGNORE
 from fsdp_ft.packing import PackedRows, TokenRows
 
-IGNORE = -100
 PADDING = {"labels": IGNORE, "attention_mask": 0, "position_ids": 0}
 
 
@@ -114,12 +114,9 @@ class CausalLMTask:
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         keys = ("input_ids", "labels", "attention_mask") + (("position_ids",) if "position_ids" in rows[0] else ())
         batch = pad_batch(rows, self.tok.pad_token_id, keys)
-        if self._chunked_head():  # made here, on the host, so the device never syncs to select them
+        if self.cfg.train.chunked_head_loss:  # made here, on the host, so the device never syncs to select them
             batch["loss_positions"] = head_loss.loss_positions(shift(batch["labels"]))
         return batch
-
-    def _chunked_head(self) -> bool:
-        return self.cfg.train.chunked_head_loss and self.cfg.engine != "deepspeed"
 
     # ------------------------------------------------------------ loss
 
@@ -130,7 +127,7 @@ class CausalLMTask:
     def loss_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
         shift_labels = shift(batch["labels"])
         count = (shift_labels != IGNORE).sum()
-        if self._chunked_head() and head_loss.supported(model):
+        if self.cfg.train.chunked_head_loss and head_loss.supported(model):
             positions = batch.get("loss_positions")
             if positions is None:  # a batch not made by collate (the planner's synthetic one)
                 positions = head_loss.loss_positions(shift_labels)
