@@ -124,3 +124,20 @@ def test_bench_end_to_end_fsdp_ft_and_hf_fsdp2_train_the_same_tokens_from_the_sa
     # step 2 follows one identical AdamW update in fp32: still equal to a few ulps
     assert math.isclose(systems["fsdp_ft"]["losses"]["2"], systems["hf_fsdp2"]["losses"]["2"], rel_tol=1e-5)
     assert (out / "bench.md").is_file() and (out / "bench-full.html").is_file()
+
+
+def test_fsdp_ft_set_overrides_reach_fsdp_ft_config(tmp_path):
+    """--fsdp-ft-set KEY=VALUE: appended to fsdp_ft's command line, where the CLI's override parser reads them."""
+    from run import parse_args, workload
+    from systems import fsdp_ft_command
+
+    from fsdp_ft.config import load_config
+
+    args = parse_args(["--fsdp-ft-set", "fsdp.shard_frozen=false", "--fsdp-ft-set", "train.chunked_head_loss=false"])
+    w = workload(args, "lora")
+    assert w.fsdp_ft_set == ("fsdp.shard_frozen=false", "train.chunked_head_loss=false")
+    cmd = fsdp_ft_command(w, REPO / "configs" / "tiny.yaml", tmp_path / "run")
+    overrides = cmd[cmd.index(f"output_dir={tmp_path / 'run'}"):]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    assert (cfg.fsdp.shard_frozen, cfg.train.chunked_head_loss) == (False, False)
+
