@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from fsdp_ft import adapters, quantize
+from fsdp_ft import adapters, gloo_reduce, quantize
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.weights_io import local_rows
@@ -100,7 +100,11 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
         fully_shard(block, reshard_after_forward=not keep, **kwargs)
     # the root's parameters (embeddings, head) are used again at once in backward: keep them gathered
     fully_shard(model, reshard_after_forward=False, **kwargs)
-    return {"blocks": len(blocks), "block_class": block_class, "checkpointed": len(checkpointed)}
+    info = {"blocks": len(blocks), "block_class": block_class, "checkpointed": len(checkpointed)}
+    if gloo_reduce.applies(mesh, cfg):
+        deferred = gloo_reduce.install(model, [*blocks, model], kwargs["mp_policy"].reduce_dtype)
+        info["gradient_reduce"] = "gloo in-place all-reduce, " + ("overlapped" if deferred else "blocking")
+    return info
 
 
 def replicate_frozen(model: nn.Module, compute_dtype: torch.dtype | None) -> set[nn.Parameter]:

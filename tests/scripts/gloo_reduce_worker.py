@@ -1,0 +1,72 @@
+"""Run under torchrun (2 gloo ranks): FSDP2 gradients with fsdp_ft's gloo reduce-scatter vs torch's own.
+
+Writes one JSON per rank to argv[1]: whether every sharded gradient is bit-equal to torch's default
+reduce-scatter, the most reductions ever pending, and how many were left pending after backward.
+"""
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from fsdp_ft import gloo_reduce
+
+
+def build(seed: int, param_dtype, stored=torch.float32):
+    torch.manual_seed(seed)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 48)) for _ in range(5)],
+                          nn.Linear(48, 7)).to(stored)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model[:5]:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def grads_after_backward(model, x, y, steps=2):
+    out = []
+    for _ in range(steps):  # twice: the second backward reuses the comm object after its flush
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)).float(), y).backward()
+        out.append([p.grad.to_local().clone() for p in model.parameters()])
+    return out
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(100 + rank)  # each rank its own batch
+    x, y = torch.randn(16, 48), torch.randint(0, 7, (16,))
+    result = {}
+    cases = (("fp32", None, torch.float32), ("bf16", torch.bfloat16, torch.float32),
+             ("bf16-stored", None, torch.bfloat16))
+    for name, param_dtype, stored in cases:
+        reference = grads_after_backward(build(0, param_dtype, stored), x, y)
+        model = build(0, param_dtype, stored)
+        asynchronous = gloo_reduce.install(model, [*model[:5], model], torch.float32)
+        comm = model._get_fsdp_state()._fsdp_param_group._reduce_scatter_comm
+        pending, most = comm.pending, [0]
+        add = pending.add
+
+        def counting_add(*args, **kwargs):
+            add(*args, **kwargs)
+            most[0] = max(most[0], len(pending.queue))
+        pending.add = counting_add
+        got = grads_after_backward(model, x, y)
+        result[name] = {
+            "asynchronous": asynchronous,
+            "equal": all(torch.equal(a, b) for ra, rb in zip(got, reference) for a, b in zip(ra, rb)),
+            "most_pending": most[0], "left_pending": len(pending.queue),
+            "max_abs_grad": max(float(g.abs().max()) for g in got[0]),
+        }
+    with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
