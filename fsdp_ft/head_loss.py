@@ -23,7 +23,8 @@ IGNORE = -100
 # model types whose causal-LM forward returns `lm_head(hidden)` as the logits, with no scaling or soft-capping
 PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gpt2"}
 # fp32 logits elements per chunk: big enough for efficient matmuls, small beside the model's own activations
-CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
+# (CPU: a 512-token row at a 64k vocabulary is one chunk, so its head gradients need no fp32 sum)
+CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 26}
 
 
 def supported(model: nn.Module) -> bool:
@@ -33,15 +34,19 @@ def supported(model: nn.Module) -> bool:
 
 
 def _chunked(hidden, weight, bias, labels, chunk, need_h, need_w, need_b):
-    """The summed loss, and the gradients asked for (of the summed loss), a chunk of rows at a time."""
+    """The summed loss, and the gradients asked for (of the summed loss), a chunk of rows at a time.
+
+    With one chunk the head's gradients are single products in the compute dtype, as in the plain path; with
+    several, the weight's and bias's are summed over the chunks in fp32."""
+    single = hidden.shape[0] <= chunk
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w and not single else None
     grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], labels[start:start + chunk]
         logits = F.linear(h, weight, bias)
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # the upcast fused into the kernel
         loss -= logp.gather(1, y.unsqueeze(1)).sum()
         if not (need_h or need_w or need_b):
             continue
@@ -50,7 +55,9 @@ def _chunked(hidden, weight, bias, labels, chunk, need_h, need_w, need_b):
         grad_logits = grad_logits.to(logits.dtype)
         if need_h:
             grad_h[start:start + chunk] = grad_logits @ weight
-        if need_w and h.dtype == torch.float32:
+        if need_w and single:
+            grad_w = grad_logits.t() @ h
+        elif need_w and h.dtype == torch.float32:
             grad_w.addmm_(grad_logits.t(), h)
         elif need_w:  # low-precision products, summed over the chunks in fp32
             grad_w.add_((grad_logits.t() @ h).float())

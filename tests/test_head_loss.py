@@ -42,7 +42,8 @@ def _grads(model):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-tied", "tiny-gpt2"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_chunked_head_loss_equals_plain_loss_and_gradients(name, masked):
+@pytest.mark.parametrize("rows_per_chunk", [5, None])
+def test_chunked_head_loss_equals_plain_loss_and_gradients(name, masked, rows_per_chunk):
     model = _model(name)
     assert head_loss.supported(model)
     batch = _batch(model.config.vocab_size, masked)
@@ -55,8 +56,11 @@ def test_chunked_head_loss_equals_plain_loss_and_gradients(name, masked):
     labels = shift(batch["labels"])
     positions = head_loss.loss_positions(labels)
     assert len(positions) == int((labels != IGNORE).sum())
-    head_loss.CHUNK_ELEMENTS["cpu"], saved = 5 * model.config.vocab_size, head_loss.CHUNK_ELEMENTS["cpu"]
-    try:  # 5-token chunks: several chunks, and a short last one
+    saved = head_loss.CHUNK_ELEMENTS["cpu"]
+    if rows_per_chunk:  # 5-token chunks: several chunks, and a short last one; else all rows in one chunk
+        head_loss.CHUNK_ELEMENTS["cpu"] = rows_per_chunk * model.config.vocab_size
+    assert (len(positions) > 5) and (rows_per_chunk or len(positions) * model.config.vocab_size <= saved)
+    try:
         with head_loss.head_loss(model, labels, positions) as result:
             out = task._forward(model, batch)
     finally:
@@ -71,11 +75,12 @@ def test_chunked_head_loss_equals_plain_loss_and_gradients(name, masked):
         assert err < 1e-5, (n, err)
 
 
-def test_frozen_head_gets_no_gradient_and_bf16_matches_plain():
-    """A frozen head (LoRA) gets no weight gradient; in bf16 the loss and hidden-state gradients stay within
-    bf16 rounding of the plain path (the chunked path sums the head's products in fp32)."""
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_bf16_matches_plain_and_a_frozen_head_gets_no_gradient(head_trains):
+    """A frozen head (LoRA) gets no weight gradient; in bf16 the loss and the gradients stay within bf16
+    rounding of the plain path (a training head's gradient is one bf16 product here: all rows fit one chunk)."""
     model = _model("tiny-llama", torch.bfloat16)
-    model.lm_head.weight.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(head_trains)
     batch = _batch(model.config.vocab_size, masked=True)
     want_loss = _plain(model, batch)
     want_loss.backward()
@@ -85,7 +90,7 @@ def test_frozen_head_gets_no_gradient_and_bf16_matches_plain():
     with head_loss.head_loss(model, labels, head_loss.loss_positions(labels)) as result:
         CausalLMTask._forward(model, batch)
     result["loss"].backward()
-    assert model.lm_head.weight.grad is None
+    assert (model.lm_head.weight.grad is not None) == head_trains
     assert result["loss"].item() == pytest.approx(want_loss.item(), rel=4e-3)
     got = _grads(model)
     norm = lambda g: g.float().norm().item()  # noqa: E731
