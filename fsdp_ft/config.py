@@ -130,9 +130,11 @@ class FinetuneConfig:
 @dataclass
 class FSDPConfig:
     reshard_after_forward: bool = _f(True, "free gathered block weights after forward (ZeRO-3); false: keep (ZeRO-2)")
-    shard_frozen: bool = _f(True, "false: keep frozen weights (a LoRA base, frozen blocks) whole on every rank, in "
-                            "the compute dtype: no all-gathers for them, at the memory of the whole frozen model per "
-                            "rank (a QLoRA base stays sharded)")
+    shard_frozen: Optional[bool] = _f(None, "false: keep frozen weights (a LoRA base, frozen blocks) whole on every "
+                                      "rank, in the compute dtype: no all-gathers for them, at the memory of the "
+                                      "whole frozen model per rank (a QLoRA base stays sharded); null (auto): whole "
+                                      "for a PEFT method's base when it takes at most a quarter of a rank's device "
+                                      "memory, else sharded")
     gather_once_per_step: bool = _f(False, "keep block weights gathered from the step's first forward to its last "
                                     "backward: one all-gather per optimizer step instead of two per micro-batch "
                                     "(holds the unsharded weights all step)")

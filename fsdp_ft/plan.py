@@ -88,17 +88,19 @@ def _extrapolate(a: dict[str, int], b: dict[str, int], la: int, lb: int, layers:
 
 
 def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, target: str, overrides: list[str] = (),
-            exact: bool = False) -> Prediction:
-    """Peak bytes per rank of `cfg` on `world_size` ranks (`exact`: simulate every block, do not extrapolate).
+            exact: bool = False, memory_per_rank: int | None = None) -> Prediction:
+    """Peak bytes per rank of `cfg` on `world_size` ranks (`exact`: simulate every block, do not extrapolate;
+    `memory_per_rank`: the device memory fsdp.shard_frozen=null decides by, default this machine's).
     Runs inside the caller's `memsim.fake_world`."""
     layers = _layer_count(hf_config)
     p = _period(cfg, hf_config)
     short = [2 * p, 3 * p] if p == 1 else [p, 2 * p]
     if exact or layers <= short[1] or cfg.finetune.freeze_first_n_blocks > 0:
-        peaks = memsim.simulate_step(cfg, model_dir, hf_config, tokenizer, world_size, target)
+        peaks = memsim.simulate_step(cfg, model_dir, hf_config, tokenizer, world_size, target, memory_per_rank)
         train, step, simulated = peaks.train, peaks.step, [layers]
     else:
-        a, b = (memsim.simulate_step(cfg, model_dir, memsim.with_layers(hf_config, n), tokenizer, world_size, target)
+        a, b = (memsim.simulate_step(cfg, model_dir, memsim.with_layers(hf_config, n), tokenizer, world_size, target,
+                                    memory_per_rank)
                 for n in short)
         train = _extrapolate(a.train, b.train, *short, layers)
         step = _extrapolate(a.step, b.step, *short, layers)
@@ -122,7 +124,7 @@ def candidates(cfg: Config, target: str) -> list[list[str]]:
     base = [] if cfg.fsdp.reshard_after_forward else ["fsdp.reshard_after_forward=true"]
     if cfg.fsdp.gather_once_per_step:
         base.append("fsdp.gather_once_per_step=false")
-    if not cfg.fsdp.shard_frozen:
+    if cfg.fsdp.shard_frozen is not True:
         base.append("fsdp.shard_frozen=true")
     if base:
         out.append(base)
@@ -150,7 +152,7 @@ def advise(config_path: str, overrides: list[str], model_dir, hf_config, tokeniz
     for extra in candidates(cfg, target):
         try:
             trial = load_config(config_path, [*overrides, *extra])
-            pred = predict(trial, model_dir, hf_config, tokenizer, world_size, target, extra, exact)
+            pred = predict(trial, model_dir, hf_config, tokenizer, world_size, target, extra, exact, budget_bytes)
         except ConfigError as e:  # e.g. QLoRA block sizes that do not fit this model
             if on_try:
                 on_try(extra, None, str(e))
@@ -206,7 +208,7 @@ def run_plan(config_path: str, overrides: list[str], world_size: int, target: st
     hf_config = load_hf_config(cfg, model_dir)
     budget = int(budget_gib * GIB) if budget_gib else None
     with memsim.fake_world(world_size):
-        pred = predict(cfg, model_dir, hf_config, tokenizer, world_size, target, exact=exact)
+        pred = predict(cfg, model_dir, hf_config, tokenizer, world_size, target, exact=exact, memory_per_rank=budget)
         fits = budget is None or pred.peak_bytes <= HEADROOM * budget
         advice, tried = (pred, []) if fits else advise(
             config_path, overrides, model_dir, hf_config, tokenizer, world_size, target, budget,

@@ -6,6 +6,7 @@ whose global batch is the same (micro 2 x accum 2 x 1 rank == micro 2 x accum 1 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import assert_losses_close, eval_rows, losses, train_1proc, train_nproc
 from fsdp_ft.metrics import read_metrics
@@ -145,3 +146,40 @@ def test_replicated_frozen_weights_equal_one_process(reference, session_tmp, pre
     per_rank, whole = first(out)["state_bytes_per_rank"], first(ref)["state_bytes_per_rank"][0]
     # the frozen base whole, the adapters and their state halved: 0.87 of one process here; sharded: about 0.5
     assert all(b > 0.75 * whole for b in per_rank), (per_rank, whole)
+
+
+def test_auto_shard_frozen_keeps_a_small_lora_base_whole(reference, session_tmp):
+    """fsdp.shard_frozen=null (the default): a LoRA base this small stays whole on each rank, with the reason in
+    the setup row, and training still equals one process."""
+    ref = reference("lora-fp32", "finetune.method=lora")
+    out = train_nproc(2, session_tmp / "2r-auto-frozen", *TWO_RANKS, "finetune.method=lora")
+    assert_losses_close(losses(out), losses(ref), FP32_RTOL)
+    setup = next(r for r in read_metrics(out) if r.get("split") == "setup")
+    assert setup["shard_frozen"] is False and setup["shard_frozen_why"].startswith("auto: the frozen base"), setup
+    first = lambda run: next(r for r in read_metrics(run) if "state_bytes_per_rank" in r)  # noqa: E731
+    assert all(b > 0.75 * first(ref)["state_bytes_per_rank"][0] for b in first(out)["state_bytes_per_rank"])
+
+
+@pytest.mark.parametrize("method,memory,want_sharded", [
+    ("lora", 2**40, False),   # fits a quarter of the memory: whole
+    ("lora", 2**10, True),    # a 1 KiB device: sharded
+    ("full", 2**40, True),    # full fine-tuning shards everything
+])
+def test_shard_frozen_auto_decision(tmp_path, method, memory, want_sharded):
+    from conftest import TINY
+    from fsdp_ft import distributed, memsim, parallel
+    from fsdp_ft.config import load_config
+    from fsdp_ft.engine import build_meta
+    from fsdp_ft.model import load_tokenizer, resolve_model_dir
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", f"finetune.method={method}"])
+    assert cfg.fsdp.shard_frozen is None
+    model_dir = resolve_model_dir(cfg)
+    env = distributed.DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="fake")
+    with memsim.fake_world(2):
+        model, _ = build_meta(cfg, env, model_dir, load_tokenizer(cfg, model_dir), None)
+        sharded, why = parallel.decide_shard_frozen(model, cfg, distributed.build_mesh(env, 1), memory)
+    assert sharded is want_sharded, why
+    frozen = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
+    if method == "lora":  # the reason states the whole frozen size, in GiB
+        assert f"({frozen / 2**30:.2f} GiB whole)" in why
