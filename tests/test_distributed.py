@@ -156,6 +156,7 @@ def test_auto_shard_frozen_keeps_a_small_lora_base_whole(reference, session_tmp)
     assert_losses_close(losses(out), losses(ref), FP32_RTOL)
     setup = next(r for r in read_metrics(out) if r.get("split") == "setup")
     assert setup["shard_frozen"] is False and setup["shard_frozen_why"].startswith("auto: the frozen base"), setup
+    assert setup["gradient_reduce"] == "gloo without copies, overlapped"  # fsdp_ft/gloo_reduce.py
     first = lambda run: next(r for r in read_metrics(run) if "state_bytes_per_rank" in r)  # noqa: E731
     assert all(b > 0.75 * first(ref)["state_bytes_per_rank"][0] for b in first(out)["state_bytes_per_rank"])
 

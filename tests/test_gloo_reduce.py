@@ -40,6 +40,7 @@ def test_gradients_bit_equal_to_torch_reduce_scatter(tmp_path, nproc):
         assert not r["asynchronous"] and r["equal"] and r["most_pending"] == 0 and r["left_pending"] == 0, r
 
 
+@pytest.mark.slow  # the default 2-rank equality tests (test_distributed.py) already train through this path
 def test_training_run_equals_torch_reduce_scatter(session_tmp):
     on = train_nproc(2, session_tmp / "gloo-reduce-on", "train.micro_batch_size=2", "train.grad_accum=2")
     off = train_nproc(2, session_tmp / "gloo-reduce-off", "train.micro_batch_size=2", "train.grad_accum=2",
