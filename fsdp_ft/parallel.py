@@ -111,7 +111,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh, memory_per_rank
     return info
 
 
-PEFT_BASES = ("lora", "dora", "ia3", "prefix", "prompt")  # methods whose frozen base may stay whole (auto)
+PEFT_BASES = ("lora", "dora", "ia3", "prefix", "prompt", "p_tuning")  # methods whose frozen base may stay whole (auto)
 REPLICATE_FROZEN_SHARE = 0.25  # auto: at most this share of a rank's device memory goes to whole frozen weights
 
 

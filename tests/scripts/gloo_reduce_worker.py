@@ -15,10 +15,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from fsdp_ft import gloo_reduce
 
 
-def build(seed: int, param_dtype, stored=torch.float32):
+def build(seed: int, param_dtype, stored=torch.float32, blocks_train=True):
     torch.manual_seed(seed)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 48)) for _ in range(5)],
                           nn.Linear(48, 7)).to(stored)
+    model[:5].requires_grad_(blocks_train)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model[:5]:
@@ -32,7 +33,7 @@ def grads_after_backward(model, x, y, steps=2):
     for _ in range(steps):  # twice: the second backward reuses the comm object after its flush
         model.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)).float(), y).backward()
-        out.append([p.grad.to_local().clone() for p in model.parameters()])
+        out.append([p.grad.to_local().clone() for p in model.parameters() if p.requires_grad])
     return out
 
 
@@ -42,11 +43,12 @@ def main():
     torch.manual_seed(100 + rank)  # each rank its own batch
     x, y = torch.randn(16, 48), torch.randint(0, 7, (16,))
     result = {}
-    cases = (("fp32", None, torch.float32), ("bf16", torch.bfloat16, torch.float32),
-             ("bf16-stored", None, torch.bfloat16))
-    for name, param_dtype, stored in cases:
-        reference = grads_after_backward(build(0, param_dtype, stored), x, y)
-        model = build(0, param_dtype, stored)
+    # root-only: the blocks are frozen, so the only reduction is issued inside FSDP's end-of-backward callback
+    cases = (("fp32", None, torch.float32, True), ("bf16", torch.bfloat16, torch.float32, True),
+             ("bf16-stored", None, torch.bfloat16, True), ("root-only", None, torch.float32, False))
+    for name, param_dtype, stored, blocks_train in cases:
+        reference = grads_after_backward(build(0, param_dtype, stored, blocks_train), x, y)
+        model = build(0, param_dtype, stored, blocks_train)
         asynchronous = gloo_reduce.install(model, [*model[:5], model], torch.float32)
         comm = model._get_fsdp_state()._fsdp_param_group._reduce_scatter_comm
         pending, most = comm.pending, [0]
