@@ -64,14 +64,35 @@ def with_layers(hf_config, layers: int):
     return cfg
 
 
-def build_sharded_meta(cfg: Config, env: distributed.DistEnv, model_dir, hf_config, tokenizer, labels,
-                       memory_per_rank: int | None = None) -> nn.Module:
+def build_sharded_meta(cfg: Config, env: distributed.DistEnv, model_dir, hf_config, tokenizer, labels) -> nn.Module:
     """The training model as `engine.build` makes it, up to (not including) loading weights."""
     from fsdp_ft.engine import build_meta
 
     model, _ = build_meta(cfg, env, model_dir, tokenizer, labels, hf_config=hf_config)
-    parallel.parallelize(model, cfg, distributed.build_mesh(env, cfg.fsdp.hybrid_replicas), memory_per_rank)
+    parallel.parallelize(model, cfg, distributed.build_mesh(env, cfg.fsdp.hybrid_replicas))
     return model
+
+
+def resolve_shard_frozen(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
+                         memory_per_rank: int | None) -> Config:
+    """`cfg` with fsdp.shard_frozen=null replaced by what training would choose for the whole model (the
+    simulation may build a shorter stack, whose frozen bytes would decide differently). Needs a fake world."""
+    import dataclasses
+
+    if cfg.fsdp.shard_frozen is not None:
+        return cfg
+    if world_size == 1 or cfg.finetune.method not in parallel.PEFT_BASES:  # decided without the model
+        return dataclasses.replace(cfg, fsdp=dataclasses.replace(cfg.fsdp, shard_frozen=True))
+    from fsdp_ft.engine import build_meta
+
+    num_labels = cfg.model.num_labels or 2
+    labels = [str(i) for i in range(num_labels)] if cfg.task == "seq_cls" else None
+    env = distributed.DistEnv(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"),
+                              backend="fake")
+    model, _ = build_meta(cfg, env, model_dir, tokenizer, labels, hf_config=hf_config)
+    mesh = distributed.build_mesh(env, cfg.fsdp.hybrid_replicas)
+    shard, _ = parallel.decide_shard_frozen(model, cfg, mesh, memory_per_rank)
+    return dataclasses.replace(cfg, fsdp=dataclasses.replace(cfg.fsdp, shard_frozen=shard))
 
 
 def synthetic_batch(cfg: Config, task, vocab: int, num_labels: int) -> dict[str, torch.Tensor]:
@@ -126,8 +147,7 @@ def _groups(snapshot: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, target: str = "cpu",
-                  memory_per_rank: int | None = None) -> PhasePeaks:
+def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, target: str = "cpu") -> PhasePeaks:
     """Peak bytes of one rank over one steady-state optimizer step of `cfg` on `world_size` ranks.
 
     `target` ('cpu' or 'cuda') picks what differs by device: the AdamW kernel (fused on GPUs). The caller holds
@@ -143,7 +163,7 @@ def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
     num_labels = cfg.model.num_labels or 2
     labels = [str(i) for i in range(num_labels)] if cfg.task == "seq_cls" else None
     env = distributed.DistEnv(rank=0, world_size=world_size, local_rank=0, device=device, backend="fake")
-    model = build_sharded_meta(cfg, env, model_dir, hf_config, tokenizer, labels, memory_per_rank)
+    model = build_sharded_meta(cfg, env, model_dir, hf_config, tokenizer, labels)
     task = get_task(cfg, tokenizer)
     micro_steps = min(cfg.train.grad_accum, 2)  # the second sees the first's unreduced gradients
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():

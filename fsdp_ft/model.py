@@ -304,11 +304,13 @@ def dense_weight(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _init_dora_magnitudes(model: nn.Module) -> None:
-    """DoRA starts with magnitude = row norm of the base weight; rows of both are sharded alike, so local works."""
+    """DoRA starts with magnitude = row norm of the base weight. The magnitude's shard holds rows start..stop;
+    the base holds the same rows when sharded alike, or all of them when kept whole (fsdp.shard_frozen)."""
     for magnitude, base in adapters.dora_magnitude_pairs(model):
-        mag_local, _, _ = parallel.local_shard(magnitude)
-        weight_local, _, _ = parallel.local_shard(base.weight)
-        mag_local.copy_(torch.linalg.norm(dense_weight(weight_local).float(), dim=1).to(mag_local.dtype))
+        mag_local, start, stop = parallel.local_shard(magnitude)
+        weight_local, w_start, _ = parallel.local_shard(base.weight)
+        rows = dense_weight(weight_local)[start - w_start:stop - w_start]
+        mag_local.copy_(torch.linalg.norm(rows.float(), dim=1).to(mag_local.dtype))
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

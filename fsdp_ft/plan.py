@@ -92,15 +92,15 @@ def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, targe
     """Peak bytes per rank of `cfg` on `world_size` ranks (`exact`: simulate every block, do not extrapolate;
     `memory_per_rank`: the device memory fsdp.shard_frozen=null decides by, default this machine's).
     Runs inside the caller's `memsim.fake_world`."""
+    cfg = memsim.resolve_shard_frozen(cfg, model_dir, hf_config, tokenizer, world_size, memory_per_rank)
     layers = _layer_count(hf_config)
     p = _period(cfg, hf_config)
     short = [2 * p, 3 * p] if p == 1 else [p, 2 * p]
     if exact or layers <= short[1] or cfg.finetune.freeze_first_n_blocks > 0:
-        peaks = memsim.simulate_step(cfg, model_dir, hf_config, tokenizer, world_size, target, memory_per_rank)
+        peaks = memsim.simulate_step(cfg, model_dir, hf_config, tokenizer, world_size, target)
         train, step, simulated = peaks.train, peaks.step, [layers]
     else:
-        a, b = (memsim.simulate_step(cfg, model_dir, memsim.with_layers(hf_config, n), tokenizer, world_size, target,
-                                    memory_per_rank)
+        a, b = (memsim.simulate_step(cfg, model_dir, memsim.with_layers(hf_config, n), tokenizer, world_size, target)
                 for n in short)
         train = _extrapolate(a.train, b.train, *short, layers)
         step = _extrapolate(a.step, b.step, *short, layers)

@@ -146,3 +146,24 @@ def test_extrapolated_depth_equals_full_simulation(tmp_path):
     full = predict(2, overrides, "--exact")["prediction"]
     assert short["layers_simulated"] == [2, 3] and full["layers_simulated"] == [8]
     assert short["peak_bytes"] == pytest.approx(full["peak_bytes"], rel=1e-3)  # equal here, to the byte
+
+
+def test_auto_shard_frozen_follows_the_planned_memory(tmp_path):
+    """fsdp.shard_frozen=null is decided for the whole model against the memory being planned for: with room
+    the LoRA base is whole per rank (a larger peak), without it the prediction equals explicit sharding."""
+    import dataclasses
+
+    from fsdp_ft import memsim, plan
+    from fsdp_ft.config import load_config
+    from fsdp_ft.model import load_hf_config, load_tokenizer, resolve_model_dir
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "finetune.method=lora", f"train.seq_len={SEQ}"])
+    model_dir = resolve_model_dir(cfg)
+    tokenizer, hf_config = load_tokenizer(cfg, model_dir), load_hf_config(cfg, model_dir)
+    explicit = {v: dataclasses.replace(cfg, fsdp=dataclasses.replace(cfg.fsdp, shard_frozen=v)) for v in (True, False)}
+    with memsim.fake_world(2):
+        roomy, tight = (plan.predict(cfg, model_dir, hf_config, tokenizer, 2, "cpu", memory_per_rank=m).peak_bytes
+                        for m in (2**40, 2**16))
+        sharded, whole = (plan.predict(explicit[v], model_dir, hf_config, tokenizer, 2, "cpu").peak_bytes
+                          for v in (True, False))
+    assert (roomy, tight) == (whole, sharded) and whole > sharded
