@@ -150,7 +150,8 @@ def test_extrapolated_depth_equals_full_simulation(tmp_path):
 
 def test_auto_shard_frozen_follows_the_planned_memory(tmp_path):
     """fsdp.shard_frozen=null is decided for the whole model against the memory being planned for: with room
-    the LoRA base is whole per rank (a larger peak), without it the prediction equals explicit sharding."""
+    the prediction equals a LoRA base kept whole per rank, without it explicit sharding. (On this tiny model whole
+    is the smaller peak: the sharded root, embeddings and head, is kept gathered and costs its shard on top.)"""
     import dataclasses
 
     from fsdp_ft import memsim, plan
@@ -166,4 +167,4 @@ def test_auto_shard_frozen_follows_the_planned_memory(tmp_path):
                         for m in (2**40, 2**16))
         sharded, whole = (plan.predict(explicit[v], model_dir, hf_config, tokenizer, 2, "cpu").peak_bytes
                           for v in (True, False))
-    assert (roomy, tight) == (whole, sharded) and whole > sharded
+    assert (roomy, tight) == (whole, sharded) and whole != sharded
