@@ -138,9 +138,10 @@ class FSDPConfig:
     gather_once_per_step: bool = _f(False, "keep block weights gathered from the step's first forward to its last "
                                     "backward: one all-gather per optimizer step instead of two per micro-batch "
                                     "(holds the unsharded weights all step)")
-    gloo_async_reduce: bool = _f(True, "CPU ranks (gloo): reduce each block's gradients with an in-place, "
-                                 "asynchronous all-reduce that overlaps the next block's backward; false: torch's "
-                                 "gloo reduce-scatter (a full copy and a blocking all-reduce per block)")
+    gloo_async_reduce: bool = _f(True, "CPU ranks (gloo): reduce each block's gradients without copies and "
+                                 "asynchronously (2 ranks swap halves, more all-reduce in place), overlapping the "
+                                 "next block's backward; false: torch's gloo reduce-scatter (a full copy and a "
+                                 "blocking all-reduce per block)")
     hybrid_replicas: int = _f(1, "replicate groups for hybrid sharding (2-D mesh replicas x shards); 1: full sharding")
     cpu_offload: bool = _f(False, "keep sharded parameters, gradients and optimizer state in host memory")
     mixed_precision: str = _f("fp32", "compute precision", DTYPES)
