@@ -152,19 +152,8 @@ def test_auto_shard_frozen_follows_the_planned_memory(tmp_path):
     """fsdp.shard_frozen=null is decided for the whole model against the memory being planned for: with room
     the prediction equals a LoRA base kept whole per rank, without it explicit sharding. (On this tiny model whole
     is the smaller peak: the sharded root, embeddings and head, is kept gathered and costs its shard on top.)"""
-    import dataclasses
-
-    from fsdp_ft import memsim, plan
-    from fsdp_ft.config import load_config
-    from fsdp_ft.model import load_hf_config, load_tokenizer, resolve_model_dir
-
-    cfg = load_config(TINY, [f"output_dir={tmp_path}", "finetune.method=lora", f"train.seq_len={SEQ}"])
-    model_dir = resolve_model_dir(cfg)
-    tokenizer, hf_config = load_tokenizer(cfg, model_dir), load_hf_config(cfg, model_dir)
-    explicit = {v: dataclasses.replace(cfg, fsdp=dataclasses.replace(cfg.fsdp, shard_frozen=v)) for v in (True, False)}
-    with memsim.fake_world(2):
-        roomy, tight = (plan.predict(cfg, model_dir, hf_config, tokenizer, 2, "cpu", memory_per_rank=m).peak_bytes
-                        for m in (2**40, 2**16))
-        sharded, whole = (plan.predict(explicit[v], model_dir, hf_config, tokenizer, 2, "cpu").peak_bytes
-                          for v in (True, False))
+    base = [f"output_dir={tmp_path}", "finetune.method=lora", f"train.seq_len={SEQ}"]
+    peak = lambda *args: predict(2, [*base, *args[1:]], *args[0])["prediction"]["peak_bytes"]  # noqa: E731
+    roomy, tight = peak(("--gpu-mem-gb", "1000")), peak(("--gpu-mem-gb", "0.00006"))
+    whole, sharded = peak((), "fsdp.shard_frozen=false"), peak((), "fsdp.shard_frozen=true")
     assert (roomy, tight) == (whole, sharded) and whole != sharded
