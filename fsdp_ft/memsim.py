@@ -76,23 +76,29 @@ def build_sharded_meta(cfg: Config, env: distributed.DistEnv, model_dir, hf_conf
 def resolve_shard_frozen(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
                          memory_per_rank: int | None) -> Config:
     """`cfg` with fsdp.shard_frozen=null replaced by what training would choose for the whole model (the
-    simulation may build a shorter stack, whose frozen bytes would decide differently). Needs a fake world."""
+    simulation may build a shorter stack, whose frozen bytes would decide differently)."""
     import dataclasses
 
     if cfg.fsdp.shard_frozen is not None:
         return cfg
-    if world_size == 1 or cfg.finetune.method not in parallel.PEFT_BASES:  # decided without the model
-        return dataclasses.replace(cfg, fsdp=dataclasses.replace(cfg.fsdp, shard_frozen=True))
-    from fsdp_ft.engine import build_meta
+    decided = parallel.shard_frozen_without_model(cfg, world_size)
+    if decided is None:
+        from fsdp_ft.engine import build_meta
 
-    num_labels = cfg.model.num_labels or 2
-    labels = [str(i) for i in range(num_labels)] if cfg.task == "seq_cls" else None
-    env = distributed.DistEnv(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"),
-                              backend="fake")
-    model, _ = build_meta(cfg, env, model_dir, tokenizer, labels, hf_config=hf_config)
-    mesh = distributed.build_mesh(env, cfg.fsdp.hybrid_replicas)
-    shard, _ = parallel.decide_shard_frozen(model, cfg, mesh, memory_per_rank)
-    return dataclasses.replace(cfg, fsdp=dataclasses.replace(cfg.fsdp, shard_frozen=shard))
+        env = _fake_env(world_size)
+        model, _ = build_meta(cfg, env, model_dir, tokenizer, _labels(cfg), hf_config=hf_config)
+        decided = parallel.decide_shard_frozen(model, cfg, world_size, "cpu", memory_per_rank)
+    return dataclasses.replace(cfg, fsdp=dataclasses.replace(cfg.fsdp, shard_frozen=decided[0]))
+
+
+def _fake_env(world_size: int) -> distributed.DistEnv:
+    return distributed.DistEnv(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"),
+                               backend="fake")
+
+
+def _labels(cfg: Config) -> list[str] | None:
+    """Stand-in class names for a classifier (the planner reads no data)."""
+    return [str(i) for i in range(cfg.model.num_labels or 2)] if cfg.task == "seq_cls" else None
 
 
 def synthetic_batch(cfg: Config, task, vocab: int, num_labels: int) -> dict[str, torch.Tensor]:
@@ -161,8 +167,8 @@ def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
 
     device = torch.device("cpu")
     num_labels = cfg.model.num_labels or 2
-    labels = [str(i) for i in range(num_labels)] if cfg.task == "seq_cls" else None
-    env = distributed.DistEnv(rank=0, world_size=world_size, local_rank=0, device=device, backend="fake")
+    labels = _labels(cfg)
+    env = _fake_env(world_size)
     model = build_sharded_meta(cfg, env, model_dir, hf_config, tokenizer, labels)
     task = get_task(cfg, tokenizer)
     micro_steps = min(cfg.train.grad_accum, 2)  # the second sees the first's unreduced gradients

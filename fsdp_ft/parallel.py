@@ -75,10 +75,8 @@ def mixed_precision_policy(cfg: Config) -> MixedPrecisionPolicy:
                                 output_dtype=None, cast_forward_inputs=True)
 
 
-def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh, memory_per_rank: int | None = None) -> dict:
-    """Checkpoint, then shard each block, then the root (embeddings, head and anything left).
-    `memory_per_rank` (bytes) is what fsdp.shard_frozen=null weighs the frozen weights against (default: this
-    rank's device memory; the planner passes its target's)."""
+def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
+    """Checkpoint, then shard each block, then the root (embeddings, head and anything left)."""
     blocks = find_blocks(adapters.base_model(model), cfg.model.block_classes)
     block_class = type(blocks[0]).__name__
     checkpointed = apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
@@ -93,7 +91,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh, memory_per_rank
         # FSDP2's world-size-1 shortcut mishandles tensor subclasses with several inner tensors (NF4); with one
         # rank there is nothing to shard, so FSDP leaves the quantized weights alone
         ignored |= {p for p in model.parameters() if quantize.is_quantized(p)}
-    shard_frozen, why = decide_shard_frozen(model, cfg, mesh, memory_per_rank)
+    shard_frozen, why = decide_shard_frozen(model, cfg, mesh.size(), mesh.device_type)
     if not shard_frozen:
         ignored |= replicate_frozen(model, mixed_precision_policy(cfg).param_dtype)
     if ignored:
@@ -125,22 +123,31 @@ def device_memory_per_rank(device_type: str) -> int:
     return host // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def decide_shard_frozen(model: nn.Module, cfg: Config, mesh: DeviceMesh,
-                        memory_per_rank: int | None = None) -> tuple[bool, str]:
-    """fsdp.shard_frozen, with null resolved: a PEFT method's frozen base stays whole on every rank (no
-    all-gathers for it, measured 1.2-1.4x faster LoRA steps on CPU) when it takes at most REPLICATE_FROZEN_SHARE
-    of a rank's device memory. Returns the choice and why."""
+def shard_frozen_without_model(cfg: Config, world_size: int) -> tuple[bool, str] | None:
+    """The fsdp.shard_frozen choice where the model's size does not matter; None where it does."""
     if cfg.fsdp.shard_frozen is not None:
         return cfg.fsdp.shard_frozen, "config"
-    if mesh.size() == 1:
+    if world_size == 1:
         return True, "auto: one rank, nothing to shard"
     if cfg.finetune.method not in PEFT_BASES:
         return True, f"auto: finetune.method={cfg.finetune.method} shards every weight"
+    return None
+
+
+def decide_shard_frozen(model: nn.Module, cfg: Config, world_size: int, device_type: str,
+                        memory_per_rank: int | None = None) -> tuple[bool, str]:
+    """fsdp.shard_frozen, with null resolved: a PEFT method's frozen base stays whole on every rank (no
+    all-gathers for it: the faster LoRA setting in docs/benchmarks.md) when it takes at most
+    REPLICATE_FROZEN_SHARE of a rank's device memory (`memory_per_rank`, default this rank's device).
+    Returns the choice and why."""
+    decided = shard_frozen_without_model(cfg, world_size)
+    if decided is not None:
+        return decided
     dtype = mixed_precision_policy(cfg).param_dtype
     frozen = sum(p.numel() * (dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size())
                  for p in {id(p): p for p in model.parameters()}.values()
                  if not p.requires_grad and not quantize.is_quantized(p))
-    budget = memory_per_rank or device_memory_per_rank(mesh.device_type)
+    budget = memory_per_rank or device_memory_per_rank(device_type)
     verdict = "at most" if frozen <= REPLICATE_FROZEN_SHARE * budget else "more than"
     why = (f"auto: the frozen base ({frozen / 2**30:.2f} GiB whole) is {verdict} {REPLICATE_FROZEN_SHARE:.0%} "
            f"of {budget / 2**30:.1f} GiB per rank")

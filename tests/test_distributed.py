@@ -167,8 +167,6 @@ def test_auto_shard_frozen_keeps_a_small_lora_base_whole(reference, session_tmp)
     ("full", 2**40, True),    # full fine-tuning shards everything
 ])
 def test_shard_frozen_auto_decision(tmp_path, method, memory, want_sharded):
-    import types
-
     from conftest import TINY
     from fsdp_ft import distributed, parallel
     from fsdp_ft.config import load_config
@@ -180,8 +178,7 @@ def test_shard_frozen_auto_decision(tmp_path, method, memory, want_sharded):
     model_dir = resolve_model_dir(cfg)
     env = distributed.DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="fake")
     model, _ = build_meta(cfg, env, model_dir, load_tokenizer(cfg, model_dir), None)  # meta: no process group
-    two_ranks = types.SimpleNamespace(size=lambda: 2, device_type="cpu")  # all the decision reads of a mesh
-    sharded, why = parallel.decide_shard_frozen(model, cfg, two_ranks, memory)
+    sharded, why = parallel.decide_shard_frozen(model, cfg, 2, "cpu", memory)
     assert sharded is want_sharded, why
     frozen = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
     if method == "lora":  # the reason states the whole frozen size, in GiB
