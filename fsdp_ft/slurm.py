@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,15 +215,32 @@ def _sbatch_reason(e: Exception) -> str:
     return (lines[-1] if lines else text.strip().splitlines()[-1] if text.strip() else repr(e))[:300]
 
 
+RESULT_PATIENCE_S = 90  # how long a COMPLETED job's result files may lag its state
+
+
 def _wait(jobs) -> int:
     """Block until every job ends; non-zero if any failed (its traceback is in its log)."""
     code = 0
     for job in jobs:
         try:
-            job.results()
+            _results(job)
             print(f"job {job.job_id} finished", flush=True)
         except Exception as e:
-            print(f"fsdp-ft: job {job.job_id} failed ({job.state}): {str(e).strip().splitlines()[-1][:300]}\n"
+            last = (str(e).strip().splitlines() or [""])[-1][:300]
+            print(f"fsdp-ft: job {job.job_id} failed ({job.state}): {type(e).__name__}: {last}\n"
                   f"  see {job.paths.stderr}", file=sys.stderr, flush=True)
             code = 1
     return code
+
+
+def _results(job, patience_s: float = RESULT_PATIENCE_S, poll_s: float = 3.0):
+    """`job.results()`, asked again while SLURM calls the job COMPLETED: a task's result file can appear after
+    the job's state does (a loaded node, a slow shared filesystem), and submitit gives up after 15 s."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return job.results()
+        except Exception:
+            if job.state != "COMPLETED" or time.monotonic() > deadline:
+                raise
+            time.sleep(poll_s)

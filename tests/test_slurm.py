@@ -152,3 +152,38 @@ def test_sweep_dry_run_is_one_job_array(tmp_path):
     res = cli("submit", str(TINY), "--dry-run", "--sweep", "optim.lr=1e-3,2e-3", "--sweep", "train.seed=1,2",
               f"output_dir={tmp_path}")
     assert "#SBATCH --array=0-3%4" in res.stdout
+
+
+class _LaggingJob:
+    """A submitit job whose result files appear `lag` reads after SLURM's state says `state` (submitit raises
+    UncompletedJobError meanwhile), as seen once under load."""
+
+    def __init__(self, state: str, lag: int):
+        self.state, self.lag, self.reads = state, lag, 0
+
+    def results(self):
+        from submitit.core.utils import UncompletedJobError
+
+        self.reads += 1
+        if self.reads <= self.lag:
+            raise UncompletedJobError("has not produced any output")
+        return ["done"]
+
+
+def test_results_of_a_completed_job_are_read_again_until_they_appear():
+    from fsdp_ft.slurm import _results
+
+    job = _LaggingJob("COMPLETED", lag=2)
+    assert _results(job, patience_s=30, poll_s=0) == ["done"] and job.reads == 3
+
+
+@pytest.mark.parametrize("state,patience", [("FAILED", 30), ("COMPLETED", 0)])
+def test_results_of_a_failed_job_or_after_the_patience_raise(state, patience):
+    from submitit.core.utils import UncompletedJobError
+
+    from fsdp_ft.slurm import _results
+
+    job = _LaggingJob(state, lag=100)
+    with pytest.raises(UncompletedJobError):
+        _results(job, patience_s=patience, poll_s=0)
+    assert job.reads == 1
