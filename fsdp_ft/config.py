@@ -142,7 +142,12 @@ class FSDPConfig:
                                  "asynchronously (2 ranks swap halves, more all-reduce in place), overlapping the "
                                  "next block's backward; false: torch's gloo reduce-scatter (a full copy and a "
                                  "blocking all-reduce per block)")
-    hybrid_replicas: int = _f(1, "replicate groups for hybrid sharding (2-D mesh replicas x shards); 1: full sharding")
+    hybrid_replicas: Optional[int] = _f(None, "replicate groups for hybrid sharding (2-D mesh replicas x shards); "
+                                        "1: full sharding; null (auto): every rank holds every weight (replicas = "
+                                        "ranks: no all-gathers, one all-reduce of each block's gradients) when the "
+                                        "frozen base stays whole (fsdp.shard_frozen) and the trainable weights with "
+                                        "their gradients and AdamW state take at most 5% of a rank's device memory, "
+                                        "else 1")
     cpu_offload: bool = _f(False, "keep sharded parameters, gradients and optimizer state in host memory")
     mixed_precision: str = _f("fp32", "compute precision", DTYPES)
     param_dtype: Optional[str] = _f(None, "dtype blocks compute in; null: from fsdp.mixed_precision", DTYPES + (None,))
@@ -433,7 +438,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.profile_steps' must be [start, end] with 1 <= start <= end, got {steps}")
     if cfg.train.peak_flops is not None and cfg.train.peak_flops <= 0:
         raise ConfigError("config key 'train.peak_flops' must be > 0 (or null)")
-    if cfg.fsdp.hybrid_replicas < 1:
+    if cfg.fsdp.hybrid_replicas is not None and cfg.fsdp.hybrid_replicas < 1:
         raise ConfigError("config key 'fsdp.hybrid_replicas' must be >= 1")
     if not 0.0 <= cfg.data.eval_share < 1.0:
         raise ConfigError("config key 'data.eval_share' must be in [0, 1)")
@@ -489,7 +494,7 @@ def _validate_engine(cfg: Config) -> None:
     if cfg.finetune.method not in DEEPSPEED_METHODS:
         raise ConfigError(f"config key 'finetune.method'={cfg.finetune.method} is not available with engine "
                           f"deepspeed (it runs {', '.join(DEEPSPEED_METHODS)}); use engine=fsdp")
-    if cfg.fsdp.hybrid_replicas != 1:
+    if cfg.fsdp.hybrid_replicas not in (None, 1):
         raise ConfigError("config key 'fsdp.hybrid_replicas' is FSDP-only; with engine deepspeed use ZeRO++ "
                           "(zero_hpz_partition_size) in deepspeed.config")
     from fsdp_ft.ds_config import read_user_config  # imports nothing heavy; checks the JSON before launch

@@ -88,7 +88,8 @@ def build_meta(cfg: Config, env: distributed.DistEnv, model_dir, tokenizer, labe
     if adapters.is_peft(cfg):
         model = adapters.wrap(model, cfg, vocab.added_chat_tokens(tokenizer))
         if cfg.finetune.method == "qlora":
-            quantize.quantize_meta_model(model, cfg, shards=env.world_size // cfg.fsdp.hybrid_replicas)
+            replicas, _ = parallel.replicas_without_model(cfg, env.world_size)  # a QLoRA base is sharded
+            quantize.quantize_meta_model(model, cfg, shards=env.world_size // replicas)
     else:
         apply_finetune(model, cfg, parallel.find_blocks(model, cfg.model.block_classes))
         vocab.check_rows_train(model, cfg.finetune.method, vocab.added_chat_tokens(tokenizer))
@@ -111,8 +112,9 @@ def build(cfg: Config, env: distributed.DistEnv):
     model, hf_config = build_meta(cfg, env, model_dir, tokenizer, labels)
     flop_counts = _count_flops(env, model)  # what trains is settled; traced on fake tensors before sharding
     trainable, total = parameter_counts(model)
-    mesh = distributed.build_mesh(env, cfg.fsdp.hybrid_replicas)
-    shard_info = parallel.parallelize(model, cfg, mesh)
+    replicas, replicas_why = parallel.decide_replicas(model, cfg, env.world_size, env.device.type)
+    mesh = distributed.build_mesh(env, replicas)
+    shard_info = {**parallel.parallelize(model, cfg, mesh), "replicas": replicas, "replicas_why": replicas_why}
     source = open_weight_source(cfg, model_dir, model)
     mat = materialize(model, source, cfg.train.seed, torch.device("cpu") if cfg.fsdp.cpu_offload else env.device)
     info = {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),

@@ -73,22 +73,23 @@ def build_sharded_meta(cfg: Config, env: distributed.DistEnv, model_dir, hf_conf
     return model
 
 
-def resolve_shard_frozen(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
-                         memory_per_rank: int | None) -> Config:
-    """`cfg` with fsdp.shard_frozen=null replaced by what training would choose for the whole model (the
-    simulation may build a shorter stack, whose frozen bytes would decide differently)."""
+def resolve_auto(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
+                 memory_per_rank: int | None) -> Config:
+    """`cfg` with fsdp.shard_frozen=null and fsdp.hybrid_replicas=null replaced by what training would choose
+    for the whole model (the simulation may build a shorter stack, whose sizes would decide differently)."""
     import dataclasses
 
-    if cfg.fsdp.shard_frozen is not None:
-        return cfg
-    decided = parallel.shard_frozen_without_model(cfg, world_size)
-    if decided is None:
+    frozen = parallel.shard_frozen_without_model(cfg, world_size)
+    replicas = parallel.replicas_without_model(cfg, world_size)
+    if frozen is None or replicas is None:
         from fsdp_ft.engine import build_meta
 
         env = _fake_env(world_size)
         model, _ = build_meta(cfg, env, model_dir, tokenizer, _labels(cfg), hf_config=hf_config)
-        decided = parallel.decide_shard_frozen(model, cfg, world_size, "cpu", memory_per_rank)
-    return dataclasses.replace(cfg, fsdp=dataclasses.replace(cfg.fsdp, shard_frozen=decided[0]))
+        frozen = parallel.decide_shard_frozen(model, cfg, world_size, "cpu", memory_per_rank)
+        replicas = parallel.decide_replicas(model, cfg, world_size, "cpu", memory_per_rank)
+    return dataclasses.replace(cfg, fsdp=dataclasses.replace(cfg.fsdp, shard_frozen=frozen[0],
+                                                             hybrid_replicas=replicas[0]))
 
 
 def _fake_env(world_size: int) -> distributed.DistEnv:

@@ -154,6 +154,45 @@ def decide_shard_frozen(model: nn.Module, cfg: Config, world_size: int, device_t
     return verdict == "more than", why
 
 
+REPLICATE_TRAINABLE_SHARE = 0.05  # auto: at most this share of a rank's device memory goes to whole trainable state
+TRAINABLE_STATE_BYTES = 16  # per trainable parameter: fp32 weight, gradient and AdamW's two moments
+
+
+def replicas_without_model(cfg: Config, world_size: int) -> tuple[int, str] | None:
+    """The fsdp.hybrid_replicas choice where the model's size does not matter; None where it does."""
+    if cfg.fsdp.hybrid_replicas is not None:
+        return cfg.fsdp.hybrid_replicas, "config"
+    if world_size == 1:
+        return 1, "auto: one rank"
+    if cfg.fsdp.cpu_offload:
+        return 1, "auto: fsdp.cpu_offload keeps sharded state in host memory"
+    if cfg.finetune.method == "qlora":
+        return 1, "auto: a QLoRA base is sharded"
+    frozen = shard_frozen_without_model(cfg, world_size)
+    if frozen is not None and frozen[0]:
+        return 1, "auto: the frozen weights are sharded (fsdp.shard_frozen)"
+    return None
+
+
+def decide_replicas(model: nn.Module, cfg: Config, world_size: int, device_type: str,
+                    memory_per_rank: int | None = None) -> tuple[int, str]:
+    """fsdp.hybrid_replicas, with null resolved: when the frozen base stays whole and the trainable state is
+    small (LoRA), every rank holds every weight, so FSDP2 never gathers and reduces each block's gradients with
+    one all-reduce, as DDP would (+6-8% tokens/s for LoRA in docs/performance.md). Returns the choice and why."""
+    decided = replicas_without_model(cfg, world_size)
+    if decided is not None:
+        return decided
+    if decide_shard_frozen(model, cfg, world_size, device_type, memory_per_rank)[0]:
+        return 1, "auto: the frozen base is sharded (fsdp.shard_frozen)"
+    trainable = TRAINABLE_STATE_BYTES * sum(
+        p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
+    budget = memory_per_rank or device_memory_per_rank(device_type)
+    small = trainable <= REPLICATE_TRAINABLE_SHARE * budget
+    why = (f"auto: the trainable state ({trainable / 2**30:.2f} GiB whole) is {'at most' if small else 'more than'} "
+           f"{REPLICATE_TRAINABLE_SHARE:.0%} of {budget / 2**30:.1f} GiB per rank")
+    return (world_size if small else 1), why
+
+
 def replicate_frozen(model: nn.Module, compute_dtype: torch.dtype | None) -> set[nn.Parameter]:
     """fsdp.shard_frozen=false: the frozen, unquantized parameters FSDP must leave whole on every rank. They are
     stored in the compute dtype, which is what FSDP's mixed precision would cast them to at every all-gather;

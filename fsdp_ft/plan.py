@@ -34,6 +34,7 @@ class Prediction:
     step: dict[str, int]               # bytes by group at the optimizer-step peak
     layers_simulated: list[int] = field(default_factory=list)
     offload: bool = False
+    replicas: int = 1                  # fsdp.hybrid_replicas as training would resolve it
 
     def _device(self, groups: dict[str, int]) -> dict[str, int]:
         if self.offload and self.target == "cuda":
@@ -90,9 +91,9 @@ def _extrapolate(a: dict[str, int], b: dict[str, int], la: int, lb: int, layers:
 def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, target: str, overrides: list[str] = (),
             exact: bool = False, memory_per_rank: int | None = None) -> Prediction:
     """Peak bytes per rank of `cfg` on `world_size` ranks (`exact`: simulate every block, do not extrapolate;
-    `memory_per_rank`: the device memory fsdp.shard_frozen=null decides by, default this machine's).
+    `memory_per_rank`: the device memory the null fsdp.shard_frozen and fsdp.hybrid_replicas decide by, default this machine's).
     Runs inside the caller's `memsim.fake_world`."""
-    cfg = memsim.resolve_shard_frozen(cfg, model_dir, hf_config, tokenizer, world_size, memory_per_rank)
+    cfg = memsim.resolve_auto(cfg, model_dir, hf_config, tokenizer, world_size, memory_per_rank)
     layers = _layer_count(hf_config)
     p = _period(cfg, hf_config)
     short = [2 * p, 3 * p] if p == 1 else [p, 2 * p]
@@ -106,7 +107,7 @@ def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, targe
         step = _extrapolate(a.step, b.step, *short, layers)
         simulated = short
     return Prediction(overrides=list(overrides), world_size=world_size, target=target, train=train, step=step,
-                      layers_simulated=simulated, offload=cfg.fsdp.cpu_offload)
+                      layers_simulated=simulated, offload=cfg.fsdp.cpu_offload, replicas=cfg.fsdp.hybrid_replicas)
 
 
 # ---------------------------------------------------------------- advice
@@ -200,7 +201,7 @@ def run_plan(config_path: str, overrides: list[str], world_size: int, target: st
     from fsdp_ft.model import load_hf_config, load_tokenizer, resolve_model_dir
 
     cfg = load_config(config_path, overrides)
-    if world_size % cfg.fsdp.hybrid_replicas:
+    if cfg.fsdp.hybrid_replicas is not None and world_size % cfg.fsdp.hybrid_replicas:
         raise ConfigError(f"config key 'fsdp.hybrid_replicas'={cfg.fsdp.hybrid_replicas} must divide the world "
                           f"size {world_size}")
     model_dir = resolve_model_dir(cfg)
@@ -218,8 +219,8 @@ def run_plan(config_path: str, overrides: list[str], world_size: int, target: st
                           "advice": advice.to_dict() if advice else None,
                           "tried": [t.to_dict() for t in tried]}))
         return 0
-    shards = world_size // cfg.fsdp.hybrid_replicas
-    print(f"fsdp-ft plan: {config_path}; {world_size} rank(s) = {cfg.fsdp.hybrid_replicas} replica(s) x {shards} "
+    shards = world_size // pred.replicas
+    print(f"fsdp-ft plan: {config_path}; {world_size} rank(s) = {pred.replicas} replica(s) x {shards} "
           f"shard(s); micro-batch {cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens; "
           f"finetune {cfg.finetune.method}; activation checkpointing {cfg.activation_checkpointing}; "
           f"target {target}")

@@ -129,16 +129,18 @@ def test_gather_once_per_step_equals_one_process_with_one_all_gather_per_block(r
 
 @pytest.mark.parametrize("precision", ["fp32", "fp32-tied", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_replicated_frozen_weights_equal_one_process(reference, session_tmp, precision):
-    """fsdp.shard_frozen=false keeps LoRA's frozen base whole on each rank (no all-gathers for it): the same losses
-    as one process, and each rank holds about what one process holds. Tied embeddings stay tied (a replicated
-    tied weight once came out of loading as two tensors, one of them random)."""
+    """fsdp.shard_frozen=false keeps LoRA's frozen base whole on each rank (no all-gathers for it) while the
+    adapters stay sharded (hybrid_replicas=1): the same losses as one process, and each rank holds about what one
+    process holds. Tied embeddings stay tied (a replicated tied weight once came out of loading as two tensors,
+    one of them random)."""
     from conftest import ASSETS
 
     extra = ["finetune.method=lora"] + (["fsdp.mixed_precision=bf16"] if precision == "bf16" else [])
     if precision == "fp32-tied":
         extra.append(f"model.path={ASSETS / 'tiny-llama-tied'}")
     ref = reference(f"lora-{precision}", *extra)
-    out = train_nproc(2, session_tmp / f"2r-replicated-{precision}", *TWO_RANKS, *extra, "fsdp.shard_frozen=false")
+    out = train_nproc(2, session_tmp / f"2r-replicated-{precision}", *TWO_RANKS, *extra, "fsdp.shard_frozen=false",
+                      "fsdp.hybrid_replicas=1")
     assert_losses_close(losses(out), losses(ref), FP32_RTOL if precision.startswith("fp32") else 2e-3)
     if precision != "fp32":  # bf16: the replicated base is stored in bf16, its bytes halve whatever the sharding
         return
@@ -148,17 +150,18 @@ def test_replicated_frozen_weights_equal_one_process(reference, session_tmp, pre
     assert all(b > 0.75 * whole for b in per_rank), (per_rank, whole)
 
 
-def test_auto_shard_frozen_keeps_a_small_lora_base_whole(reference, session_tmp):
-    """fsdp.shard_frozen=null (the default): a LoRA base this small stays whole on each rank, with the reason in
-    the setup row, and training still equals one process."""
+def test_auto_keeps_a_small_lora_model_whole_on_every_rank(reference, session_tmp):
+    """fsdp.shard_frozen=null and fsdp.hybrid_replicas=null (the defaults): a LoRA base this small stays whole on
+    each rank and so do its adapters (2 replicas x 1 shard), with the reasons in the setup row; training still
+    equals one process, and each rank holds what one process holds."""
     ref = reference("lora-fp32", "finetune.method=lora")
     out = train_nproc(2, session_tmp / "2r-auto-frozen", *TWO_RANKS, "finetune.method=lora")
     assert_losses_close(losses(out), losses(ref), FP32_RTOL)
     setup = next(r for r in read_metrics(out) if r.get("split") == "setup")
     assert setup["shard_frozen"] is False and setup["shard_frozen_why"].startswith("auto: the frozen base"), setup
-    assert setup["gradient_reduce"] == "gloo without copies, overlapped"  # fsdp_ft/gloo_reduce.py
+    assert setup["replicas"] == 2 and setup["replicas_why"].startswith("auto: the trainable state"), setup
     first = lambda run: next(r for r in read_metrics(run) if "state_bytes_per_rank" in r)  # noqa: E731
-    assert all(b > 0.75 * first(ref)["state_bytes_per_rank"][0] for b in first(out)["state_bytes_per_rank"])
+    assert all(b > 0.98 * first(ref)["state_bytes_per_rank"][0] for b in first(out)["state_bytes_per_rank"])
 
 
 @pytest.mark.parametrize("method,memory,want_sharded", [
@@ -183,3 +186,49 @@ def test_shard_frozen_auto_decision(tmp_path, method, memory, want_sharded):
     frozen = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
     if method == "lora":  # the reason states the whole frozen size, in GiB
         assert f"({frozen / 2**30:.2f} GiB whole)" in why
+    # hybrid_replicas=null follows: every weight whole only where the base is
+    replicas, why = parallel.decide_replicas(model, cfg, 2, "cpu", memory)
+    assert replicas == (1 if want_sharded else 2), why
+
+
+@pytest.mark.parametrize("overrides,memory,want", [
+    ([], 2**40, 2),                                      # small base, small adapters: all whole
+    (["fsdp.shard_frozen=false"], None, None),           # adapters' state over 5% of the device: sharded (set below)
+    (["fsdp.hybrid_replicas=1"], 2**40, 1),              # the config decides
+    (["fsdp.cpu_offload=true"], 2**40, 1),               # offloaded state stays sharded
+])
+def test_replicas_auto_decision(tmp_path, overrides, memory, want):
+    """The 5% bound on trainable state: 16 bytes per trainable parameter against the device memory."""
+    from conftest import TINY
+    from fsdp_ft import distributed, parallel
+    from fsdp_ft.config import load_config
+    from fsdp_ft.engine import build_meta
+    from fsdp_ft.model import load_tokenizer, resolve_model_dir
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "finetune.method=lora", *overrides])
+    model_dir = resolve_model_dir(cfg)
+    env = distributed.DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="fake")
+    model, _ = build_meta(cfg, env, model_dir, load_tokenizer(cfg, model_dir), None)
+    state = 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if memory is None:  # just below and just above 20x the trainable state
+        assert parallel.decide_replicas(model, cfg, 2, "cpu", 20 * state)[0] == 2
+        assert parallel.decide_replicas(model, cfg, 2, "cpu", 20 * state - 1)[0] == 1
+        return
+    replicas, why = parallel.decide_replicas(model, cfg, 2, "cpu", memory)
+    assert replicas == want, why
+
+
+@pytest.mark.parametrize("overrides,world,want", [
+    (["finetune.method=qlora"], 2, 1),                             # a quantized base is sharded
+    (["finetune.method=qlora", "fsdp.shard_frozen=false"], 2, 1),  # ... whatever happens to its other weights
+    (["finetune.method=full"], 2, 1),                              # full fine-tuning shards every weight
+    (["finetune.method=lora"], 1, 1),
+    (["finetune.method=lora"], 2, None),                           # depends on the model's size
+])
+def test_replicas_decided_without_a_model(overrides, world, want):
+    from conftest import TINY
+    from fsdp_ft import parallel
+    from fsdp_ft.config import load_config
+
+    decided = parallel.replicas_without_model(load_config(TINY, ["output_dir=/tmp/x", *overrides]), world)
+    assert (decided and decided[0]) == want, decided
