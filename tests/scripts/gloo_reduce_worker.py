@@ -67,6 +67,9 @@ def main():
         }
     with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
         json.dump(result, f)
+    # every rank past its last reduction before any tears its connections down: without this, a loaded 4-rank
+    # run aborted in teardown ("terminate called without an active exception") after writing correct results
+    dist.barrier()
     dist.destroy_process_group()
 
 
