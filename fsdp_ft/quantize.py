@@ -32,6 +32,10 @@ QUANT_TYPE_ATTR = "fsdp_ft_quant_type"  # set on each quantized linear: which qu
 def _nf4():
     logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA kernels it cannot load on CPU
     from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+
+    from fsdp_ft import nf4_linear
+
+    nf4_linear.install(nf4_tensor)
     return nf4_tensor
 
 
