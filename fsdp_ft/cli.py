@@ -153,8 +153,6 @@ def cmd_train(args) -> int:
     from fsdp_ft.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # before importing torch: a bad config fails in a blink
-    if cfg.train.tune_host_malloc and args.argv is not None:
-        _restart_with_huge_pages(args.argv)
     from fsdp_ft import preemption, ranklog
 
     if args.debug:
@@ -173,17 +171,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _restart_with_huge_pages(argv: list[str]) -> None:
-    """glibc reads its huge-page tunable only at start-up (fsdp_ft/host_malloc.py): start again with it, as the
-    same process (exec keeps the pid a launcher watches), unless it is set or cannot act."""
-    from fsdp_ft import host_malloc
-
-    env = host_malloc.hugepage_env()
-    if env is not None:
-        sys.stdout.flush(), sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "fsdp_ft.cli", *argv], env)
-
-
 def cmd_run(args) -> int:
     """torchrun in-process: its agent starts the ranks, forwards signals and reports the failing rank's code."""
     from fsdp_ft.config import load_config
@@ -191,10 +178,6 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
     from fsdp_ft import launcher
 
-    if cfg.train.tune_host_malloc:  # the ranks start with glibc's huge-page tunable (no restart each)
-        from fsdp_ft import host_malloc
-
-        os.environ.update(host_malloc.hugepage_env() or {})
     endpoint = launcher.resolve_endpoint(args.rdzv_endpoint, args.nnodes, args.node_rank)
     argv = launcher.torchrun_argv(args.nproc_per_node, args.nnodes, args.node_rank, endpoint,
                                   args.config, args.overrides)
@@ -323,12 +306,10 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its options belong to benchmarks/run.py's own parser
         return cmd_bench(argv[1:])
     args = _parse(argv)
-    args.argv = argv if from_command_line else None  # only a process started on this command line restarts
     handler = {"train": cmd_train, "run": cmd_run, "submit": cmd_submit, "export": cmd_export, "eval": cmd_eval,
                "generate": cmd_generate, "predict": cmd_predict, "plan": cmd_plan, "report": cmd_report}[args.command]
     try:

@@ -11,7 +11,6 @@ recorded (`preemption`); ranks agree, save a checkpoint, and then:
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import re
@@ -177,10 +176,6 @@ def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
     if not opts.dry_run and shutil.which("sbatch") is None:
         raise SlurmError("`sbatch` is not on PATH: `fsdp-ft submit` needs a SLURM cluster "
                          "(use `fsdp-ft run` on a workstation, or --dry-run to see the batch script)")
-    if base.train.tune_host_malloc:  # glibc's huge-page tunable in every task's environment (host_malloc.py)
-        from fsdp_ft import host_malloc
-
-        opts = dataclasses.replace(opts, setup=[*opts.setup, host_malloc.shell_export()])
     ex = build_executor(opts, folder)
     if opts.dry_run:
         print(batch_script(ex, len(configs) if opts.sweep else None))

@@ -152,8 +152,6 @@ def test_sweep_dry_run_is_one_job_array(tmp_path):
     res = cli("submit", str(TINY), "--dry-run", "--sweep", "optim.lr=1e-3,2e-3", "--sweep", "train.seed=1,2",
               f"output_dir={tmp_path}")
     assert "#SBATCH --array=0-3%4" in res.stdout
-    # glibc's huge-page tunable reaches every task (train.tune_host_malloc, on by default)
-    assert 'export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"' in res.stdout
 
 
 class _LaggingJob:
