@@ -163,6 +163,9 @@ def cmd_train(args) -> int:
     from fsdp_ft.engine import train
 
     result = train(cfg)
+    from fsdp_ft import distributed
+
+    distributed.finish()  # every rank returns from train() together, stopped by a signal or not
     if preemption.stop_signal():
         if ranklog.rank_from_env() == 0:
             print(f"fsdp-ft: stopped by signal {preemption.stop_signal()} after step {result.state.step}; "

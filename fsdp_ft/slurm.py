@@ -95,7 +95,7 @@ class TrainJob:
         result = train(cfg)
         sig = preemption.stop_signal()
         if not sig:
-            distributed.shutdown()
+            distributed.finish()
             return {"output_dir": str(result.output_dir), "step": result.state.step}
         print(f"[fsdp_ft] stopped on {signal.Signals(sig).name} at step {result.state.step}; checkpoint saved",
               file=sys.stderr, flush=True)
