@@ -145,7 +145,7 @@ def decide_shard_frozen(model: nn.Module, cfg: Config, world_size: int, device_t
         return decided
     dtype = mixed_precision_policy(cfg).param_dtype
     frozen = sum(p.numel() * (dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size())
-                 for p in {id(p): p for p in model.parameters()}.values()
+                 for p in model.parameters()  # shared (tied) weights once
                  if not p.requires_grad and not quantize.is_quantized(p))
     budget = memory_per_rank or device_memory_per_rank(device_type)
     verdict = "at most" if frozen <= REPLICATE_FROZEN_SHARE * budget else "more than"
@@ -184,8 +184,7 @@ def decide_replicas(model: nn.Module, cfg: Config, world_size: int, device_type:
         return decided
     if decide_shard_frozen(model, cfg, world_size, device_type, memory_per_rank)[0]:
         return 1, "auto: the frozen base is sharded (fsdp.shard_frozen)"
-    trainable = TRAINABLE_STATE_BYTES * sum(
-        p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
+    trainable = TRAINABLE_STATE_BYTES * sum(p.numel() for p in model.parameters() if p.requires_grad)
     budget = memory_per_rank or device_memory_per_rank(device_type)
     small = trainable <= REPLICATE_TRAINABLE_SHARE * budget
     why = (f"auto: the trainable state ({trainable / 2**30:.2f} GiB whole) is {'at most' if small else 'more than'} "

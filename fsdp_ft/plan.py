@@ -91,7 +91,8 @@ def _extrapolate(a: dict[str, int], b: dict[str, int], la: int, lb: int, layers:
 def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, target: str, overrides: list[str] = (),
             exact: bool = False, memory_per_rank: int | None = None) -> Prediction:
     """Peak bytes per rank of `cfg` on `world_size` ranks (`exact`: simulate every block, do not extrapolate;
-    `memory_per_rank`: the device memory the null fsdp.shard_frozen and fsdp.hybrid_replicas decide by, default this machine's).
+    `memory_per_rank`: the device memory the null fsdp.shard_frozen and fsdp.hybrid_replicas decide by, default
+    this machine's).
     Runs inside the caller's `memsim.fake_world`."""
     cfg = memsim.resolve_auto(cfg, model_dir, hf_config, tokenizer, world_size, memory_per_rank)
     layers = _layer_count(hf_config)
