@@ -9,6 +9,11 @@ meanwhile. This rank's part is copied into FSDP's output only when it is needed:
 when more than `max_in_flight` reductions are pending (which bounds the extra memory to that many unsharded
 block gradients), and at the end of backward (an autograd final callback), before anything reads a gradient.
 
+With two ranks the swapped halves travel in the gradients' own dtype (bf16 under bf16 mixed precision) and are
+summed into the fp32 output: FSDP's copy-in writes half the bytes and the exchange sends half the bytes, and the
+sum is the same fp32 sum of the same two values as an fp32 reduce, bit for bit (every bf16 or fp16 value is exact
+in fp32).
+
 Deferring is only correct when FSDP does not read its output between the reduce-scatter and the end of
 backward; `asynchronous=False` (per FSDP module) covers the cases where it does (a cast of the reduced gradient
 to another parameter dtype), keeping the no-copy in-place all-reduce but waiting at once.
@@ -73,10 +78,17 @@ class GlooReduceScatter(ReduceScatter):
     vs 27 ms for 28 MB, and 50 ms through torch's gloo reduce-scatter); more ranks all-reduce the buffer in place.
     """
 
-    def __init__(self, pending: PendingReductions, asynchronous: bool = True):
+    def __init__(self, pending: PendingReductions, asynchronous: bool = True,
+                 input_dtype: torch.dtype | None = None):
         self.pending, self.asynchronous = pending, asynchronous
+        self.input_dtype = input_dtype  # two ranks: the gradients' dtype, when narrower than the reduce dtype
+        self._next_is_input = True
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """FSDP allocates the input (every rank's gradients), then the output (this rank's part), per call."""
+        is_input, self._next_is_input = self._next_is_input, not self._next_is_input
+        if is_input and self.input_dtype is not None:
+            dtype = self.input_dtype
         return torch.empty(size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
@@ -84,6 +96,7 @@ class GlooReduceScatter(ReduceScatter):
         average = op == dist.ReduceOp.AVG
         if not average and op != dist.ReduceOp.SUM:  # e.g. a pre-multiplied sum: torch's own path
             self.pending.flush()
+            input_tensor = input_tensor.to(output_tensor.dtype)
             return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
         rank, world = group.rank(), group.size()
         chunks = input_tensor.view(world, -1)
@@ -95,7 +108,10 @@ class GlooReduceScatter(ReduceScatter):
                      dist.irecv(received, peer, group=group, tag=tag)]
 
             def finish():
-                torch.add(chunks[rank], received, out=output_tensor)
+                if input_tensor.dtype == output_tensor.dtype:
+                    torch.add(chunks[rank], received, out=output_tensor)
+                else:  # widen first: an add of two bf16 tensors would round the sum to bf16
+                    output_tensor.copy_(chunks[rank]).add_(received)
                 if average:
                     output_tensor.div_(world)
         else:
@@ -110,15 +126,19 @@ class GlooReduceScatter(ReduceScatter):
         return None
 
 
-def install(model: torch.nn.Module, fsdp_modules, reduce_dtype: torch.dtype) -> bool:
-    """Give each FSDP module the gloo reduce-scatter, sharing one queue; returns whether reductions are deferred.
-    They are not when trainable parameters are stored in a dtype other than the reduce dtype: FSDP casts the
-    reduced gradient right after the call, so it must be there."""
+def install(model: torch.nn.Module, fsdp_modules, policy, world: int) -> tuple[bool, torch.dtype]:
+    """Give each FSDP module the gloo reduce-scatter, sharing one queue; returns whether reductions are deferred
+    and the dtype gradients travel in. They are not deferred when trainable parameters are stored in a dtype other
+    than the reduce dtype: FSDP casts the reduced gradient right after the call, so it must be there."""
     pending = PendingReductions()
-    asynchronous = {p.dtype for p in model.parameters() if p.requires_grad} <= {reduce_dtype}
+    asynchronous = {p.dtype for p in model.parameters() if p.requires_grad} <= {policy.reduce_dtype}
+    input_dtype = None
+    narrower = policy.param_dtype is not None and policy.param_dtype.itemsize < policy.reduce_dtype.itemsize
+    if world == 2 and narrower and policy.param_dtype.is_floating_point and policy.reduce_dtype == torch.float32:
+        input_dtype = policy.param_dtype
     for module in fsdp_modules:
-        module.set_custom_reduce_scatter(GlooReduceScatter(pending, asynchronous))
-    return asynchronous
+        module.set_custom_reduce_scatter(GlooReduceScatter(pending, asynchronous, input_dtype))
+    return asynchronous, input_dtype or policy.reduce_dtype
 
 
 def applies(mesh, cfg) -> bool:

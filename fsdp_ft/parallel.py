@@ -104,8 +104,9 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
     info = {"blocks": len(blocks), "block_class": block_class, "checkpointed": len(checkpointed),
             "shard_frozen": shard_frozen, "shard_frozen_why": why}
     if gloo_reduce.applies(mesh, cfg):
-        deferred = gloo_reduce.install(model, [*blocks, model], kwargs["mp_policy"].reduce_dtype)
-        info["gradient_reduce"] = "gloo without copies, " + ("overlapped" if deferred else "blocking")
+        deferred, sent = gloo_reduce.install(model, [*blocks, model], kwargs["mp_policy"], mesh.size())
+        info["gradient_reduce"] = (f"gloo without copies, {str(sent).removeprefix('torch.')} exchange, "
+                                   + ("overlapped" if deferred else "blocking"))
     return info
 
 

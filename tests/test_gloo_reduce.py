@@ -1,7 +1,7 @@
 """fsdp_ft's gloo gradient reduction (fsdp_ft/gloo_reduce.py) gives FSDP2 exactly torch's gradients.
 
 Two real gloo ranks under torchrun: sharded gradients are bit-equal to torch's own reduce-scatter, at most
-MAX_IN_FLIGHT reductions are ever pending, none is left after backward; and a training run with it on equals the
+MAX_IN_FLIGHT reductions are ever pending, 2 ranks exchange bf16 gradients when they are bf16, none is left after backward; and a training run with it on equals the
 same run with it off, step for step.
 """
 from __future__ import annotations
@@ -28,16 +28,19 @@ def test_gradients_bit_equal_to_torch_reduce_scatter(tmp_path, nproc):
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in range(nproc):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        # fp32 parameters: reductions deferred; bf16 compute with fp32 parameters is the same case
+        # fp32 parameters: reductions deferred; bf16 compute with fp32 parameters is the same case, and 2 ranks
+        # exchange its bf16 gradients and still get torch's fp32 sums bit for bit
         for name in ("fp32", "bf16"):
             r = result[name]
             assert r["asynchronous"] and r["equal"], (rank, name, r)
+            assert r["sent"] == ("bfloat16" if name == "bf16" and nproc == 2 else "float32"), r
             assert r["max_abs_grad"] > 0
             # 6 FSDP modules reduce, but never more than MAX_IN_FLIGHT wait at once, and none after backward
             assert 2 <= r["most_pending"] <= MAX_IN_FLIGHT and r["left_pending"] == 0, r
         # parameters stored in bf16, reduced in fp32: FSDP casts the result at once, so each reduction is waited
         r = result["bf16-stored"]
         assert not r["asynchronous"] and r["equal"] and r["most_pending"] == 0 and r["left_pending"] == 0, r
+        assert r["sent"] == "float32", r
         # frozen blocks: the root's reduction, issued in FSDP's own end-of-backward callback, still lands
         r = result["root-only"]
         assert r["equal"] and r["most_pending"] == 1 and r["left_pending"] == 0 and r["max_abs_grad"] > 0, r
@@ -53,5 +56,5 @@ def test_training_run_equals_torch_reduce_scatter(session_tmp):
     assert [r["grad_norm"] for r in rows["on"]] == [r["grad_norm"] for r in rows["off"]]
     setup = {name: next(r for r in read_metrics(out) if r.get("split") == "setup") for name, out in
              (("on", on), ("off", off))}
-    assert setup["on"]["gradient_reduce"] == "gloo without copies, overlapped"
+    assert setup["on"]["gradient_reduce"] == "gloo without copies, float32 exchange, overlapped"
     assert "gradient_reduce" not in setup["off"]

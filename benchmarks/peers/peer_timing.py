@@ -35,12 +35,14 @@ class StepTimer(TrainerCallback):
         self.tokens: list[int] = []  # local (this rank's) non-padding tokens per step
         self._pending_tokens = 0
         self._started = None
+        self.rss_at_train_begin = None  # peak RSS up to here: set-up's share, beside fsdp_ft's setup row
 
     def add_tokens(self, n: int) -> None:
         self._pending_tokens += n
 
     def on_train_begin(self, args, state, control, **kwargs):
         _sync()
+        self.rss_at_train_begin = peak_host_rss_bytes()
         self._started = time.perf_counter()  # peak memory is not reset: whole process, as fsdp_ft reports it
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -56,7 +58,7 @@ class StepTimer(TrainerCallback):
 
     def result(self, rank: int) -> dict:
         out = {"rank": rank, "step_s": self.step_s, "tokens": self.tokens,
-               "peak_host_rss_bytes": peak_host_rss_bytes()}
+               "peak_host_rss_bytes": peak_host_rss_bytes(), "peak_host_rss_at_train_begin_bytes": self.rss_at_train_begin}
         if torch.cuda.is_available():
             out["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
         return out

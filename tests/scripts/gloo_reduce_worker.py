@@ -1,7 +1,7 @@
 """Run under torchrun (2 gloo ranks): FSDP2 gradients with fsdp_ft's gloo reduce-scatter vs torch's own.
 
 Writes one JSON per rank to argv[1]: whether every sharded gradient is bit-equal to torch's default
-reduce-scatter, the most reductions ever pending, and how many were left pending after backward.
+reduce-scatter, the dtype the gradients were exchanged in, the most reductions ever pending, and how many were left pending after backward.
 """
 import json
 import sys
@@ -49,7 +49,8 @@ def main():
     for name, param_dtype, stored, blocks_train in cases:
         reference = grads_after_backward(build(0, param_dtype, stored, blocks_train), x, y)
         model = build(0, param_dtype, stored, blocks_train)
-        asynchronous = gloo_reduce.install(model, [*model[:5], model], torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        asynchronous, sent = gloo_reduce.install(model, [*model[:5], model], policy, dist.get_world_size())
         comm = model._get_fsdp_state()._fsdp_param_group._reduce_scatter_comm
         pending, most = comm.pending, [0]
         add = pending.add
@@ -60,7 +61,7 @@ def main():
         pending.add = counting_add
         got = grads_after_backward(model, x, y)
         result[name] = {
-            "asynchronous": asynchronous,
+            "asynchronous": asynchronous, "sent": str(sent).removeprefix("torch."),
             "equal": all(torch.equal(a, b) for ra, rb in zip(got, reference) for a, b in zip(ra, rb)),
             "most_pending": most[0], "left_pending": len(pending.queue),
             "max_abs_grad": max(float(g.abs().max()) for g in got[0]),
