@@ -140,8 +140,9 @@ class FSDPConfig:
                                     "(holds the unsharded weights all step)")
     gloo_async_reduce: bool = _f(True, "CPU ranks (gloo): reduce each block's gradients without copies and "
                                  "asynchronously (2 ranks swap halves, more all-reduce in place), overlapping the "
-                                 "next block's backward; false: torch's gloo reduce-scatter (a full copy and a "
-                                 "blocking all-reduce per block)")
+                                 "next block's backward; 2 ranks also all-gather by swapping halves in place; every "
+                                 "such buffer is reused from step to step; false: torch's gloo collectives (copies "
+                                 "and a blocking all-reduce per block)")
     hybrid_replicas: Optional[int] = _f(None, "replicate groups for hybrid sharding (2-D mesh replicas x shards); "
                                         "1: full sharding; null (auto): every rank holds every weight (replicas = "
                                         "ranks: no all-gathers, one all-reduce of each block's gradients) when the "

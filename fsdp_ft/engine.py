@@ -20,7 +20,7 @@ from fsdp_ft.flops import FlopCounts, count_flops, peak_flops
 from fsdp_ft.metrics import MetricsLogger, peak_host_rss_bytes
 from fsdp_ft.model import (build_meta_model, load_hf_config, load_tokenizer, materialize, open_weight_source,
                            parameter_counts, resolve_model_dir)
-from fsdp_ft.optim import build_optimizer, build_scheduler
+from fsdp_ft.optim import build_optimizer, build_scheduler, init_state
 from fsdp_ft.tasks import get_task
 from fsdp_ft.trainer import Trainer, TrainState
 
@@ -163,6 +163,7 @@ def train(cfg: Config) -> TrainResult:
     model, tokenizer, task, splits, info = build(cfg, env)
     plan, steps = info.pop("plan"), info["total_steps"]
     optimizer = build_optimizer(model, cfg, env.device)
+    init_state(optimizer)
     scheduler = build_scheduler(optimizer, steps, cfg)
     scaler = _grad_scaler(cfg)
     state = TrainState()

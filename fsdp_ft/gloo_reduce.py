@@ -24,9 +24,12 @@ from collections import deque
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+from fsdp_ft.host_buffers import BufferPool
 
 MAX_IN_FLIGHT = 2
+ALL_GATHER_TAGS = 1 << 20  # message tags of all-gather exchanges start here; reductions' stay below
 
 
 class PendingReductions:
@@ -36,6 +39,7 @@ class PendingReductions:
         self.max_in_flight = max_in_flight
         self.queue: deque = deque()
         self.issued = 0  # message tag of the next exchange: every rank issues the same sequence
+        self.all_gathers = 0  # the same for the all-gathers, in their own tag range
         self._callback_queued = False
 
     def add(self, works: list, finish, asynchronous: bool) -> None:
@@ -48,6 +52,10 @@ class PendingReductions:
         self._flush_at_end_of_backward()
         while len(self.queue) > self.max_in_flight:
             self._finish_oldest()
+
+    def next_all_gather_tag(self) -> int:
+        self.all_gathers += 1
+        return self.all_gathers % ALL_GATHER_TAGS
 
     def flush(self) -> None:
         """Wait for every pending reduction and fill its output."""
@@ -79,8 +87,8 @@ class GlooReduceScatter(ReduceScatter):
     """
 
     def __init__(self, pending: PendingReductions, asynchronous: bool = True,
-                 input_dtype: torch.dtype | None = None):
-        self.pending, self.asynchronous = pending, asynchronous
+                 input_dtype: torch.dtype | None = None, pool: BufferPool | None = None):
+        self.pending, self.asynchronous, self.pool = pending, asynchronous, pool or BufferPool()
         self.input_dtype = input_dtype  # two ranks: the gradients' dtype, when narrower than the reduce dtype
         self._next_is_input = True
 
@@ -89,7 +97,7 @@ class GlooReduceScatter(ReduceScatter):
         is_input, self._next_is_input = self._next_is_input, not self._next_is_input
         if is_input and self.input_dtype is not None:
             dtype = self.input_dtype
-        return torch.empty(size, dtype=dtype, device=device)
+        return self.pool.get(size, dtype, device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  op, async_op: bool = False):
@@ -102,8 +110,8 @@ class GlooReduceScatter(ReduceScatter):
         chunks = input_tensor.view(world, -1)
         if world == 2:
             peer = dist.get_global_rank(group, 1 - rank)
-            received = torch.empty_like(chunks[rank])
-            tag = self.pending.issued % (1 << 20)
+            received = self.pool.get(chunks[rank].shape, chunks.dtype, chunks.device)
+            tag = self.pending.issued % ALL_GATHER_TAGS
             works = [dist.isend(chunks[1 - rank], peer, group=group, tag=tag),
                      dist.irecv(received, peer, group=group, tag=tag)]
 
@@ -126,8 +134,51 @@ class GlooReduceScatter(ReduceScatter):
         return None
 
 
+class _PairWork(dist.distributed_c10d.Work):
+    """The send and the receive of a 2-rank exchange as one Work, which FSDP waits on like its own."""
+
+    def __init__(self, works: list):
+        super().__init__()
+        self.works = works
+
+    def wait(self, timeout=None) -> bool:
+        for work in self.works:
+            work.wait()
+        self.works = []
+        return True
+
+
+class PooledAllGather(AllGather):
+    """FSDP's all-gather into a reused flat buffer (fsdp_ft.host_buffers). Two ranks swap their parts straight
+    into it (gloo's all-gather allocates and copies two temporaries of the whole buffer); more use torch's."""
+
+    def __init__(self, pool: BufferPool, exchanges: PendingReductions):
+        self.pool, self.exchanges = pool, exchanges
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self.pool.get(size, dtype, device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 async_op: bool = False):
+        rank, world = group.rank(), group.size()
+        if world != 2:
+            return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+        chunks = output_tensor.view(world, -1)
+        if input_tensor.data_ptr() != chunks[rank].data_ptr():  # FSDP copies its input into place already
+            chunks[rank].copy_(input_tensor.view(-1))
+        peer = dist.get_global_rank(group, 1 - rank)
+        tag = ALL_GATHER_TAGS + self.exchanges.next_all_gather_tag()
+        work = _PairWork([dist.isend(chunks[rank], peer, group=group, tag=tag),
+                          dist.irecv(chunks[1 - rank], peer, group=group, tag=tag)])
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+
 def install(model: torch.nn.Module, fsdp_modules, policy, world: int) -> tuple[bool, torch.dtype]:
-    """Give each FSDP module the gloo reduce-scatter, sharing one queue; returns whether reductions are deferred
+    """Give each FSDP module the gloo reduce-scatter and the pooled all-gather, sharing one queue and one buffer
+    pool; returns whether reductions are deferred
     and the dtype gradients travel in. They are not deferred when trainable parameters are stored in a dtype other
     than the reduce dtype: FSDP casts the reduced gradient right after the call, so it must be there."""
     pending = PendingReductions()
@@ -136,8 +187,10 @@ def install(model: torch.nn.Module, fsdp_modules, policy, world: int) -> tuple[b
     narrower = policy.param_dtype is not None and policy.param_dtype.itemsize < policy.reduce_dtype.itemsize
     if world == 2 and narrower and policy.param_dtype.is_floating_point and policy.reduce_dtype == torch.float32:
         input_dtype = policy.param_dtype
+    pool = BufferPool()  # one for the model: its blocks' buffers have the same sizes
     for module in fsdp_modules:
-        module.set_custom_reduce_scatter(GlooReduceScatter(pending, asynchronous, input_dtype))
+        module.set_custom_reduce_scatter(GlooReduceScatter(pending, asynchronous, input_dtype, pool))
+        module.set_custom_all_gather(PooledAllGather(pool, pending))
     return asynchronous, input_dtype or policy.reduce_dtype
 
 

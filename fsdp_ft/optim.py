@@ -28,6 +28,34 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, **kernel)
 
 
+def init_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state (AdamW's two moments per parameter) at set-up, as the first step would.
+
+    Made lazily, the state is the one big long-lived allocation that lands in the middle of a step, in the holes the
+    first backward's activations left; on the host that fragments the heap (glibc), and the peak RSS creeps up over
+    the next steps. Made first it sits below all of a step's buffers. A step with zero gradients at learning rate 0
+    creates exactly the state the first real step would find (zero moments, step 0) and leaves the weights as they
+    were (decoupled decay is scaled by the learning rate too)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if not optimizer.state.get(p)]
+    if not params:
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = torch.zeros_like(g["lr"]) if torch.is_tensor(g["lr"]) else 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p in params:
+        p.grad = None
+        step = optimizer.state[p].get("step")
+        if torch.is_tensor(step):
+            step.zero_()
+        elif step is not None:
+            optimizer.state[p]["step"] = 0
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+
+
 def lr_factor(step: int, total_steps: int, cfg: Config) -> float:
     """Multiplier of optim.lr at `step`: linear warmup, then cosine / linear decay to min_lr_ratio, or constant."""
     o = cfg.optim

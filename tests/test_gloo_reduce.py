@@ -1,7 +1,7 @@
 """fsdp_ft's gloo gradient reduction (fsdp_ft/gloo_reduce.py) gives FSDP2 exactly torch's gradients.
 
 Two real gloo ranks under torchrun: sharded gradients are bit-equal to torch's own reduce-scatter, at most
-MAX_IN_FLIGHT reductions are ever pending, 2 ranks exchange bf16 gradients when they are bf16, none is left after backward; and a training run with it on equals the
+MAX_IN_FLIGHT reductions are ever pending, the buffers are reused from step to step, 2 ranks exchange bf16 gradients when they are bf16, none is left after backward; and a training run with it on equals the
 same run with it off, step for step.
 """
 from __future__ import annotations
@@ -34,6 +34,8 @@ def test_gradients_bit_equal_to_torch_reduce_scatter(tmp_path, nproc):
             r = result[name]
             assert r["asynchronous"] and r["equal"], (rank, name, r)
             assert r["sent"] == ("bfloat16" if name == "bf16" and nproc == 2 else "float32"), r
+            # FSDP's all-gather and reduce buffers come from one pool that a second step does not grow
+            assert r["pool_bytes"][0] > 0 and r["pool_bytes"][1] == r["pool_bytes"][0], r
             assert r["max_abs_grad"] > 0
             # 6 FSDP modules reduce, but never more than MAX_IN_FLIGHT wait at once, and none after backward
             assert 2 <= r["most_pending"] <= MAX_IN_FLIGHT and r["left_pending"] == 0, r

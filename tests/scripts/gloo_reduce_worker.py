@@ -28,12 +28,14 @@ def build(seed: int, param_dtype, stored=torch.float32, blocks_train=True):
     return model
 
 
-def grads_after_backward(model, x, y, steps=2):
+def grads_after_backward(model, x, y, steps=2, pool=None, held=None):
     out = []
     for _ in range(steps):  # twice: the second backward reuses the comm object after its flush
         model.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)).float(), y).backward()
         out.append([p.grad.to_local().clone() for p in model.parameters() if p.requires_grad])
+        if pool is not None:
+            held.append(pool.held_bytes())
     return out
 
 
@@ -59,12 +61,13 @@ def main():
             add(*args, **kwargs)
             most[0] = max(most[0], len(pending.queue))
         pending.add = counting_add
-        got = grads_after_backward(model, x, y)
+        held = []  # the buffer pool's bytes after each step: the second step reuses the first one's buffers
+        got = grads_after_backward(model, x, y, pool=comm.pool, held=held)
         result[name] = {
             "asynchronous": asynchronous, "sent": str(sent).removeprefix("torch."),
             "equal": all(torch.equal(a, b) for ra, rb in zip(got, reference) for a, b in zip(ra, rb)),
             "most_pending": most[0], "left_pending": len(pending.queue),
-            "max_abs_grad": max(float(g.abs().max()) for g in got[0]),
+            "max_abs_grad": max(float(g.abs().max()) for g in got[0]), "pool_bytes": held,
         }
     with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
         json.dump(result, f)
