@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -168,6 +169,11 @@ def main(spec_path: str) -> None:
         result["losses"] = {int(r["step"]): float(r["loss"]) for r in trainer.state.log_history if "loss" in r}
         result["trainable_params"] = trainable
     write_rank_result(spec["result_dir"], rank, result)
+    # every rank past its last transfer before any tears gloo down: a finished 2-rank LoRA run aborted in teardown
+    # ("terminate called without an active exception") and counted as failed
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
