@@ -28,6 +28,14 @@ def tune() -> str:
     return _done
 
 
+def release_free() -> None:
+    """Hand the heap's free pages back to the OS now (glibc's malloc_trim). For one-off phases such as loading:
+    whole weights read, quantized and dropped, between the small tensors that stay, leave free holes that no
+    trimming at the heap's top returns, and they would count in the peak RSS of the whole run."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 def _apply() -> str:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "default (not glibc)"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fsdp_ft import adapters, parallel, quantize, vocab
+from fsdp_ft import adapters, host_malloc, parallel, quantize, vocab
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.weights_io import SafetensorsReader
@@ -249,6 +249,9 @@ def _tied_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [h for h in holders.values() if len(h) > 1]
 
 
+RELEASE_EVERY_BYTES = 64 << 20
+
+
 def fill_tensors(model: nn.Module, named_modules, source, seed: int, seen: set[int] | None = None) -> dict:
     """Fill the allocated tensors of `named_modules` (pairs from model.named_modules()): checkpoint rows or init.
 
@@ -259,6 +262,7 @@ def fill_tensors(model: nn.Module, named_modules, source, seed: int, seen: set[i
     base_prefix = getattr(hf_model, "base_model_prefix", "")
     seen = set() if seen is None else seen
     loaded, initialised = [], []
+    passed = 0  # bytes read through host memory since its free pages were last handed back
     for mname, module in named_modules:
         tensors = {k: t for k, t in list(module._parameters.items()) + list(module._buffers.items())
                    if t is not None and id(t) not in seen}
@@ -279,11 +283,17 @@ def fill_tensors(model: nn.Module, named_modules, source, seed: int, seen: set[i
                 whole = source.read_rows(keys[k], 0, t.shape[0]) if keys[k] is not None else full[k]
                 parallel.assign_nf4_shard(model, module, f"{mname}.{k}", k, t,
                                           quantize.quantize_like(whole, like=local, module=module))
+                passed += whole.nbytes
             elif keys[k] is not None:
                 _copy_rows(t, source.read_rows(keys[k], start, stop))
+                passed += local.nbytes
             else:
                 _copy_rows(t, _rows(full[k], start, stop))
             (loaded if keys[k] is not None else initialised).append(f"{mname}.{k}")
+            if passed >= RELEASE_EVERY_BYTES:  # hand the holes the temporaries left back (host_malloc)
+                host_malloc.release_free()
+                passed = 0
+    host_malloc.release_free()
     return {"loaded": len(loaded), "initialised": initialised}
 
 

@@ -30,16 +30,22 @@ class SafetensorsReader:
     """Lazy, memory-mapped view of an HF safetensors folder (single file or sharded).
 
     Handles stay open per shard, so repeated ``read_rows`` calls only touch the pages
-    holding the requested rows.
+    holding the requested rows. Every ``REMAP_BYTES`` read, the files are mapped afresh: a page read through a
+    mapping counts in this process's RSS until the file is unmapped, so a rank that reads every weight whole
+    (QLoRA quantizes whole weights) would otherwise hold the whole checkpoint in RSS until loading ends.
     """
+
+    REMAP_BYTES = 128 << 20
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._stack = contextlib.ExitStack()
         self._handles: dict[str, object] = {}  # shard file name -> safe_open handle
         self._where: dict[str, str] = {}  # tensor name -> shard file name
+        self._read_since_map = 0
         try:
-            self._open(self._locate())
+            self._layout = self._locate()
+            self._open(self._layout)
         except BaseException:
             self._stack.close()
             raise
@@ -95,7 +101,18 @@ class SafetensorsReader:
         return self._handle(name).get_slice(name)[:0].dtype
 
     def read(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        return self._counted(self._handle(name).get_tensor(name))
+
+    def _counted(self, t: torch.Tensor) -> torch.Tensor:
+        """Map the files afresh once enough was read; tensors already read are copies, so they stay valid."""
+        self._read_since_map += t.numel() * t.element_size()
+        if self._read_since_map >= self.REMAP_BYTES:
+            self._read_since_map = 0
+            self._stack.close()
+            self._handles.clear()
+            self._stack = contextlib.ExitStack()
+            self._open(self._layout)
+        return t
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of dim 0, reading only their bytes.
@@ -107,7 +124,7 @@ class SafetensorsReader:
             return self.read(name)
         if not 0 <= start <= stop <= shape[0]:
             raise ValueError(f"{name!r}: rows [{start}, {stop}) outside dim 0 of size {shape[0]}")
-        return self._handle(name).get_slice(name)[start:stop]
+        return self._counted(self._handle(name).get_slice(name)[start:stop])
 
     def close(self) -> None:
         self._stack.close()

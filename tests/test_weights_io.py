@@ -66,6 +66,33 @@ def test_single_file_roundtrip_and_rows(tmp_path):
             r.read("nope")
 
 
+def _rss_file_kib() -> int:
+    """File-backed resident KiB, counted from the page tables (/proc/self/status's counters lag)."""
+    with open("/proc/self/smaps_rollup") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[-1] == "kB"}
+    return fields["Rss"] - fields["Anonymous"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux /proc")
+def test_reader_maps_the_files_afresh_so_read_pages_leave_the_rss(tmp_path, monkeypatch):
+    # 40 weights of 1 MiB: read whole, the way a QLoRA rank reads every weight to quantize it
+    weights = {f"layers.{i}.w": torch.full((256, 1024), float(i)) for i in range(40)}
+    write_safetensors_shards(weights.items(), tmp_path / "w")
+    grown = {}
+    for remap in (1 << 40, 4 << 20):  # never, and every 4 MiB
+        monkeypatch.setattr(SafetensorsReader, "REMAP_BYTES", remap)
+        with SafetensorsReader(tmp_path / "w") as r:
+            before = _rss_file_kib()
+            kept = r.read_rows("layers.0.w", 0, 256)  # held across the remaps: it must stay valid
+            for i, name in enumerate(weights):  # each read, used and dropped, as the loader does
+                assert float(r.read_rows(name, 0, 256).sum()) == i * 256 * 1024
+            grown[remap] = _rss_file_kib() - before
+            assert torch.equal(kept, weights["layers.0.w"])
+            assert torch.equal(r.read("layers.3.w"), weights["layers.3.w"])
+    assert grown[1 << 40] > 30 * 1024, grown  # all 40 MiB stayed mapped and resident
+    assert grown[4 << 20] < 10 * 1024, grown  # at most about one remap interval
+
+
 def test_sharded_write_index_and_reader(tmp_path):
     ref = sample_tensors()
     out = tmp_path / "sharded"
