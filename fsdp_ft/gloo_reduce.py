@@ -178,9 +178,9 @@ class PooledAllGather(AllGather):
 
 def install(model: torch.nn.Module, fsdp_modules, policy, world: int) -> tuple[bool, torch.dtype]:
     """Give each FSDP module the gloo reduce-scatter and the pooled all-gather, sharing one queue and one buffer
-    pool; returns whether reductions are deferred
-    and the dtype gradients travel in. They are not deferred when trainable parameters are stored in a dtype other
-    than the reduce dtype: FSDP casts the reduced gradient right after the call, so it must be there."""
+    pool; returns whether reductions are deferred and the dtype gradients travel in. They are not deferred when
+    trainable parameters are stored in a dtype other than the reduce dtype: FSDP casts the reduced gradient right
+    after the call, so it must be there."""
     pending = PendingReductions()
     asynchronous = {p.dtype for p in model.parameters() if p.requires_grad} <= {policy.reduce_dtype}
     input_dtype = None
