@@ -34,8 +34,10 @@ def test_gradients_bit_equal_to_torch_reduce_scatter(tmp_path, nproc):
             r = result[name]
             assert r["asynchronous"] and r["equal"], (rank, name, r)
             assert r["sent"] == ("bfloat16" if name == "bf16" and nproc == 2 else "float32"), r
-            # FSDP's all-gather and reduce buffers come from one pool that a second step does not grow
-            assert r["pool_bytes"][0] > 0 and r["pool_bytes"][1] == r["pool_bytes"][0], r
+            # FSDP's all-gather and reduce buffers come from one pool, and the second step reuses the first one's
+            # (without reuse it would hold twice as much; a buffer a finished gloo Work still references for a
+            # moment is skipped, so a few may be added: seen +0.8% at 4 ranks under load)
+            assert 0 < r["pool_bytes"][0] <= r["pool_bytes"][1] < 1.25 * r["pool_bytes"][0], r
             assert r["max_abs_grad"] > 0
             # 6 FSDP modules reduce, but never more than MAX_IN_FLIGHT wait at once, and none after backward
             assert 2 <= r["most_pending"] <= MAX_IN_FLIGHT and r["left_pending"] == 0, r
