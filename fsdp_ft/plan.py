@@ -107,8 +107,18 @@ def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, targe
         train = _extrapolate(a.train, b.train, *short, layers)
         step = _extrapolate(a.step, b.step, *short, layers)
         simulated = short
+    if _keeps_gradient_buffers(cfg, world_size, target):
+        train = {**train, "grads": max(train.get("grads", 0), step.get("grads", 0))}
     return Prediction(overrides=list(overrides), world_size=world_size, target=target, train=train, step=step,
                       layers_simulated=simulated, offload=cfg.fsdp.cpu_offload, replicas=cfg.fsdp.hybrid_replicas)
+
+
+def _keeps_gradient_buffers(cfg: Config, world_size: int, target: str) -> bool:
+    """Whether training on CPU ranks takes the sharded gradients from fsdp_ft.host_buffers' pool (the gloo
+    reduce-scatter's outputs), which holds them through the next forward too; the simulation's fake process group
+    does not take that path."""
+    return (target == "cpu" and cfg.fsdp.gloo_async_reduce and not cfg.fsdp.cpu_offload and world_size > 1
+            and (cfg.fsdp.hybrid_replicas or 1) == 1)
 
 
 # ---------------------------------------------------------------- advice

@@ -157,3 +157,14 @@ def test_auto_shard_frozen_follows_the_planned_memory(tmp_path):
     roomy, tight = peak(("--gpu-mem-gb", "1000")), peak(("--gpu-mem-gb", "0.00006"))
     whole, sharded = peak((), "fsdp.shard_frozen=false"), peak((), "fsdp.shard_frozen=true")
     assert (roomy, tight) == (whole, sharded) and whole != sharded
+
+
+def test_cpu_plan_counts_the_pooled_gradient_buffers_in_forward(tmp_path):
+    """On 2 gloo ranks the sharded gradients are the reduce-scatter's pooled outputs (fsdp_ft.host_buffers), held
+    through the next forward: the forward/backward phase carries them at their optimizer-step size; with torch's
+    own reduce (fsdp.gloo_async_reduce=false) it does not."""
+    base = [f"output_dir={tmp_path}", f"train.seq_len={SEQ}", "fsdp.hybrid_replicas=1"]
+    pooled = predict(2, base)["prediction"]
+    plain = predict(2, [*base, "fsdp.gloo_async_reduce=false"])["prediction"]
+    assert pooled["train"]["grads"] == pooled["step"]["grads"] == plain["step"]["grads"] > 0
+    assert plain["train"].get("grads", 0) < plain["step"]["grads"]
