@@ -32,6 +32,12 @@ MAX_IN_FLIGHT = 2
 ALL_GATHER_TAGS = 1 << 20  # message tags of all-gather exchanges start here; reductions' stay below
 
 
+def swap_with_peer(send: torch.Tensor, recv: torch.Tensor, group: dist.ProcessGroup, tag: int) -> list:
+    """Two ranks: send `send` to the other rank and receive its part into `recv`, asynchronously."""
+    peer = dist.get_global_rank(group, 1 - group.rank())
+    return [dist.isend(send, peer, group=group, tag=tag), dist.irecv(recv, peer, group=group, tag=tag)]
+
+
 class PendingReductions:
     """The in-flight reductions of one model, finished in the order they were issued (FIFO, like the ranks)."""
 
@@ -109,11 +115,8 @@ class GlooReduceScatter(ReduceScatter):
         rank, world = group.rank(), group.size()
         chunks = input_tensor.view(world, -1)
         if world == 2:
-            peer = dist.get_global_rank(group, 1 - rank)
             received = self.pool.get(chunks[rank].shape, chunks.dtype, chunks.device)
-            tag = self.pending.issued % ALL_GATHER_TAGS
-            works = [dist.isend(chunks[1 - rank], peer, group=group, tag=tag),
-                     dist.irecv(received, peer, group=group, tag=tag)]
+            works = swap_with_peer(chunks[1 - rank], received, group, self.pending.issued % ALL_GATHER_TAGS)
 
             def finish():
                 if input_tensor.dtype == output_tensor.dtype:
@@ -166,10 +169,8 @@ class PooledAllGather(AllGather):
         chunks = output_tensor.view(world, -1)
         if input_tensor.data_ptr() != chunks[rank].data_ptr():  # FSDP copies its input into place already
             chunks[rank].copy_(input_tensor.view(-1))
-        peer = dist.get_global_rank(group, 1 - rank)
         tag = ALL_GATHER_TAGS + self.exchanges.next_all_gather_tag()
-        work = _PairWork([dist.isend(chunks[rank], peer, group=group, tag=tag),
-                          dist.irecv(chunks[1 - rank], peer, group=group, tag=tag)])
+        work = _PairWork(swap_with_peer(chunks[rank], chunks[1 - rank], group, tag))
         if async_op:
             return work
         work.wait()
@@ -194,8 +195,14 @@ def install(model: torch.nn.Module, fsdp_modules, policy, world: int) -> tuple[b
     return asynchronous, input_dtype or policy.reduce_dtype
 
 
+def enabled_for(cfg, replicas: int, shards: int) -> bool:
+    """What the config decides: only a 1-D mesh (no replicas) of several ranks, without CPU offload (whose grads
+    FSDP copies at once). The planner asks this too, for the buffers the pool holds."""
+    return cfg.fsdp.gloo_async_reduce and not cfg.fsdp.cpu_offload and replicas == 1 and shards > 1
+
+
 def applies(mesh, cfg) -> bool:
-    """Only for a 1-D gloo mesh of several ranks, without CPU offload (whose grads FSDP copies at once)."""
-    if not cfg.fsdp.gloo_async_reduce or mesh.ndim != 1 or mesh.size() == 1 or cfg.fsdp.cpu_offload:
+    """`enabled_for` this mesh, and its ranks talk over gloo."""
+    if mesh.ndim != 1 or not enabled_for(cfg, 1, mesh.size()):
         return False
     return dist.get_backend(mesh.get_group()) == "gloo"

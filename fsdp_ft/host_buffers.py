@@ -7,6 +7,8 @@ around 1.5 GB of live tensors (docs/performance.md). Handing out the same buffer
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -21,9 +23,7 @@ class BufferPool:
         self._buffers: dict[tuple, list[tuple[torch.Tensor, StorageWeakRef, int]]] = {}
 
     def get(self, size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = 1
-        for s in size:
-            numel *= int(s)
+        numel = math.prod(int(s) for s in size)
         entries = self._buffers.setdefault((numel, dtype, torch.device(device)), [])
         for buffer, ref, own_count in entries:
             if torch._C._storage_Use_Count(ref.cdata) <= own_count:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
@@ -28,18 +29,26 @@ def tune() -> str:
     return _done
 
 
+@functools.cache
+def _glibc():
+    """The C library when it is glibc, else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def release_free() -> None:
     """Hand the heap's free pages back to the OS now (glibc's malloc_trim). For one-off phases such as loading:
     whole weights read, quantized and dropped, between the small tensors that stay, leave free holes that no
     trimming at the heap's top returns, and they would count in the peak RSS of the whole run."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
 
 
 def _apply() -> str:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return "default (not glibc)"
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         return "default (mallopt refused)"
     return f"glibc: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"

@@ -135,15 +135,6 @@ def _materialize_fake(model: nn.Module, device: torch.device) -> None:
                                           quantize.quantize_like(full, like=local, module=module))
 
 
-def _init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Create AdamW's state with one step on zero gradients, so the tracked step is a steady-state one."""
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def _groups(snapshot: dict[str, int]) -> dict[str, int]:
     out: dict[str, int] = {}
     for key, value in snapshot.items():
@@ -163,7 +154,7 @@ def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    from fsdp_ft.optim import build_optimizer
+    from fsdp_ft.optim import build_optimizer, init_state
     from fsdp_ft.tasks import get_task
 
     device = torch.device("cpu")
@@ -177,7 +168,7 @@ def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # torchao's NF4
         _materialize_fake(model, device)
         optimizer = build_optimizer(model, cfg, torch.device(target))
-        _init_optimizer_state(model, optimizer)
+        init_state(optimizer)  # as training does: the tracked step is a steady-state one
         batch = synthetic_batch(cfg, task, hf_config.vocab_size, num_labels)
         tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs(tuple(batch.values()))

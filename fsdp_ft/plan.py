@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from fsdp_ft import memsim
+from fsdp_ft import gloo_reduce, memsim
 from fsdp_ft.config import Config, load_config
 from fsdp_ft.errors import ConfigError
 
@@ -117,8 +117,8 @@ def _keeps_gradient_buffers(cfg: Config, world_size: int, target: str) -> bool:
     """Whether training on CPU ranks takes the sharded gradients from fsdp_ft.host_buffers' pool (the gloo
     reduce-scatter's outputs), which holds them through the next forward too; the simulation's fake process group
     does not take that path."""
-    return (target == "cpu" and cfg.fsdp.gloo_async_reduce and not cfg.fsdp.cpu_offload and world_size > 1
-            and (cfg.fsdp.hybrid_replicas or 1) == 1)
+    replicas = cfg.fsdp.hybrid_replicas or 1
+    return target == "cpu" and gloo_reduce.enabled_for(cfg, replicas, world_size // replicas)
 
 
 # ---------------------------------------------------------------- advice
