@@ -30,6 +30,9 @@ from fsdp_ft.host_buffers import BufferPool
 
 MAX_IN_FLIGHT = 2
 ALL_GATHER_TAGS = 1 << 20  # message tags of all-gather exchanges start here; reductions' stay below
+# Below this a 2-rank all-gather goes through torch's gloo all-gather: its two temporaries cost little there, and
+# the two point-to-point ops per block cost more (configs/tiny.yaml, 2 ranks: ~1 s of a 16 s run)
+SWAP_MIN_BYTES = 1 << 20
 
 
 def swap_with_peer(send: torch.Tensor, recv: torch.Tensor, group: dist.ProcessGroup, tag: int) -> list:
@@ -153,10 +156,12 @@ class _PairWork(dist.distributed_c10d.Work):
 
 class PooledAllGather(AllGather):
     """FSDP's all-gather into a reused flat buffer (fsdp_ft.host_buffers). Two ranks swap their parts straight
-    into it (gloo's all-gather allocates and copies two temporaries of the whole buffer); more use torch's."""
+    into it when it holds at least `swap_min_bytes` (gloo's all-gather allocates and copies two temporaries of the
+    whole buffer); smaller buffers and more ranks use torch's. `swaps` counts the swapped all-gathers."""
 
-    def __init__(self, pool: BufferPool, exchanges: PendingReductions):
-        self.pool, self.exchanges = pool, exchanges
+    def __init__(self, pool: BufferPool, exchanges: PendingReductions, swap_min_bytes: int = SWAP_MIN_BYTES):
+        self.pool, self.exchanges, self.swap_min_bytes = pool, exchanges, swap_min_bytes
+        self.swaps = 0
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self.pool.get(size, dtype, device)
@@ -164,8 +169,9 @@ class PooledAllGather(AllGather):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  async_op: bool = False):
         rank, world = group.rank(), group.size()
-        if world != 2:
+        if world != 2 or output_tensor.nbytes < self.swap_min_bytes:
             return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+        self.swaps += 1
         chunks = output_tensor.view(world, -1)
         if input_tensor.data_ptr() != chunks[rank].data_ptr():  # FSDP copies its input into place already
             chunks[rank].copy_(input_tensor.view(-1))
@@ -191,7 +197,7 @@ def install(model: torch.nn.Module, fsdp_modules, policy, world: int) -> tuple[b
     pool = BufferPool()  # one for the model: its blocks' buffers have the same sizes
     for module in fsdp_modules:
         module.set_custom_reduce_scatter(GlooReduceScatter(pending, asynchronous, input_dtype, pool))
-        module.set_custom_all_gather(PooledAllGather(pool, pending))
+        module.set_custom_all_gather(PooledAllGather(pool, pending, SWAP_MIN_BYTES))
     return asynchronous, input_dtype or policy.reduce_dtype
 
 

@@ -1,8 +1,10 @@
 """fsdp_ft's gloo gradient reduction (fsdp_ft/gloo_reduce.py) gives FSDP2 exactly torch's gradients.
 
 Two real gloo ranks under torchrun: sharded gradients are bit-equal to torch's own reduce-scatter, at most
-MAX_IN_FLIGHT reductions are ever pending, the buffers are reused from step to step, 2 ranks exchange bf16 gradients when they are bf16, none is left after backward; and a training run with it on equals the
-same run with it off, step for step.
+MAX_IN_FLIGHT reductions are ever pending, the buffers are reused from step to step, 2 ranks exchange bf16
+gradients when they are bf16, none is left after backward; and a training run with it on equals the same run
+with it off, step for step. The worker's buffers are small, so it sets SWAP_MIN_BYTES to 0 to reach the 2-rank
+in-place all-gather, and keeps the default for one case that must take torch's all-gather.
 """
 from __future__ import annotations
 
@@ -41,6 +43,11 @@ def test_gradients_bit_equal_to_torch_reduce_scatter(tmp_path, nproc):
             assert r["max_abs_grad"] > 0
             # 6 FSDP modules reduce, but never more than MAX_IN_FLIGHT wait at once, and none after backward
             assert 2 <= r["most_pending"] <= MAX_IN_FLIGHT and r["left_pending"] == 0, r
+            # threshold 0: 2 ranks swap every all-gather in place (5 blocks, forward and backward, 2 steps)
+            assert r["swapped_all_gathers"] == (20 if nproc == 2 else 0), r
+        # buffers below SWAP_MIN_BYTES go through torch's all-gather (into the pooled buffer), same gradients
+        r = result["fp32-small"]
+        assert r["equal"] and r["swapped_all_gathers"] == 0 and r["pool_bytes"][0] > 0, r
         # parameters stored in bf16, reduced in fp32: FSDP casts the result at once, so each reduction is waited
         r = result["bf16-stored"]
         assert not r["asynchronous"] and r["equal"] and r["most_pending"] == 0 and r["left_pending"] == 0, r

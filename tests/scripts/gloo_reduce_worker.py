@@ -1,7 +1,8 @@
 """Run under torchrun (2 gloo ranks): FSDP2 gradients with fsdp_ft's gloo reduce-scatter vs torch's own.
 
 Writes one JSON per rank to argv[1]: whether every sharded gradient is bit-equal to torch's default
-reduce-scatter, the dtype the gradients were exchanged in, the most reductions ever pending, and how many were left pending after backward.
+reduce-scatter, the dtype the gradients were exchanged in, the most reductions ever pending, how many were left
+pending after backward, the buffer pool's bytes after each step, and how many all-gathers were swapped in place.
 """
 import json
 import sys
@@ -45,15 +46,21 @@ def main():
     torch.manual_seed(100 + rank)  # each rank its own batch
     x, y = torch.randn(16, 48), torch.randint(0, 7, (16,))
     result = {}
-    # root-only: the blocks are frozen, so the only reduction is issued inside FSDP's end-of-backward callback
-    cases = (("fp32", None, torch.float32, True), ("bf16", torch.bfloat16, torch.float32, True),
-             ("bf16-stored", None, torch.bfloat16, True), ("root-only", None, torch.float32, False))
-    for name, param_dtype, stored, blocks_train in cases:
+    # root-only: the blocks are frozen, so the only reduction is issued inside FSDP's end-of-backward callback.
+    # This model's buffers are a few KiB, below SWAP_MIN_BYTES: the 2-rank in-place all-gather is tested with the
+    # threshold at 0, torch's all-gather into the pooled buffer with the default threshold ("fp32-small").
+    default_swap_min = gloo_reduce.SWAP_MIN_BYTES
+    cases = (("fp32", None, torch.float32, True, 0), ("bf16", torch.bfloat16, torch.float32, True, 0),
+             ("bf16-stored", None, torch.bfloat16, True, 0), ("root-only", None, torch.float32, False, 0),
+             ("fp32-small", None, torch.float32, True, default_swap_min))
+    for name, param_dtype, stored, blocks_train, swap_min in cases:
+        gloo_reduce.SWAP_MIN_BYTES = swap_min
         reference = grads_after_backward(build(0, param_dtype, stored, blocks_train), x, y)
         model = build(0, param_dtype, stored, blocks_train)
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         asynchronous, sent = gloo_reduce.install(model, [*model[:5], model], policy, dist.get_world_size())
         comm = model._get_fsdp_state()._fsdp_param_group._reduce_scatter_comm
+        gathers = [m._get_fsdp_state()._fsdp_param_group._all_gather_comm for m in model[:5]]
         pending, most = comm.pending, [0]
         add = pending.add
 
@@ -68,6 +75,7 @@ def main():
             "equal": all(torch.equal(a, b) for ra, rb in zip(got, reference) for a, b in zip(ra, rb)),
             "most_pending": most[0], "left_pending": len(pending.queue),
             "max_abs_grad": max(float(g.abs().max()) for g in got[0]), "pool_bytes": held,
+            "swapped_all_gathers": sum(g.swaps for g in gathers),
         }
     with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
         json.dump(result, f)
