@@ -141,8 +141,10 @@ class FSDPConfig:
     gloo_async_reduce: bool = _f(True, "CPU ranks (gloo): reduce each block's gradients without copies and "
                                  "asynchronously (2 ranks swap halves, more all-reduce in place), overlapping the "
                                  "next block's backward; 2 ranks also all-gather by swapping halves in place; every "
-                                 "such buffer is reused from step to step; false: torch's gloo collectives (copies "
-                                 "and a blocking all-reduce per block)")
+                                 "such buffer is reused from step to step; with every weight whole on every rank "
+                                 "(replicas x 1 shard) the gradients are all-reduced asynchronously instead of by "
+                                 "FSDP's blocking HSDP all-reduce; false: torch's gloo collectives (copies and a "
+                                 "blocking all-reduce per block)")
     hybrid_replicas: Optional[int] = _f(None, "replicate groups for hybrid sharding (2-D mesh replicas x shards); "
                                         "1: full sharding; null (auto): every rank holds every weight (replicas = "
                                         "ranks: no all-gathers, one all-reduce of each block's gradients) when the "

@@ -87,7 +87,10 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
                           else OffloadPolicy()),
     }
     ignored = set()
-    if mesh.size() == 1:
+    replicated = gloo_reduce.replicate_group(mesh, cfg)  # every weight whole on gloo ranks: we all-reduce
+    if replicated is not None:
+        kwargs["mesh"] = mesh["shard"]
+    if kwargs["mesh"].size() == 1:
         # FSDP2's world-size-1 shortcut mishandles tensor subclasses with several inner tensors (NF4); with one
         # rank there is nothing to shard, so FSDP leaves the quantized weights alone
         ignored |= {p for p in model.parameters() if quantize.is_quantized(p)}
@@ -103,7 +106,10 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
     fully_shard(model, reshard_after_forward=False, **kwargs)
     info = {"blocks": len(blocks), "block_class": block_class, "checkpointed": len(checkpointed),
             "shard_frozen": shard_frozen, "shard_frozen_why": why}
-    if gloo_reduce.applies(mesh, cfg):
+    if replicated is not None:
+        deferred = gloo_reduce.install_replicated(model, [*blocks, model], kwargs["mp_policy"], replicated)
+        info["gradient_reduce"] = "gloo all-reduce of whole gradients, " + ("overlapped" if deferred else "blocking")
+    elif gloo_reduce.applies(mesh, cfg):
         deferred, sent = gloo_reduce.install(model, [*blocks, model], kwargs["mp_policy"], mesh.size())
         info["gradient_reduce"] = (f"gloo without copies, {str(sent).removeprefix('torch.')} exchange, "
                                    + ("overlapped" if deferred else "blocking"))

@@ -153,13 +153,16 @@ def test_replicated_frozen_weights_equal_one_process(reference, session_tmp, pre
 def test_auto_keeps_a_small_lora_model_whole_on_every_rank(reference, session_tmp):
     """fsdp.shard_frozen=null and fsdp.hybrid_replicas=null (the defaults): a LoRA base this small stays whole on
     each rank and so do its adapters (2 replicas x 1 shard), with the reasons in the setup row; training still
-    equals one process, and each rank holds what one process holds."""
+    equals one process, and each rank holds what one process holds. The gradients of every block are
+    all-reduced asynchronously (gloo_reduce.DeferredAllReduce), not by FSDP's blocking HSDP all-reduce."""
     ref = reference("lora-fp32", "finetune.method=lora")
     out = train_nproc(2, session_tmp / "2r-auto-frozen", *TWO_RANKS, "finetune.method=lora")
     assert_losses_close(losses(out), losses(ref), FP32_RTOL)
     setup = next(r for r in read_metrics(out) if r.get("split") == "setup")
     assert setup["shard_frozen"] is False and setup["shard_frozen_why"].startswith("auto: the frozen base"), setup
     assert setup["replicas"] == 2 and setup["replicas_why"].startswith("auto: the trainable state"), setup
+    # FSDP runs on the size-1 shard dimension and gloo_reduce all-reduces the whole gradients, overlapped
+    assert setup["gradient_reduce"] == "gloo all-reduce of whole gradients, overlapped", setup
     first = lambda run: next(r for r in read_metrics(run) if "state_bytes_per_rank" in r)  # noqa: E731
     assert all(b > 0.98 * first(ref)["state_bytes_per_rank"][0] for b in first(out)["state_bytes_per_rank"])
 

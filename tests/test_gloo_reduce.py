@@ -55,6 +55,14 @@ def test_gradients_bit_equal_to_torch_reduce_scatter(tmp_path, nproc):
         # frozen blocks: the root's reduction, issued in FSDP's own end-of-backward callback, still lands
         r = result["root-only"]
         assert r["equal"] and r["most_pending"] == 1 and r["left_pending"] == 0 and r["max_abs_grad"] > 0, r
+        # every weight whole on every rank: the deferred all-reduce equals FSDP's own HSDP one bit for bit; all
+        # 6 modules' reductions may be in flight at once (they need no extra buffer), none is left after backward
+        for name in ("fp32", "bf16"):
+            r = result["replicated"][name]
+            assert r["asynchronous"] and r["equal"] and r["max_abs_grad"] > 0, (rank, name, r)
+            assert 2 <= r["most_pending"] <= 6 and r["left_pending"] == 0, r
+        r = result["replicated"]["bf16-stored"]  # FSDP casts the reduced gradient at once: each one is waited
+        assert not r["asynchronous"] and r["equal"] and r["most_pending"] == 0 and r["left_pending"] == 0, r
 
 
 @pytest.mark.slow  # the default 2-rank equality tests (test_distributed.py) already train through this path

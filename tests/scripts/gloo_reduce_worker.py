@@ -2,7 +2,8 @@
 
 Writes one JSON per rank to argv[1]: whether every sharded gradient is bit-equal to torch's default
 reduce-scatter, the dtype the gradients were exchanged in, the most reductions ever pending, how many were left
-pending after backward, the buffer pool's bytes after each step, and how many all-gathers were swapped in place.
+pending after backward, the buffer pool's bytes after each step, and how many all-gathers were swapped in place;
+under "replicated", the same for weights whole on every rank, against FSDP's own HSDP all-reduce.
 """
 import json
 import sys
@@ -16,12 +17,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from fsdp_ft import gloo_reduce
 
 
-def build(seed: int, param_dtype, stored=torch.float32, blocks_train=True):
+def build(seed: int, param_dtype, stored=torch.float32, blocks_train=True, mesh=None):
     torch.manual_seed(seed)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 48)) for _ in range(5)],
                           nn.Linear(48, 7)).to(stored)
     model[:5].requires_grad_(blocks_train)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = mesh if mesh is not None else init_device_mesh("cpu", (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model[:5]:
         fully_shard(block, mesh=mesh, mp_policy=mp)
@@ -38,6 +39,41 @@ def grads_after_backward(model, x, y, steps=2, pool=None, held=None):
         if pool is not None:
             held.append(pool.held_bytes())
     return out
+
+
+def counting(pending) -> list:
+    """Record the most reductions `pending` ever held."""
+    most, add = [0], pending.add
+
+    def counting_add(*args, **kwargs):
+        add(*args, **kwargs)
+        most[0] = max(most[0], len(pending.queue))
+    pending.add = counting_add
+    return most
+
+
+def replicated_cases(x, y) -> dict:
+    """Every weight whole on every rank (replicas x 1 shard): FSDP's native HSDP all-reduce vs FSDP on the
+    size-1 shard mesh with gloo_reduce's deferred all-reduce over the replicate group."""
+    world = dist.get_world_size()
+    hsdp = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    result = {}
+    for name, param_dtype, stored in (("fp32", None, torch.float32), ("bf16", torch.bfloat16, torch.float32),
+                                      ("bf16-stored", None, torch.bfloat16)):
+        reference = grads_after_backward(build(0, param_dtype, stored, mesh=hsdp), x, y)
+        model = build(0, param_dtype, stored, mesh=hsdp["shard"])
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        asynchronous = gloo_reduce.install_replicated(model, [*model[:5], model], policy,
+                                                      hsdp["replicate"].get_group())
+        pending = model._get_fsdp_state()._fsdp_param_group._all_reduce_hook.pending
+        most = counting(pending)
+        got = grads_after_backward(model, x, y)
+        result[name] = {
+            "asynchronous": asynchronous, "most_pending": most[0], "left_pending": len(pending.queue),
+            "equal": all(torch.equal(a, b) for ra, rb in zip(got, reference) for a, b in zip(ra, rb)),
+            "max_abs_grad": max(float(g.abs().max()) for g in got[0]),
+        }
+    return result
 
 
 def main():
@@ -61,13 +97,8 @@ def main():
         asynchronous, sent = gloo_reduce.install(model, [*model[:5], model], policy, dist.get_world_size())
         comm = model._get_fsdp_state()._fsdp_param_group._reduce_scatter_comm
         gathers = [m._get_fsdp_state()._fsdp_param_group._all_gather_comm for m in model[:5]]
-        pending, most = comm.pending, [0]
-        add = pending.add
-
-        def counting_add(*args, **kwargs):
-            add(*args, **kwargs)
-            most[0] = max(most[0], len(pending.queue))
-        pending.add = counting_add
+        pending = comm.pending
+        most = counting(pending)
         held = []  # the buffer pool's bytes after each step: the second step reuses the first one's buffers
         got = grads_after_backward(model, x, y, pool=comm.pool, held=held)
         result[name] = {
@@ -77,6 +108,7 @@ def main():
             "max_abs_grad": max(float(g.abs().max()) for g in got[0]), "pool_bytes": held,
             "swapped_all_gathers": sum(g.swaps for g in gathers),
         }
+    result["replicated"] = replicated_cases(x, y)
     with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
         json.dump(result, f)
     # every rank past its last reduction before any tears its connections down: without this, a loaded 4-rank
