@@ -138,6 +138,10 @@ class FSDPConfig:
     gather_once_per_step: bool = _f(False, "keep block weights gathered from the step's first forward to its last "
                                     "backward: one all-gather per optimizer step instead of two per micro-batch "
                                     "(holds the unsharded weights all step)")
+    prefetch: int = _f(1, "blocks whose weights are all-gathered ahead, in forward and in backward, while the "
+                       "current block computes (FSDP2's explicit prefetching; each costs one more gathered block "
+                       "of memory); 0: forward gathers each block when it starts (FSDP2's default on CPU, where "
+                       "its implicit prefetch needs CUDA streams)")
     gloo_async_reduce: bool = _f(True, "CPU ranks (gloo): reduce each block's gradients without copies and "
                                  "asynchronously (2 ranks swap halves, more all-reduce in place), overlapping the "
                                  "next block's backward; 2 ranks also all-gather by swapping halves in place; every "
@@ -443,6 +447,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.peak_flops' must be > 0 (or null)")
     if cfg.fsdp.hybrid_replicas is not None and cfg.fsdp.hybrid_replicas < 1:
         raise ConfigError("config key 'fsdp.hybrid_replicas' must be >= 1")
+    if cfg.fsdp.prefetch < 0:
+        raise ConfigError(f"config key 'fsdp.prefetch' must be >= 0, got {cfg.fsdp.prefetch}")
     if not 0.0 <= cfg.data.eval_share < 1.0:
         raise ConfigError("config key 'data.eval_share' must be in [0, 1)")
     _validate_preference(cfg)

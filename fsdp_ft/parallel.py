@@ -104,6 +104,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
         fully_shard(block, reshard_after_forward=not keep, **kwargs)
     # the root's parameters (embeddings, head) are used again at once in backward: keep them gathered
     fully_shard(model, reshard_after_forward=False, **kwargs)
+    set_prefetch(model, blocks, cfg.fsdp.prefetch, mesh.device_type)
     info = {"blocks": len(blocks), "block_class": block_class, "checkpointed": len(checkpointed),
             "shard_frozen": shard_frozen, "shard_frozen_why": why}
     if replicated is not None:
@@ -114,6 +115,21 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
         info["gradient_reduce"] = (f"gloo without copies, {str(sent).removeprefix('torch.')} exchange, "
                                    + ("overlapped" if deferred else "blocking"))
     return info
+
+
+def set_prefetch(model: nn.Module, blocks: list[nn.Module], ahead: int, device_type: str) -> None:
+    """Each block starts the all-gathers of the next `ahead` blocks (forward order, then backward order) when
+    it starts, so they overlap its compute. On CUDA FSDP2's all-gather stream overlaps them; on CPU every
+    all-gather is issued blocking unless FSDP2 is told to issue them asynchronously (its `_set_unshard_async_op`,
+    meant for this: explicit prefetching without streams), and without that a CPU rank's forward and backward
+    wait for every block's all-gather, and so for the slower rank, block by block."""
+    if ahead < 1:
+        return
+    for i, block in enumerate(blocks):
+        block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + ahead])
+        block.set_modules_to_backward_prefetch(blocks[max(0, i - ahead):i][::-1])
+    if device_type == "cpu":
+        model._set_unshard_async_op(True)
 
 
 PEFT_BASES = ("lora", "dora", "ia3", "prefix", "prompt", "p_tuning")  # methods whose frozen base may stay whole (auto)

@@ -103,6 +103,7 @@ def test_unknown_key_names_the_closest_valid_key(override, unknown, suggestion):
     ("train.micro_batch_size=0", "train.micro_batch_size"),
     ("data.eval_share=1.0", "data.eval_share"),
     ("optim.betas=[0.9]", "optim.betas"),
+    ("fsdp.prefetch=-1", "fsdp.prefetch"),
 ])
 def test_cross_field_validation_names_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):

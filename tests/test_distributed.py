@@ -49,6 +49,16 @@ def test_two_ranks_equal_one_process_fp32(reference, session_tmp, method, ac, re
     assert eval_rows(out)[-1]["loss"] == pytest.approx(eval_rows(ref)[-1]["loss"], rel=FP32_RTOL)
 
 
+def test_prefetching_changes_no_number(reference, session_tmp):
+    """fsdp.prefetch=1 (the default: each block's all-gather of the next one issued asynchronously, forward and
+    backward) trains exactly as fsdp.prefetch=0 (each block gathered when it starts): same losses, bit for bit."""
+    ahead = train_nproc(2, session_tmp / "2r-prefetch", *TWO_RANKS)
+    plain = train_nproc(2, session_tmp / "2r-no-prefetch", *TWO_RANKS, "fsdp.prefetch=0")
+    assert losses(ahead) == losses(plain) and len(losses(plain)) == 8
+    grad_norms = lambda run: [r["grad_norm"] for r in read_metrics(run) if "split" not in r]  # noqa: E731
+    assert grad_norms(ahead) == grad_norms(plain)
+
+
 def test_bf16_mixed_precision_two_ranks_close_to_one_process(reference, session_tmp):
     """bf16 compute with fp32 reduction. Both runs see identical micro-batches, so the only difference is the
     order of the fp32 gradient sum over ranks and micro-steps; bf16's 8-bit mantissa (rel. eps 3.9e-3) bounds
