@@ -17,6 +17,9 @@ in fp32).
 Deferring is only correct when FSDP does not read its output between the reduce-scatter and the end of
 backward; `asynchronous=False` (per FSDP module) covers the cases where it does (a cast of the reduced gradient
 to another parameter dtype), keeping the no-copy in-place all-reduce but waiting at once.
+
+Where every rank holds every weight (a replicas x 1 mesh), FSDP's own HSDP all-reduce blocks the same way;
+`DeferredAllReduce` replaces it with an asynchronous all-reduce finished through the same queue.
 """
 from __future__ import annotations
 
