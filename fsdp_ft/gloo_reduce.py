@@ -186,13 +186,19 @@ class PooledAllGather(AllGather):
         return None
 
 
+def _deferrable(model: torch.nn.Module, policy) -> bool:
+    """Reductions may finish later only when FSDP does not cast the reduced gradient at once: every trainable
+    parameter is stored in the reduce dtype."""
+    return {p.dtype for p in model.parameters() if p.requires_grad} <= {policy.reduce_dtype}
+
+
 def install(model: torch.nn.Module, fsdp_modules, policy, world: int) -> tuple[bool, torch.dtype]:
     """Give each FSDP module the gloo reduce-scatter and the pooled all-gather, sharing one queue and one buffer
     pool; returns whether reductions are deferred and the dtype gradients travel in. They are not deferred when
     trainable parameters are stored in a dtype other than the reduce dtype: FSDP casts the reduced gradient right
     after the call, so it must be there."""
     pending = PendingReductions()
-    asynchronous = {p.dtype for p in model.parameters() if p.requires_grad} <= {policy.reduce_dtype}
+    asynchronous = _deferrable(model, policy)
     input_dtype = None
     narrower = policy.param_dtype is not None and policy.param_dtype.itemsize < policy.reduce_dtype.itemsize
     if world == 2 and narrower and policy.param_dtype.is_floating_point and policy.reduce_dtype == torch.float32:
@@ -227,7 +233,7 @@ def install_replicated(model: torch.nn.Module, fsdp_modules, policy, group: dist
     """Give each FSDP module (sharded over a size-1 mesh) the deferred all-reduce over `group`; returns whether
     the reductions are deferred (as in `install`). They all may be in flight at once: they use no extra buffer."""
     pending = PendingReductions(max_in_flight=len(fsdp_modules))
-    asynchronous = {p.dtype for p in model.parameters() if p.requires_grad} <= {policy.reduce_dtype}
+    asynchronous = _deferrable(model, policy)
     for module in fsdp_modules:
         module.set_all_reduce_hook(DeferredAllReduce(pending, group, asynchronous))
     return asynchronous
@@ -236,7 +242,7 @@ def install_replicated(model: torch.nn.Module, fsdp_modules, policy, group: dist
 def replicate_group(mesh, cfg) -> dist.ProcessGroup | None:
     """The replicate dimension's group of a (replicas x 1) mesh whose ranks talk over gloo, when
     fsdp.gloo_async_reduce is on: FSDP then shards over the size-1 dimension and `install_replicated` reduces."""
-    if mesh.ndim != 2 or mesh["shard"].size() != 1 or not cfg.fsdp.gloo_async_reduce or cfg.fsdp.cpu_offload:
+    if mesh.ndim != 2 or mesh["shard"].size() != 1 or not _switched_on(cfg):
         return None
     group = mesh["replicate"].get_group()
     return group if dist.get_backend(group) == "gloo" else None
@@ -245,7 +251,11 @@ def replicate_group(mesh, cfg) -> dist.ProcessGroup | None:
 def enabled_for(cfg, replicas: int, shards: int) -> bool:
     """What the config decides: only a 1-D mesh (no replicas) of several ranks, without CPU offload (whose grads
     FSDP copies at once). The planner asks this too, for the buffers the pool holds."""
-    return cfg.fsdp.gloo_async_reduce and not cfg.fsdp.cpu_offload and replicas == 1 and shards > 1
+    return _switched_on(cfg) and replicas == 1 and shards > 1
+
+
+def _switched_on(cfg) -> bool:
+    return cfg.fsdp.gloo_async_reduce and not cfg.fsdp.cpu_offload
 
 
 def applies(mesh, cfg) -> bool:
