@@ -36,6 +36,9 @@ ALL_GATHER_TAGS = 1 << 20  # message tags of all-gather exchanges start here; re
 # Below this a 2-rank all-gather goes through torch's gloo all-gather: its two temporaries cost little there, and
 # the two point-to-point ops per block cost more (configs/tiny.yaml, 2 ranks: ~1 s of a 16 s run)
 SWAP_MIN_BYTES = 1 << 20
+# widening sums run in pieces of this many elements: torch's CPU add of a bf16 tensor into an fp32 one first
+# copies the whole input to fp32; per piece that copy stays in cache (14M elements: 25.4 -> 5.7 ms)
+WIDEN_PIECE = 1 << 16
 
 
 def swap_with_peer(send: torch.Tensor, recv: torch.Tensor, group: dist.ProcessGroup, tag: int) -> list:
@@ -128,7 +131,7 @@ class GlooReduceScatter(ReduceScatter):
                 if input_tensor.dtype == output_tensor.dtype:
                     torch.add(chunks[rank], received, out=output_tensor)
                 else:  # widen first: an add of two bf16 tensors would round the sum to bf16
-                    output_tensor.copy_(chunks[rank]).add_(received)
+                    widening_sum(chunks[rank], received, output_tensor)
                 if average:
                     output_tensor.div_(world)
         else:
@@ -141,6 +144,14 @@ class GlooReduceScatter(ReduceScatter):
                     output_tensor.copy_(chunks[rank])
         self.pending.add(works, finish, self.asynchronous and not async_op)
         return None
+
+
+def widening_sum(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a + b summed in out's (wider) dtype, piece by piece (see WIDEN_PIECE)."""
+    a, b, flat = a.reshape(-1), b.reshape(-1), out.view(-1)
+    for start in range(0, flat.numel(), WIDEN_PIECE):
+        piece = slice(start, start + WIDEN_PIECE)
+        flat[piece].copy_(a[piece]).add_(b[piece])
 
 
 class _PairWork(dist.distributed_c10d.Work):

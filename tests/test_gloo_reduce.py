@@ -77,3 +77,17 @@ def test_training_run_equals_torch_reduce_scatter(session_tmp):
              (("on", on), ("off", off))}
     assert setup["on"]["gradient_reduce"] == "gloo without copies, float32 exchange, overlapped"
     assert "gradient_reduce" not in setup["off"]
+
+
+@pytest.mark.parametrize("numel", [1, 3 * (1 << 16) + 5])  # one short piece; several pieces and a remainder
+def test_widening_sum_equals_one_fp32_add(numel):
+    import torch
+
+    from fsdp_ft.gloo_reduce import widening_sum
+
+    gen = torch.Generator().manual_seed(numel)
+    a, b = (torch.randn(numel, generator=gen).bfloat16() for _ in range(2))
+    out = torch.full((numel,), float("nan"))
+    widening_sum(a, b, out)
+    assert torch.equal(out, a.float() + b.float())  # every element written, summed in fp32 (not rounded to bf16)
+    assert not torch.equal(out.bfloat16().float(), out)  # and the fp32 sums differ from bf16-rounded ones
