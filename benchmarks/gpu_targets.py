@@ -5,6 +5,7 @@
 
 - `full-1b`: full fine-tuning of a random-init Llama of Llama-3.2-1B's shape in bf16 (fp32 master weights), seq
   2048, micro-batch 4: MFU against the 45% target.
+- `full-1b-compiled`: the same with every block compiled (`train.compile=true`; not in the default list).
 - `qlora-8b`: QLoRA of a random-init Llama of Llama-3-8B's shape (NF4 base, LoRA r 8 / alpha 16 on every linear but
   the head, bf16, full activation checkpointing), seq 2048, batch 2: peak memory and tokens/s beside torchtune's
   published 7.4 GiB and 2,413 tokens/s (RTX 4090).
@@ -53,6 +54,10 @@ def targets(smoke: bool) -> dict[str, dict]:
     return {
         "full-1b": {"shape": MODEL_PRESETS["tiny"] if smoke else LLAMA_32_1B_SHAPE,
                     "set": {**common, "finetune.method": "full", "train.micro_batch_size": 4}},
+        # the same with every block compiled (train.compile): what torch.compile adds on this GPU
+        "full-1b-compiled": {"shape": MODEL_PRESETS["tiny"] if smoke else LLAMA_32_1B_SHAPE,
+                             "set": {**common, "finetune.method": "full", "train.micro_batch_size": 4,
+                                     "train.compile": True}},
         "qlora-8b": {"shape": MODEL_PRESETS["tiny"] if smoke else LLAMA_3_8B_SHAPE,
                      "set": {**common, "finetune.method": "qlora", "model.dtype": "bf16", "finetune.lora.r": 8,
                              "finetune.lora.alpha": 16.0, "activation_checkpointing": "full",
@@ -117,7 +122,7 @@ def table(results: dict) -> str:
             lines.append(f"| {name} | failed: {r['error']} | | | |")
             continue
         mfu = "–" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        beside = (f"target MFU {100 * MFU_TARGET:.0f}%" if name == "full-1b" else
+        beside = (f"target MFU {100 * MFU_TARGET:.0f}%" if name.startswith("full-1b") else
                   f"torchtune {TORCHTUNE_QLORA_8B['peak_gib']} GiB, {TORCHTUNE_QLORA_8B['tokens_per_s']:,} tokens/s")
         lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.2f} | {beside} |")
     return "\n".join(lines)
@@ -126,7 +131,7 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/gpu-targets")
-    p.add_argument("--targets", default="full-1b,qlora-8b", help="comma list of full-1b, qlora-8b")
+    p.add_argument("--targets", default="full-1b,qlora-8b", help="comma list of full-1b, full-1b-compiled, qlora-8b")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600, help="seconds one target may take")

@@ -102,7 +102,7 @@ def read_fsdp_ft(run_dir: Path) -> dict:
     return {"step_s": step_s, "tokens": tokens, "losses": losses,
             "peak_mem_bytes_per_rank": rows[-1]["peak_mem_bytes_per_rank"],
             "trainable_params": setup.get("trainable_params"),
-            "optimizer": "AdamW (torch, foreach on CPU / fused on GPU)",
+            "optimizer": "AdamW (torch, fused)",
             "wrapping": f"fully_shard per block ({setup.get('blocks')} x {setup.get('block_class')}) and root"}
 
 

@@ -213,6 +213,16 @@ class TrainConfig:
                             "by torch's MemTracker, slower): on CPU the stand-in for max_memory_allocated")
     peak_flops: Optional[float] = _f(None, "peak FLOP/s of one rank's device for MFU; null: the GPU's data-sheet "
                                      "peak, or measured once with a large matmul (CPU) and cached")
+    compile: bool = _f(False, "torch.compile each transformer block (inductor; before sharding, after activation "
+                       "checkpointing): faster blocks after a compile of tens of seconds at start, once more when "
+                       "row lengths first vary (then for any length); engine fsdp only")
+    tf32: bool = _f(True, "GPUs with TF32 (Ampere and newer): fp32 matmuls and convolutions use TF32 tensor cores "
+                    "(10-bit mantissa; what an fp32 run or fp32 parts of a mixed-precision run compute in); false: "
+                    "IEEE fp32. No effect on CPU")
+    prefetch_batches: Optional[bool] = _f(None, "build the next step's batches in a background thread while this "
+                                          "step computes (on GPU in pinned memory, copied asynchronously); null: "
+                                          "on for GPUs, off for CPU ranks (there the thread would take a core "
+                                          "from the step)")
 
 
 @dataclass
@@ -503,6 +513,8 @@ def _validate_engine(cfg: Config) -> None:
     if cfg.finetune.method not in DEEPSPEED_METHODS:
         raise ConfigError(f"config key 'finetune.method'={cfg.finetune.method} is not available with engine "
                           f"deepspeed (it runs {', '.join(DEEPSPEED_METHODS)}); use engine=fsdp")
+    if cfg.train.compile:
+        raise ConfigError("config key 'train.compile' works with engine fsdp only; set train.compile=false")
     if cfg.fsdp.hybrid_replicas not in (None, 1):
         raise ConfigError("config key 'fsdp.hybrid_replicas' is FSDP-only; with engine deepspeed use ZeRO++ "
                           "(zero_hpz_partition_size) in deepspeed.config")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_ft import adapters, best, checkpoint, distributed, host_malloc, memtrack, parallel, quantize, vocab
+from fsdp_ft import adapters, best, checkpoint, distributed, host_malloc, memtrack, parallel, quantize, tf32, vocab
 from fsdp_ft.config import Config, dump_config
 from fsdp_ft.data import BatchPlan, load_splits
 from fsdp_ft.errors import ConfigError, DataError
@@ -157,6 +157,7 @@ def train(cfg: Config) -> TrainResult:
         return train_deepspeed(cfg)
     env = distributed.init_distributed()
     torch.manual_seed(cfg.train.seed)
+    tf32_on = tf32.apply(cfg.train.tf32, env.device)  # before any matmul, and before the MFU peak is read
     out = prepare_output_dir(cfg, env)
     resume_from = checkpoint.resolve_checkpoint(out, cfg.resume)
     t0 = time.perf_counter()
@@ -181,7 +182,7 @@ def train(cfg: Config) -> TrainResult:
         dump_config(cfg, out / "config.yaml")
     peak, peak_source = _peak_flops(cfg, env)
     info.update(setup_s=time.perf_counter() - t0, world_size=env.world_size, device=str(env.device),
-                peak_flops=peak, peak_flops_source=peak_source, host_malloc=malloc,
+                peak_flops=peak, tf32=tf32_on, peak_flops_source=peak_source, host_malloc=malloc,
                 host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()),
                 quantized_bytes_per_rank=distributed.all_gather_object(quantize.quantized_bytes(model)))
     _log(env, f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from fsdp_ft import adapters, checkpoint, distributed, ds_checkpoint, parallel
+from fsdp_ft import adapters, checkpoint, distributed, ds_checkpoint, parallel, tf32
 from fsdp_ft.config import Config, dump_config
 from fsdp_ft.ds_config import build_ds_config, precision_of
 from fsdp_ft.engine import (TrainResult, _count_flops, _peak_flops, build_meta, export_final, load_data,
@@ -223,6 +223,7 @@ def train(cfg: Config) -> TrainResult:
     # makes the weight's gradient inside forward, which that scheme does not expect: plain logits here
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunked_head_loss=False))
     env = distributed.init_distributed()
+    tf32_on = tf32.apply(cfg.train.tf32, env.device)  # before any matmul, and before the MFU peak is read
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it; a plain process has none
     deepspeed.init_distributed("nccl" if env.device.type == "cuda" else "gloo")  # adopts our process group
     torch.manual_seed(cfg.train.seed)
@@ -246,7 +247,7 @@ def train(cfg: Config) -> TrainResult:
         dump_config(cfg, out / "config.yaml")
         (out / "deepspeed_config.json").write_text(json.dumps(ds, indent=1))
     peak, peak_source = _peak_flops(cfg, env)
-    info.update(setup_s=time.perf_counter() - t0, peak_flops=peak, peak_flops_source=peak_source,
+    info.update(setup_s=time.perf_counter() - t0, peak_flops=peak, tf32=tf32_on, peak_flops_source=peak_source,
                 host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()))
     _log(env, f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "
               f"({100 * info['trainable_share']:.2f}%); DeepSpeed ZeRO-{info['zero_stage']} over {env.world_size} "

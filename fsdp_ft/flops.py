@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from fsdp_ft.tf32 import enabled as tf32_enabled
+
 
 @dataclass
 class FlopCounts:
@@ -280,7 +282,7 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype) -> tuple[float, s
     name = dtype_name(dtype)
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
-        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+        tf32 = tf32_enabled()
         table = gpu_table_peak(gpu, dtype, tf32)
         if table is not None:
             kind = "tf32" if dtype == torch.float32 and tf32 else name

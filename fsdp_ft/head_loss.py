@@ -114,7 +114,7 @@ def head_loss(model: nn.Module, shift_labels: torch.Tensor, positions: torch.Ten
         hidden = hidden[:, -shift_labels.shape[1]:]  # prompt tuning prepends virtual-token positions
         flat_h = hidden.reshape(-1, hidden.shape[-1])[positions]
         result["loss"] = linear_cross_entropy(flat_h, head.weight, head.bias, shift_labels.reshape(-1)[positions])
-        return hidden[..., :0]
+        return hidden[..., :0].clone()  # empty, still on the graph; a clone, since FSDP warns of returned views
 
     head.forward = forward
     try:

@@ -66,6 +66,22 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> list[n
     return chosen
 
 
+def compile_blocks(blocks: list[nn.Module]) -> None:
+    """train.compile: each block compiles in place (`Module.compile`, so parameter names do not change), around
+    the checkpointed forward and inside FSDP's hooks, which dynamo leaves to run eagerly. Blocks share their
+    class's code, so one compiled graph serves them all."""
+    for block in blocks:
+        block.compile()
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process (train.compile): 1-3 in a healthy run (training, the first
+    varying row length, evaluation without grad); a count that keeps growing means recompiles."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def mixed_precision_policy(cfg: Config) -> MixedPrecisionPolicy:
     from fsdp_ft.model import DTYPE  # model.py uses this module to fill shards
 
@@ -80,6 +96,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
     blocks = find_blocks(adapters.base_model(model), cfg.model.block_classes)
     block_class = type(blocks[0]).__name__
     checkpointed = apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
+    if cfg.train.compile:
+        compile_blocks(blocks)
     kwargs = {
         "mesh": mesh,
         "mp_policy": mixed_precision_policy(cfg),
@@ -106,6 +124,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh) -> dict:
     fully_shard(model, reshard_after_forward=False, **kwargs)
     set_prefetch(model, blocks, cfg.fsdp.prefetch, mesh.device_type)
     info = {"blocks": len(blocks), "block_class": block_class, "checkpointed": len(checkpointed),
+            "compiled": len(blocks) if cfg.train.compile else 0,
             "shard_frozen": shard_frozen, "shard_frozen_why": why}
     if replicated is not None:
         deferred = gloo_reduce.install_replicated(model, [*blocks, model], kwargs["mp_policy"], replicated)

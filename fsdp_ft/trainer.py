@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fsdp_ft import adapters, best, checkpoint, parallel, preemption
+from fsdp_ft import adapters, best, checkpoint, parallel, preemption, step_batches
 from fsdp_ft.config import Config
 from fsdp_ft.data import BatchPlan, eval_batches
 from fsdp_ft.distributed import DistEnv, all_gather_object, all_reduce_sum
 from fsdp_ft.flops import FlopCounts, batch_flops, mfu
 from fsdp_ft.metrics import MetricsLogger, peak_host_rss_bytes, peak_memory_bytes
 from fsdp_ft.profiling import StepProfiler
+from fsdp_ft.step_batches import StepBatches
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Trainer:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.plan = plan
         self._perm_epoch, self._perm = -1, None
+        self.batches = StepBatches(self._host_step_batches, env.device,
+                                   step_batches.enabled(cfg.train.prefetch_batches, env.device))
 
     # ------------------------------------------------------------ batches
 
@@ -55,11 +58,23 @@ class Trainer:
     def _collate(self, rows, indices: list[int]) -> dict:
         return self._to_device(self.task.collate([self.task.encode(rows[i]) for i in indices]))
 
+    def _host_step_batches(self, position: tuple[int, int]) -> list[dict]:
+        """The micro-batches of the step at (epoch, step in epoch), on the host."""
+        epoch, step_in_epoch = position
+        if self._perm_epoch != epoch:
+            self._perm, self._perm_epoch = self.plan.permutation(epoch), epoch
+        return [self.task.collate([self.task.encode(self.train_rows[i]) for i in idx])
+                for idx in self.plan.micro_batches(self._perm, step_in_epoch)]
+
     def _step_batches(self) -> list[dict]:
-        if self._perm_epoch != self.state.epoch:
-            self._perm, self._perm_epoch = self.plan.permutation(self.state.epoch), self.state.epoch
-        return [self._collate(self.train_rows, idx)
-                for idx in self.plan.micro_batches(self._perm, self.state.step_in_epoch)]
+        """This step's batches on the device; the next step's are started (train.prefetch_batches)."""
+        s = self.state
+        following = None
+        if s.step + 1 < self.total_steps:
+            following = (s.epoch, s.step_in_epoch + 1)
+            if following[1] >= self.plan.steps_per_epoch:
+                following = (s.epoch + 1, 0)
+        return self.batches.get((s.epoch, s.step_in_epoch), following)
 
     # ------------------------------------------------------------ one optimizer step
 
@@ -113,6 +128,7 @@ class Trainer:
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}
         size = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
+        self.batches.wait()  # the task is not shared with the batch worker while it builds
         for idx in eval_batches(len(self.eval_rows), size, self.env.world_size, self.env.rank):
             weight = 1.0 if idx else 0.0  # a rank with no rows left still runs the forward FSDP needs
             batch = self._collate(self.eval_rows, idx or [0])
@@ -149,6 +165,8 @@ class Trainer:
                "peak_host_rss_bytes": peak_host_rss_bytes()}
         if self.scaler:
             row["loss_scale"] = float(self.scaler.get_scale())
+        if self.cfg.train.compile:
+            row["compiled_graphs"] = parallel.compiled_graphs()
         if first_row:
             row["state_bytes_per_rank"] = all_gather_object(self.state_bytes())
         if self.flop_counts is not None and torch.is_tensor(window.get("flops")):
@@ -185,6 +203,13 @@ class Trainer:
                                    self.env, self.cfg.train.keep_last, trainable_only=adapters.is_peft(self.cfg))
 
     def fit(self) -> TrainState:
+        try:
+            return self._loop()
+        finally:
+            self.batches.close()
+            self.profiler.close()
+
+    def _loop(self) -> TrainState:
         t = self.cfg.train
         self.model.train()
         window, started, first = None, time.perf_counter(), True
@@ -215,5 +240,4 @@ class Trainer:
                     self._log_train(window, started, first)
                 self.save()
                 break
-        self.profiler.close()
         return self.state

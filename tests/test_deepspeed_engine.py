@@ -290,6 +290,7 @@ def test_bad_user_json_is_one_line_error(tmp_path, user, overrides, words):
 @pytest.mark.parametrize("overrides,words", [
     (["finetune.method=qlora"], ["finetune.method", "engine=fsdp"]),
     (["fsdp.hybrid_replicas=2"], ["fsdp.hybrid_replicas"]),
+    (["train.compile=true"], ["train.compile", "engine fsdp"]),
     (["deepspeed.stage=1"], ["deepspeed.stage"]),
     (["deepspeed.config=/no/such.json"], ["deepspeed.config", "does not exist"]),
 ])

@@ -59,6 +59,22 @@ def test_prefetching_changes_no_number(reference, session_tmp):
     assert grad_norms(ahead) == grad_norms(plain)
 
 
+def test_compiled_blocks_two_ranks_equal_one_process(reference, session_tmp):
+    """train.compile: each block compiled by inductor (around its checkpointed forward), then sharded. 2 ranks
+    equal the eager single process to fp32 rounding (inductor fuses and reorders some sums); the training rows
+    count the graphs dynamo compiled: a fixed-shape graph, one for varying row lengths, one for evaluation."""
+    ref = reference("full")
+    out = train_nproc(2, session_tmp / "2r-compile", *TWO_RANKS, "train.compile=true",
+                      "activation_checkpointing=selective:2")
+    assert_losses_close(losses(out), losses(ref), FP32_RTOL)
+    assert eval_rows(out)[-1]["loss"] == pytest.approx(eval_rows(ref)[-1]["loss"], rel=FP32_RTOL)
+    rows = read_metrics(out)
+    setup = next(r for r in rows if r.get("split") == "setup")
+    assert (setup["compiled"], setup["checkpointed"]) == (4, 2)
+    graphs = [r["compiled_graphs"] for r in rows if "split" not in r]
+    assert 1 <= graphs[0] and graphs[-1] <= 3, graphs  # the four blocks share their graphs: no per-block compile
+
+
 def test_bf16_mixed_precision_two_ranks_close_to_one_process(reference, session_tmp):
     """bf16 compute with fp32 reduction. Both runs see identical micro-batches, so the only difference is the
     order of the fp32 gradient sum over ranks and micro-steps; bf16's 8-bit mantissa (rel. eps 3.9e-3) bounds

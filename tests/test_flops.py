@@ -100,6 +100,7 @@ def test_gpu_peaks_by_name():
     assert flops.gpu_table_peak("NVIDIA H100 PCIe", torch.bfloat16, tf32=False) == 756e12
     assert flops.gpu_table_peak("NVIDIA A100-SXM4-80GB", torch.float32, tf32=True) == 156e12
     assert flops.gpu_table_peak("NVIDIA A100-SXM4-80GB", torch.float32, tf32=False) == 19.5e12
+    assert flops.gpu_table_peak("NVIDIA H200", torch.bfloat16, tf32=False) == 989e12  # the lent machines' GPU
     assert flops.gpu_table_peak("Some Future GPU", torch.bfloat16, tf32=False) is None
 
 

@@ -131,6 +131,14 @@ def test_plan_prints_table_and_advice(tmp_path):
     assert "does not fit in 10.24 MiB x 90% headroom" in text and "Cheapest change that fits" in text
 
 
+def test_compiled_config_plans_the_eager_step(tmp_path):
+    """train.compile=true is planned as the eager step: under the planner's fake tensors and memory tracker dynamo
+    steps aside and the compiled blocks run eagerly."""
+    base = [f"output_dir={tmp_path}", "train.seq_len=64"]
+    compiled = predict(1, [*base, "train.compile=true"])["prediction"]
+    assert compiled["peak_bytes"] == predict(1, base)["prediction"]["peak_bytes"] > 0
+
+
 @pytest.mark.slow
 def test_extrapolated_depth_equals_full_simulation(tmp_path):
     """Deep models are simulated as 2- and 3-block stacks and extrapolated; on an 8-block model that equals the
