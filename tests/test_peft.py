@@ -53,6 +53,17 @@ def test_qlora_bf16_two_ranks_close_to_one_process(peft_runs):
     assert_losses_close(losses(peft_runs("qlora", 2, *extra)), losses(peft_runs("qlora", 1, *extra)), 2e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_compiled_blocks_two_ranks_equal_one_process(peft_runs, method):
+    """train.compile with adapters in the blocks (and, for QLoRA, NF4 weights all-gathered into them): 2 ranks
+    compiled equal the eager single process (full fine-tuning's compiled run is in the default suite)."""
+    two = peft_runs(method, 2, "train.compile=true")
+    assert_losses_close(losses(two), losses(peft_runs(method, 1)), 1e-5)
+    assert _setup_row(two)["compiled"] == _setup_row(two)["blocks"]
+
+
 @pytest.mark.distributed
 def test_quantized_base_is_sharded(peft_runs):
     """Each of 2 ranks stores half the 4-bit base (within 10%), and 4 bits are about 1/8 of fp32."""
