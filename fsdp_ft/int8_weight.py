@@ -13,7 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fsdp_ft import frozen_matmul
+
 aten = torch.ops.aten
+FORMAT = "int8"  # fsdp_ft.frozen_matmul's name for this layout
 _OPS = {}
 
 
@@ -32,6 +35,15 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = half.abs().amax(dim=1).float()
     inverse = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))  # an all-zero row stays zero
     return torch.round(half * inverse.unsqueeze(1)).to(torch.int8), absmax
+
+
+def _dequantize(parts, sizes, weight_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """codes x absmax / 127, computed as bitsandbytes does (the product rounded once to `dtype`)."""
+    codes, absmax = parts
+    return codes.to(dtype).mul_(absmax.unsqueeze(1).mul(1.0 / 127.0))
+
+
+frozen_matmul.register(FORMAT, _dequantize)
 
 
 class Int8Weight(torch.Tensor):
@@ -57,9 +69,7 @@ class Int8Weight(torch.Tensor):
                    torch.empty(shape[0], dtype=torch.float32, device=device), dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """codes x absmax / 127, computed as bitsandbytes does (the product rounded once to `dtype`)."""
-        dtype = dtype or self.dtype
-        return self.codes.to(dtype).mul_(self.absmax.unsqueeze(1).mul(1.0 / 127.0))
+        return _dequantize([self.codes, self.absmax], list(self.shape), self.dtype, dtype or self.dtype)
 
     def __repr__(self) -> str:
         return f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
@@ -76,8 +86,9 @@ class Int8Weight(torch.Tensor):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight, bias = (list(args) + [kwargs.get("bias")])[:3]
-            out = _Int8Linear.apply(x, weight)
-            return out if bias is None else out + bias
+            # W saved in 8 bits and dequantized again for backward, compiled or not
+            return frozen_matmul.linear(x, [weight.codes, weight.absmax], list(weight.shape), FORMAT, weight.dtype,
+                                        bias)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -96,20 +107,6 @@ class Int8Weight(torch.Tensor):
         if out is not None:  # later gathers write into the same storage
             return None
         return Int8Weight(codes, absmax, self.dtype), (codes, absmax)
-
-
-class _Int8Linear(torch.autograd.Function):
-    """y = x W^T with W dequantized on the fly; W is saved in 8 bits and dequantized again for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        return F.linear(x, weight.dequantize(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        return grad_out @ weight.dequantize(grad_out.dtype), None
 
 
 # ---------------------------------------------------------------- the ops FSDP2 and nn.Module apply to a weight
