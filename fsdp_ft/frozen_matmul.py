@@ -56,8 +56,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    grad_x = frozen_linear_input_grad(grad, list(ctx.saved_tensors), ctx.sizes, ctx.fmt, ctx.weight_dtype)
-    return grad_x, [None] * len(ctx.saved_tensors), None, None, None
+    parts = list(ctx.saved_tensors)  # read once: activation checkpointing lets each saved tensor unpack once
+    grad_x = frozen_linear_input_grad(grad, parts, ctx.sizes, ctx.fmt, ctx.weight_dtype)
+    return grad_x, [None] * len(parts), None, None, None
 
 
 frozen_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -68,3 +68,20 @@ def test_gradient_is_the_dense_weights():
     g = torch.randn(5, SHAPE[0])
     (got,) = torch.autograd.grad(F.linear(x, weight), x, g)
     torch.testing.assert_close(got, g @ dense, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_under_activation_checkpointing(fmt):
+    """Checkpointed (non-reentrant, as fsdp_ft wraps blocks) the layer recomputes and gives the same gradient;
+    checkpointing lets each saved tensor be unpacked only once, which backward must respect."""
+    from torch.utils.checkpoint import checkpoint
+
+    weight = frozen(fmt, torch.float32)
+
+    def block(x):
+        return F.silu(F.linear(x, weight)) * 2
+
+    x = torch.randn(2, 16, SHAPE[1])
+    y, grad, _ = run(block, x)
+    y_ac, grad_ac, _ = run(lambda t: checkpoint(block, t, use_reentrant=False), x)
+    assert torch.equal(y_ac, y) and torch.equal(grad_ac, grad)
