@@ -12,6 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 ASSETS = REPO / "tests" / "assets"
+# every process the tests start prints its Python stacks if it aborts or crashes (a rare gloo teardown abort in CI
+# showed only "terminate called without an active exception", with no hint of where)
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 # Small and quick: equality tests compare per-step losses, not convergence.
 FAST = ["train.max_steps=8", "train.log_every=1", "train.seq_len=64", "train.eval_every=0", "train.save_every=0",
