@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from fsdp_ft import strict_yaml
 from fsdp_ft.errors import ConfigError
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -216,6 +217,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile each transformer block (inductor; before sharding, after activation "
                        "checkpointing): faster blocks after a compile of tens of seconds at start, once more when "
                        "row lengths first vary (then for any length); engine fsdp only")
+    fp16_init_scale: float = _f(65536.0, "fp16 compute: the first loss scale (halved on each step whose gradients "
+                                "overflow, which is then skipped; doubled after 2000 clean steps)")
     tf32: bool = _f(True, "GPUs with TF32 (Ampere and newer): fp32 matmuls and convolutions use TF32 tensor cores "
                     "(10-bit mantissa; what an fp32 run or fp32 parts of a mixed-precision run compute in); false: "
                     "IEEE fp32. No effect on CPU")
@@ -231,8 +234,12 @@ class Config:
     engine: str = _f("fsdp", "training engine: fsdp (FSDP2) or deepspeed (ZeRO-2/3; pip install 'fsdp_ft[deepspeed]')",
                      ("fsdp", "deepspeed"))
     task: str = _f("causal_lm", "training objective", ("causal_lm", "seq_cls", "dpo", "orpo", "reward"))
-    resume: str = _f("auto", "auto: newest complete checkpoint in output_dir; none; or a checkpoint path",
-                     path=True)
+    resume: str = _f("auto", "auto: continue the run in output_dir from its newest valid checkpoint (refused if "
+                     "output_dir holds a run with another identity; README: the run directory); none: a fresh "
+                     "run (refused if output_dir already holds a run); or a checkpoint path", path=True)
+    overwrite: bool = _f(False, "a fresh run may replace a run in output_dir that it cannot continue (resume=none, "
+                         "or resume=auto with another identity): the old run is moved aside to "
+                         "<output_dir>.replaced-<time>, never deleted")
     activation_checkpointing: str = _f("none", "recompute block activations: none, full, or selective:K (every K-th)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
@@ -369,9 +376,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = strict_yaml.load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    except strict_yaml.Refused as e:
+        raise ConfigError(f"override '{key.strip()}': {e}") from None
     return key.strip(), value
 
 
@@ -411,7 +420,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         if not p.is_file():
             raise ConfigError(f"config file '{path}' " + ("is not a file" if p.exists() else "does not exist"))
         try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            tree = strict_yaml.load(p.read_text(encoding="utf-8")) or {}
+        except strict_yaml.Refused as e:
+            where = f" line {e.line}" if e.line else ""
+            raise ConfigError(f"config file '{path}'{where}: {e}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file '{path}' is not UTF-8 text: {e.reason} at byte {e.start}") from None
         except yaml.YAMLError as e:
@@ -455,6 +467,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.profile_steps' must be [start, end] with 1 <= start <= end, got {steps}")
     if cfg.train.peak_flops is not None and cfg.train.peak_flops <= 0:
         raise ConfigError("config key 'train.peak_flops' must be > 0 (or null)")
+    if not cfg.train.fp16_init_scale > 0:
+        raise ConfigError(f"config key 'train.fp16_init_scale' must be > 0, got {cfg.train.fp16_init_scale}")
     if cfg.fsdp.hybrid_replicas is not None and cfg.fsdp.hybrid_replicas < 1:
         raise ConfigError("config key 'fsdp.hybrid_replicas' must be >= 1")
     if cfg.fsdp.prefetch < 0:

@@ -6,6 +6,7 @@ batch is the same samples whatever the number of ranks.
 """
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import logging
@@ -34,6 +35,8 @@ def load_table(path: str, split: str, key: str):
             raise DataError(f"config key '{key}': '{path}' is not .jsonl, .json, .csv or .parquet")
         if p.stat().st_size == 0:
             raise DataError(f"config key '{key}': data file '{path}' is empty")
+        if fmt != "parquet":
+            check_utf8(p, f"config key '{key}': data file '{path}'")
         datasets = _datasets()  # imported before quieting: its import resets its logger's level
         try:
             with _quiet_datasets():
@@ -50,6 +53,30 @@ def load_table(path: str, split: str, key: str):
     except Exception as e:
         raise DataError(f"config key '{key}': cannot load hub dataset '{path}' split '{split}': "
                         f"{_first_line(e)}") from None
+
+
+def check_utf8(path: str | Path, what: str, chunk: int = 1 << 24) -> None:
+    """Fail, naming the line and byte, when a text data file is not UTF-8. `datasets` does not check: a latin-1
+    byte in a .jsonl reaches Arrow as is and fails with a bare UnicodeDecodeError (or decodes wrongly) when rows are
+    first read, far from the file; the fallback readers here replace bad bytes silently. One streaming pass."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    start = newlines = 0  # byte offset of the chunk in the file, and newlines before it
+    with open(path, "rb") as fh:
+        while True:
+            data = fh.read(chunk)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk's end
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                offset = start - pending + e.start
+                line = newlines + data[:max(offset - start, 0)].count(b"\n") + 1
+                bad = (e.object[e.start:e.end] or b"?")[:4].hex(" ")
+                raise DataError(f"{what} is not UTF-8 text: line {line}, byte offset {offset} (0x{bad}: {e.reason}); "
+                                "re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            if not data:
+                return
+            start += len(data)
+            newlines += data.count(b"\n")
 
 
 def _datasets():
@@ -88,13 +115,37 @@ def _bad_json_line(p: Path) -> str | None:
     except ValueError as e:
         if text.lstrip().startswith("["):  # meant as one document: its parser knows the line
             return f"line {e.lineno} is not valid JSON: {e.msg} (column {e.colno})"
+    except RecursionError:  # json is recursive: `[[[[...` a few thousand deep exhausts the stack
+        if text.lstrip().startswith("["):
+            return _too_deep(text, 1)
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 json.loads(line)
             except ValueError as e:
                 return f"line {n} is not valid JSON: {e.msg} (column {e.colno})"
+            except RecursionError:
+                return _too_deep(line, n)
     return None
+
+
+MAX_JSON_DEPTH = 500  # rows nest a few levels (chat messages: 3); Python's and Arrow's parsers stop near 1000
+
+
+def _too_deep(text: str, first_line: int) -> str:
+    """Where JSON `text` (starting at line `first_line`) first nests deeper than MAX_JSON_DEPTH."""
+    depth, line = 0, first_line
+    for m in re.finditer(r'"(?:[^"\\\n]|\\.)*"|[\[\]{}\n]', text):
+        token = m.group()
+        if token == "\n":
+            line += 1
+        elif token in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return f"line {line} nests JSON deeper than {MAX_JSON_DEPTH} levels (arrays or objects in each other)"
+        elif token in "]}":
+            depth -= 1
+    return f"JSON from line {first_line} on nests too deeply for the parser (arrays or objects in each other)"
 
 
 def _reason(e: BaseException) -> BaseException:

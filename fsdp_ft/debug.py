@@ -1,7 +1,9 @@
 """`fsdp-ft train --debug`: one process on one device, deterministic, with anomaly detection, a few steps logged
 one by one, and a dump of the first batch, so a user sees exactly what the model trains on before a long run.
 
-It writes into output_dir/debug (wiped each time), so it never mixes with, or prunes, a real run's checkpoints.
+It writes into output_dir/debug, so it never mixes with, or prunes, a real run's checkpoints. That folder is wiped
+at each debug run only when a marker file says a debug run made it: a folder of the same name the user made is
+refused, never deleted.
 """
 from __future__ import annotations
 
@@ -16,6 +18,20 @@ from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 
 NO_LOSS = ("«", "»")  # marks tokens that carry no loss in the inline view
+MARKER = ".fsdp-ft-debug"  # written into output_dir/debug when a debug run creates it: only then is it ours to wipe
+
+
+def _fresh_debug_dir(out: Path) -> None:
+    """Empty `out` for a new debug run: wipe it when a debug run made it (the marker), make it when missing, and
+    refuse (deleting nothing) when it holds anything else."""
+    ours = out.is_dir() and not out.is_symlink() and (out / MARKER).is_file()
+    if ours:
+        shutil.rmtree(out)
+    elif out.is_symlink() or (out.exists() and not (out.is_dir() and not any(out.iterdir()))):
+        raise ConfigError(f"--debug writes to '{out}', which exists and was not made by a debug run (no {MARKER} "
+                          "file in it): move or delete it yourself, or set output_dir elsewhere; nothing was deleted")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `fsdp-ft train --debug`; the next debug run deletes this folder\n")
 
 
 def prepare(cfg: Config, steps: int) -> Config:
@@ -23,7 +39,7 @@ def prepare(cfg: Config, steps: int) -> Config:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         raise ConfigError("--debug runs one process: start it with `fsdp-ft train --debug`, not torchrun/srun")
     out = Path(cfg.output_dir) / "debug"
-    shutil.rmtree(out, ignore_errors=True)
+    _fresh_debug_dir(out)
     cfg.output_dir, cfg.resume = str(out), "none"
     t = cfg.train
     t.max_steps = min(t.max_steps, steps) if t.max_steps else steps

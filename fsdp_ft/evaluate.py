@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from fsdp_ft import data
+from fsdp_ft import adapters, data
 from fsdp_ft.errors import DataError
 from fsdp_ft.inference import LoadedModel
+from fsdp_ft.model import check_seq_len
 from fsdp_ft.tasks import get_task
 
 
@@ -40,6 +41,7 @@ def _rows(task, cfg, path: str):
 @torch.no_grad()
 def evaluate_file(loaded: LoadedModel, path: str, max_samples: int | None = None) -> dict:
     cfg = loaded.cfg
+    check_seq_len(cfg, adapters.base_model(loaded.model).config)  # longer rows: an index error mid-eval
     task = get_task(cfg, loaded.tokenizer)
     if cfg.task == "seq_cls":  # class ids are the model's, not re-derived from this file
         task.label2id = {name: i for i, name in enumerate(loaded.labels)}

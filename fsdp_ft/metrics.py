@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 from pathlib import Path
 
 import torch
+
+from fsdp_ft.errors import DataError
 
 
 def peak_host_rss_bytes() -> int:
@@ -39,6 +42,7 @@ class MetricsLogger:
         self.bar = None
         if not is_main:
             return
+        end_partial_line(self.path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
@@ -85,9 +89,69 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def read_metrics(output_dir: str | Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl (used by tests and reports)."""
-    path = Path(output_dir) / "metrics.jsonl"
+def end_partial_line(path: Path) -> None:
+    """Before appending to a metrics.jsonl that a killed run left mid-row: a whole row missing only its newline
+    gets one; a cut row is removed, so the next row starts on a line of its own instead of being glued to it."""
+    try:
+        f = path.open("rb+")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        keep = size
+        while True:  # rows are short: the last newline is near the end
+            keep = max(0, keep - (1 << 16))
+            f.seek(keep)
+            tail = f.read()
+            cut = tail.rfind(b"\n")
+            if cut >= 0 or keep == 0:
+                break
+        line = tail[cut + 1:]
+        if _is_row(line):
+            f.write(b"\n")
+        else:
+            f.truncate(keep + cut + 1)
+            print(f"[fsdp_ft] {path}: removed a row cut short by a stopped run ({len(line)} bytes)",
+                  file=sys.stderr, flush=True)
+
+
+def _is_row(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def read_metrics_file(path: str | Path) -> tuple[list[dict], int]:
+    """The rows of a metrics.jsonl, and 1 when its last line was cut short (a run killed mid-write: no newline at
+    the end, not JSON) and left out, else 0. Any other line that is not a JSON object is an error naming it."""
+    path = Path(path)
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], 0
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    rows, cut = [], 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            if n == len(lines):  # the last line, with no newline after it: a write that never finished
+                cut = 1
+                continue
+            raise DataError(f"metrics file '{path}' line {n} is not valid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"metrics file '{path}' line {n} is not a JSON object")
+        rows.append(row)
+    return rows, cut
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (used by tests and reports); a last row cut short is left out."""
+    return read_metrics_file(Path(output_dir) / "metrics.jsonl")[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import zlib
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def load_tokenizer(cfg: Config, model_dir: Path):
     return tok
 
 
-def load_hf_config(cfg: Config, model_dir: Path):
+def load_hf_config(cfg: Config, model_dir: Path, check_positions: bool = True):
+    """The model's HF config; by default also checks train.seq_len against its positions (`check_seq_len`):
+    what only reads or writes weights (export) passes check_positions=False."""
     from transformers import AutoConfig
 
     kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
@@ -73,7 +76,85 @@ def load_hf_config(cfg: Config, model_dir: Path):
     # a GGUF file's weights are dequantized on load; the model we build is a plain one
     if getattr(hf_config, "quantization_config", None) is not None and cfg.model.gguf_file:
         del hf_config.quantization_config
+    if check_positions:  # every training path (both engines, plan) reads the config here, before any model
+        check_seq_len(cfg, hf_config)
     return hf_config
+
+
+# ---------------------------------------------------------------- sequence length vs. the model's positions
+
+# Model types whose positions index a fixed table (learned absolute embeddings; roformer's sinusoid table), by the
+# config.json key that sizes it: position >= that size is an index error at the first long batch.
+POSITION_TABLE = {
+    **dict.fromkeys(("bert", "distilbert", "electra", "albert", "ernie", "megatron-bert", "mobilebert", "squeezebert",
+                     "layoutlm", "xlm", "roformer", "gpt_neo", "opt", "biogpt", "roberta", "xlm-roberta",
+                     "xlm-roberta-xl", "camembert", "data2vec-text", "ibert", "longformer", "mpnet",
+                     "roberta-prelayernorm", "esm"), "max_position_embeddings"),
+    "gpt2": "n_positions", "gpt_bigcode": "n_positions",
+}
+# RoBERTa-style embeddings number positions from pad_token_id + 1 (roberta-base: 514 table rows, 512 tokens)
+POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert",
+                           "longformer", "mpnet", "roberta-prelayernorm", "esm"}
+ROTARY_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_emb_base")
+
+
+def position_limit(hf_config) -> tuple[int, str] | None:
+    """(most tokens the model can take, the config.json key that says so), or None when nothing stops a longer
+    sequence from running.
+
+    The rule, from the HF config alone:
+    - `position_embedding_type` "rotary" -> no limit; "absolute" / "relative_key(_query)" (BERT-style, older
+      configs and remote code) -> a table of max_position_embeddings rows (relative distances index a table
+      sized by it too);
+    - a model type in POSITION_TABLE -> its table's size, less pad_token_id + 1 for RoBERTa-style numbering;
+    - DeBERTa with position_biased_input -> max_position_embeddings (its relative attention alone has no limit);
+    - anything else (rotary Llama/Qwen2/Mistral, ALiBi Bloom/MPT, T5's buckets, unknown types) -> None: rotary
+      positions run past max_position_embeddings (see `check_seq_len`'s warning), the others have no table.
+    """
+    model_type = getattr(hf_config, "model_type", "")
+    kind = getattr(hf_config, "position_embedding_type", None)
+    if kind == "rotary":
+        return None
+    if kind in ("absolute", "relative_key", "relative_key_query"):
+        key = "max_position_embeddings"
+    elif model_type in POSITION_TABLE:
+        key = POSITION_TABLE[model_type]
+    elif model_type.startswith("deberta") and getattr(hf_config, "position_biased_input", False):
+        key = "max_position_embeddings"
+    else:
+        return None
+    size = getattr(hf_config, key, None)
+    if not isinstance(size, int) or size <= 0:
+        return None
+    if model_type in POSITIONS_AFTER_PADDING and isinstance(getattr(hf_config, "pad_token_id", None), int):
+        size -= hf_config.pad_token_id + 1
+    return size, key
+
+
+def check_seq_len(cfg: Config, hf_config, length: int | None = None, key: str = "train.seq_len") -> None:
+    """Refuse a sequence length above the model's position table (a ConfigError before any model is built, not an
+    index error at step 1); for rotary models past max_position_embeddings, only a warning on rank 0.
+
+    `length` defaults to train.seq_len; prefix/prompt/p_tuning add their virtual tokens to every sequence."""
+    from fsdp_ft import ranklog
+
+    length = cfg.train.seq_len if length is None else length
+    virtual = cfg.finetune.prompt.num_virtual_tokens if cfg.finetune.method in ("prefix", "prompt", "p_tuning") else 0
+    limit = position_limit(hf_config)
+    if limit is not None and length + virtual > limit[0]:
+        extra = f" + {virtual} virtual tokens (finetune.prompt.num_virtual_tokens)" if virtual else ""
+        size = getattr(hf_config, limit[1])
+        after_pad = f", less pad_token_id + 1 = {size - limit[0]} (positions start after it)" if size > limit[0] else ""
+        raise ConfigError(f"{key}={length}{extra} is more than the {limit[0]} positions model '{cfg.model.path}' "
+                          f"has ({limit[1]}={size} in its config.json{after_pad}; a "
+                          f"{hf_config.model_type} model looks positions up in a table of that size): set {key} to "
+                          f"at most {limit[0] - virtual}")
+    most = getattr(hf_config, "max_position_embeddings", None)
+    rotary = any(getattr(hf_config, k, None) is not None for k in ROTARY_KEYS)
+    if limit is None and rotary and isinstance(most, int) and length + virtual > most and ranklog.rank_from_env() == 0:
+        print(f"[fsdp_ft] warning: {key}={length} is above max_position_embeddings={most} of model "
+              f"'{cfg.model.path}': rotary positions run past it, but the model never saw sequences that long "
+              "(quality may suffer)", file=sys.stderr, flush=True)
 
 
 def build_meta_model(cfg: Config, hf_config, tokenizer, labels: list[str] | None = None) -> nn.Module:

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from fsdp_ft.errors import UserError
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.metrics import read_metrics_file
 from fsdp_ft.svgplot import Series, line_chart, page, table_html
 
 _line_chart = line_chart
@@ -44,7 +44,7 @@ class Run:
         self.dir = Path(run_dir)
         if not (self.dir / "metrics.jsonl").is_file():
             raise UserError(f"'{self.dir}' is not a run directory: it has no metrics.jsonl")
-        rows = read_metrics(self.dir)
+        rows, self.cut_rows = read_metrics_file(self.dir / "metrics.jsonl")  # a run killed mid-row: 1
         self.name = name or self.dir.name
         self.train = _last_per_step([r for r in rows if "split" not in r])
         self.eval = _last_per_step([r for r in rows if r.get("split") == "eval"])
@@ -173,6 +173,8 @@ def render_run(run_dir: str | Path) -> str:
             "<h2>Over steps</h2>", '<div class="charts">', *run_charts(run), "</div>",
             "<h2>Set-up</h2>", table_html(["fact", "value"], facts_rows(run))]
     sub = f"{run.dir.resolve()} — {len(run.train)} training rows, {len(run.eval)} eval rows"
+    if run.cut_rows:
+        sub += " (metrics.jsonl ends in a row cut short by a stopped run: left out)"
     return page(f"fsdp-ft run report: {run.name}", sub, body)
 
 

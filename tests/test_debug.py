@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ASSETS, FAST, REPO, TINY, assert_losses_close, cli, losses, train_1proc
 
@@ -39,6 +41,35 @@ def test_debug_refuses_several_ranks(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fsdp_ft.cli", "train", str(TINY), "--debug", f"output_dir={tmp_path}"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--debug runs one process" in res.stderr, res.stderr
+
+
+def test_debug_refuses_a_debug_folder_it_did_not_make(tmp_path):
+    mine = tmp_path / "debug" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("my notes")
+    res = cli("train", str(TINY), "--debug", f"output_dir={tmp_path}", *FAST, check=False)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [  # today: the folder is wiped, the run goes on
+        f"fsdp-ft: error: --debug writes to '{tmp_path / 'debug'}', which exists and was not made by a debug run "
+        "(no .fsdp-ft-debug file in it): move or delete it yourself, or set output_dir elsewhere; nothing was deleted"]
+    assert mine.read_text() == "my notes" and sorted(p.name for p in mine.parent.iterdir()) == ["notes.txt"]
+
+
+def test_a_debug_run_wipes_the_folder_of_the_previous_one(tmp_path):
+    from fsdp_ft import debug
+    from fsdp_ft.config import load_config
+
+    flags = torch.are_deterministic_algorithms_enabled(), torch.is_anomaly_enabled()
+    try:
+        cfg = debug.prepare(load_config(TINY, [f"output_dir={tmp_path}"]), 5)
+        out = Path(cfg.output_dir)
+        assert out == tmp_path / "debug" and [p.name for p in out.iterdir()] == [debug.MARKER]
+        (out / "metrics.jsonl").write_text("{}\n")  # what the first debug run wrote
+        (out / "checkpoints").mkdir()
+        debug.prepare(load_config(TINY, [f"output_dir={tmp_path}"]), 5)  # the next one starts clean
+        assert [p.name for p in out.iterdir()] == [debug.MARKER]
+    finally:
+        torch.use_deterministic_algorithms(flags[0])
+        torch.autograd.set_detect_anomaly(flags[1])
 
 
 @pytest.mark.gpu
