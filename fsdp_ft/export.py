@@ -5,13 +5,14 @@ size-capped safetensors shards, so peak memory is about one group, not the whole
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from fsdp_ft import adapters, checkpoint, quantize, vocab
 from fsdp_ft.config import config_from_dict
-from fsdp_ft.errors import CheckpointError
+from fsdp_ft.errors import CheckpointError, UserError
 from fsdp_ft.weights_io import atomic_dir, write_safetensors_shards
 
 
@@ -25,40 +26,80 @@ def _unique_state_names(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def _load_run_config(run_dir: Path):
+def _load_run_config(run_dir: Path, trust_remote_code: bool | None = None):
+    """The run's config; `trust_remote_code` (unless None) replaces the run's model.trust_remote_code."""
     import yaml
 
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"'{run_dir}' is not a run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    cfg = config_from_dict(yaml.safe_load(path.read_text()))
+    if trust_remote_code is not None:
+        cfg.model.trust_remote_code = trust_remote_code
+    return cfg
+
+
+def run_wants_remote_code(run: Path) -> bool:
+    """Whether the run's own config.yaml sets model.trust_remote_code (which alone does not switch it on)."""
+    import yaml
+
+    tree = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    model = tree.get("model") if isinstance(tree, dict) else None
+    return isinstance(model, dict) and model.get("trust_remote_code") is True
+
+
+def needs_remote_code(e: Exception) -> bool:
+    """Whether a load failed for want of custom code (transformers' refusal names it)."""
+    text = str(e)
+    return "custom code" in text or "trust_remote_code" in text
+
+
+def remote_code_hint(run: Path, e: Exception) -> str:
+    """The one-line error of a run whose config.yaml wanted custom code that this command did not allow."""
+    return (f"{e} (the run's config.yaml asks for model.trust_remote_code, which a run folder cannot switch on by "
+            f"itself: pass --trust-remote-code if you trust '{run}')")
 
 
 def pick_checkpoint(run_dir: Path, step: int | None) -> Path:
-    found = dict(checkpoint.list_checkpoints(run_dir))
-    if not found:
+    """Checkpoint `step`, else the newest valid one. A damaged checkpoint (a lost shard, a planted .metadata) is
+    never exported: asked for by step, or when no valid one is left, it fails naming its problems; newer damaged
+    ones passed over for an older valid one are named on stderr."""
+    scanned = checkpoint.scan(run_dir)
+    valid = {s: p for s, p, problems in scanned if not problems}
+    damaged = {s: (p, problems) for s, p, problems in scanned if problems}
+    if step in damaged or (step is None and damaged and not valid):
+        path, problems = damaged[max(damaged) if step is None else step]
+        raise CheckpointError(f"checkpoint '{path}' is damaged: {'; '.join(problems[:3])}")
+    if not valid:
         raise CheckpointError(f"'{run_dir}' holds no complete checkpoint under checkpoints/")
     if step is None:
-        return found[max(found)]
-    if step not in found:
-        raise CheckpointError(f"'{run_dir}' has no checkpoint for step {step} (it has steps {sorted(found)})")
-    return found[step]
+        for s in sorted(damaged):
+            if s > max(valid):
+                print(f"[fsdp_ft] checkpoint '{damaged[s][0]}' is damaged and skipped: "
+                      f"{'; '.join(damaged[s][1][:3])}", file=sys.stderr)
+        return valid[max(valid)]
+    if step not in valid:
+        raise CheckpointError(f"'{run_dir}' has no checkpoint for step {step} (it has steps {sorted(valid)})")
+    return valid[step]
 
 
 def export_checkpoint(run_dir: Path, ckpt: Path, out: Path, tokenizer=None, max_shard_bytes: int = 2 * 1024**3,
-                      merge_adapters: bool = False) -> Path:
+                      merge_adapters: bool = False, trust_remote_code: bool | None = None) -> Path:
     """Write checkpoint `ckpt` of run `run_dir` into `out`: an HF model folder, or for PEFT runs a PEFT adapter
-    folder (`merge_adapters`: the base with the adapters merged in, as a plain HF model)."""
+    folder (`merge_adapters`: the base with the adapters merged in, as a plain HF model).
+
+    `trust_remote_code`: None keeps the run's own setting (training writing its own final/); commands given a
+    folder pass what their command line asked for, since a run folder may come from someone else."""
     from fsdp_ft.model import build_meta_model, load_hf_config, load_tokenizer, resolve_model_dir
 
-    cfg = _load_run_config(run_dir)
+    cfg = _load_run_config(run_dir, trust_remote_code)
     extra = checkpoint.read_state(ckpt).get("extra", {})
     labels = extra.get("labels")
     model_dir = resolve_model_dir(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg, model_dir)
     if extra.get("chat_tokens"):  # training gave the template-less tokenizer ChatML (and the model its rows)
         vocab.ensure_chat_template(tokenizer)
-    model = build_meta_model(cfg, load_hf_config(cfg, model_dir), tokenizer, labels)
+    model = build_meta_model(cfg, load_hf_config(cfg, model_dir, check_positions=False), tokenizer, labels)
     if adapters.is_peft(cfg):
         model = adapters.wrap(model, cfg, vocab.added_chat_tokens(tokenizer))
         if not merge_adapters:
@@ -111,9 +152,17 @@ def _merged_model(cfg, model_dir: Path, model: torch.nn.Module, ckpt: Path) -> t
     return model.merge_and_unload()
 
 
-def export_run(run_dir: str, step: int | None, out: str, merge_adapters: bool = False) -> Path:
-    """`fsdp-ft export RUN_DIR [--step N] --out DIR [--merge-adapters]`."""
+def export_run(run_dir: str, step: int | None, out: str, merge_adapters: bool = False,
+               trust_remote_code: bool = False) -> Path:
+    """`fsdp-ft export RUN_DIR [--step N] --out DIR [--merge-adapters] [--trust-remote-code]`."""
     run = Path(run_dir)
     if not run.is_dir():
         raise CheckpointError(f"run directory '{run_dir}' does not exist")
-    return export_checkpoint(run, pick_checkpoint(run, step), Path(out), merge_adapters=merge_adapters)
+    ckpt = pick_checkpoint(run, step)
+    try:
+        return export_checkpoint(run, ckpt, Path(out), merge_adapters=merge_adapters,
+                                 trust_remote_code=trust_remote_code)
+    except UserError as e:
+        if not trust_remote_code and needs_remote_code(e) and run_wants_remote_code(run):
+            raise type(e)(remote_code_hint(run, e)) from None
+        raise

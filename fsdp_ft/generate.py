@@ -49,7 +49,10 @@ def read_prompts(path: str, column: str = "prompt") -> list[str | list[dict]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"--prompts-file: file '{path}' " + ("is not a file" if p.exists() else "does not exist"))
-    prompts = [line.rstrip("\n") for line in p.read_text(encoding="utf-8", errors="replace").splitlines()]
+    from fsdp_ft.data import check_utf8
+
+    check_utf8(p, f"--prompts-file: file '{path}'")
+    prompts = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines()]
     prompts = [t for t in prompts if t.strip()]
     if not prompts:
         raise DataError(f"--prompts-file: file '{path}' has no prompts")

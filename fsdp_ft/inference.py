@@ -16,7 +16,7 @@ import torch
 
 from fsdp_ft import adapters, checkpoint
 from fsdp_ft.config import Config, load_config
-from fsdp_ft.errors import CheckpointError, DataError
+from fsdp_ft.errors import CheckpointError, DataError, UserError
 
 PROMPT_METHODS = ("prefix", "prompt", "p_tuning")  # virtual tokens: cannot merge into plain weights
 
@@ -44,8 +44,12 @@ def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_model(spec: str, overrides: list[str] = ()) -> LoadedModel:
-    """A model from a run dir, an HF folder or a PEFT adapter folder, in eval mode on the local device."""
+def load_model(spec: str, overrides: list[str] = (), trust_remote_code: bool = False) -> LoadedModel:
+    """A model from a run dir, an HF folder or a PEFT adapter folder, in eval mode on the local device.
+
+    Custom modelling code runs only when this command asks for it (`trust_remote_code`, or the override
+    model.trust_remote_code=true): a run folder's own config.yaml cannot switch it on, since the folder may come
+    from someone else."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would mix with the command's output
@@ -53,20 +57,52 @@ def load_model(spec: str, overrides: list[str] = ()) -> LoadedModel:
     if not path.is_dir():
         raise CheckpointError(f"model '{spec}' " + ("is a file; give a folder" if path.exists() else "does not exist")
                               + " (a run directory, an exported model folder or a PEFT adapter folder)")
-    if (path / "config.yaml").is_file() and ((path / "final").is_dir() or (path / "checkpoints").is_dir()):
-        return _load_run(path, list(overrides))
-    if (path / "adapter_config.json").is_file():
-        return _load_adapter(path, list(overrides))
-    if (path / "config.json").is_file():
-        return _load_folder(path, list(overrides))
+    trust = trust_remote_code or asks_remote_code(overrides)
+    overrides = [*overrides, f"model.trust_remote_code={str(trust).lower()}"]  # the command decides, not the folder
+    try:
+        if (path / "config.yaml").is_file() and ((path / "final").is_dir() or (path / "checkpoints").is_dir()):
+            return _load_run(path, overrides)
+        if (path / "adapter_config.json").is_file():
+            return _load_adapter(path, overrides)
+        if (path / "config.json").is_file():
+            return _load_folder(path, overrides)
+    except UserError as e:
+        from fsdp_ft.export import needs_remote_code
+
+        if not trust and needs_remote_code(e) and "--trust-remote-code" not in str(e):
+            raise type(e)(f"{e} (pass --trust-remote-code if you trust '{spec}')") from None
+        raise
     raise CheckpointError(f"model '{spec}' is neither a run directory (config.yaml + final/ or checkpoints/), an "
                           "exported model folder (config.json) nor a PEFT adapter folder (adapter_config.json)")
+
+
+def asks_remote_code(overrides) -> bool:
+    """Whether the command line's overrides turn model.trust_remote_code on (the last one wins)."""
+    from fsdp_ft.config import parse_override
+
+    asked = False
+    for text in overrides:
+        if "=" in text and text.split("=", 1)[0].strip() == "model.trust_remote_code":
+            asked = parse_override(text)[1] is True
+    return asked
 
 
 # ---------------------------------------------------------------- the three kinds of folder
 
 def _load_run(run: Path, overrides: list[str]) -> LoadedModel:
+    from fsdp_ft.export import needs_remote_code, remote_code_hint, run_wants_remote_code
+
     cfg = load_config(run / "config.yaml", overrides)
+    ignored = not cfg.model.trust_remote_code and run_wants_remote_code(run)
+    try:
+        return _load_run_model(run, cfg)
+    except UserError as e:
+        if ignored and needs_remote_code(e):
+            raise type(e)(remote_code_hint(run, e)) from None
+        raise
+
+
+def _load_run_model(run: Path, cfg: Config) -> LoadedModel:
     final = run / "final"
     has_final = (final / "config.json").is_file() or (final / "adapter_config.json").is_file()
     if has_final and not adapters.is_peft(cfg):
@@ -80,7 +116,8 @@ def _load_run(run: Path, overrides: list[str]) -> LoadedModel:
 
     tmp = tempfile.TemporaryDirectory(prefix="fsdp-ft-model-")
     merge = adapters.is_peft(cfg) and cfg.finetune.method not in PROMPT_METHODS
-    folder = export_checkpoint(run, ckpt, Path(tmp.name) / "model", merge_adapters=merge)
+    folder = export_checkpoint(run, ckpt, Path(tmp.name) / "model", merge_adapters=merge,
+                               trust_remote_code=cfg.model.trust_remote_code)
     loaded = (_from_adapter(folder, cfg, cfg.train.seq_len) if (folder / "adapter_config.json").is_file()
               else _from_folder(folder, cfg, max_length=cfg.train.seq_len))
     loaded._tmp = tmp
@@ -103,8 +140,9 @@ def _bare_config(folder: Path, task: str, overrides: list[str]) -> Config:
 def _load_folder(folder: Path, overrides: list[str]) -> LoadedModel:
     from transformers import AutoConfig
 
+    trust = asks_remote_code(overrides)
     try:
-        hf_config = AutoConfig.from_pretrained(str(folder))
+        hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"model '{folder}': unreadable config.json: {str(e).splitlines()[0]}") from None
     classifier = any(a.endswith("ForSequenceClassification") for a in (hf_config.architectures or []))
@@ -144,11 +182,11 @@ def _from_pretrained(folder: Path | str, cfg: Config, what: str, **kwargs):
                               f"{str(e).strip().splitlines()[0][:300]}") from None
 
 
-def _tokenizer(folder: Path):
+def _tokenizer(folder: Path, cfg: Config):
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
+    try:  # an explicit False: None would make transformers prompt on stdin for a folder with custom code
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"model '{folder}' has no usable tokenizer: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:  # as in training (model.load_tokenizer)
@@ -172,7 +210,7 @@ def _finish(model, tok, cfg: Config, folder: Path, max_length: int | None) -> Lo
 
 
 def _from_folder(folder: Path, cfg: Config, max_length: int | None = None) -> LoadedModel:
-    return _finish(_from_pretrained(folder, cfg, "model"), _tokenizer(folder), cfg, folder, max_length)
+    return _finish(_from_pretrained(folder, cfg, "model"), _tokenizer(folder, cfg), cfg, folder, max_length)
 
 
 def _from_adapter(folder: Path, cfg: Config, max_length: int | None = None) -> LoadedModel:
@@ -188,7 +226,7 @@ def _from_adapter(folder: Path, cfg: Config, max_length: int | None = None) -> L
         kwargs["num_labels"] = _adapter_num_labels(folder)
     model = _from_pretrained(base, cfg, "base model", **kwargs)
     model = PeftModel.from_pretrained(model, str(folder))
-    return _finish(model, _tokenizer(folder), cfg, folder, max_length)
+    return _finish(model, _tokenizer(folder, cfg), cfg, folder, max_length)
 
 
 def _adapter_num_labels(folder: Path) -> int:
@@ -214,8 +252,11 @@ def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{what}: file '{path}' " + ("is not a file" if p.exists() else "does not exist"))
+    from fsdp_ft.data import check_utf8
+
+    check_utf8(p, f"{what}: file '{path}'")
     rows = []
-    with p.open(encoding="utf-8", errors="replace") as fh:
+    with p.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue

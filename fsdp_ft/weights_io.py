@@ -3,8 +3,9 @@
 * ``SafetensorsReader`` memory-maps an HF weights folder so each FSDP rank can read
   just the dim-0 rows it owns (``local_rows``) instead of the full tensor.
 * ``iter_dcp_tensors`` streams full tensors out of a DCP checkpoint a group at a time,
-  without a process group, and ``write_safetensors_shards`` streams them into
-  size-capped, HF-named safetensors shards.
+  without a process group and through ``safe_dcp`` (a run folder may come from someone
+  else), and ``write_safetensors_shards`` streams them into size-capped, HF-named
+  safetensors shards.
 * ``atomic_dir`` makes a folder appear complete or not at all (export, checkpoints).
 """
 
@@ -15,12 +16,13 @@ import glob
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from fsdp_ft import durable
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -141,6 +143,7 @@ class SafetensorsReader:
 def atomic_dir(out_dir: str | os.PathLike, *, allow_empty: bool = False, tag: str | None = None):
     """Yield a temp folder beside ``out_dir``; rename it onto ``out_dir`` only on success.
 
+    Everything in it gets this user's normal modes (``normal_modes``) and is fsynced first.
     A crash or exception never leaves a half-written ``out_dir``, and an existing
     ``out_dir`` is never modified: it raises FileExistsError (unless ``allow_empty`` and it
     is an empty folder). ``tag`` (default: the pid) names the temp folder
@@ -153,12 +156,44 @@ def atomic_dir(out_dir: str | os.PathLike, *, allow_empty: bool = False, tag: st
     os.mkdir(tmp)  # FileExistsError if a stale one exists: never delete what we did not make
     try:
         yield tmp
+        normal_modes(tmp)
+        durable.fsync_tree(tmp)  # on disk before the name says it is complete
         _check_free(out_dir, allow_empty)
         os.rename(tmp, out_dir)  # POSIX: atomic; replaces only an empty folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(os.path.dirname(out_dir))
+    durable.fsync_path(os.path.dirname(out_dir))
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux); else set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_modes(folder: str | os.PathLike) -> None:
+    """Give ``folder``, its sub-folders and files the modes a plain open()/mkdir() by this user gives.
+
+    safetensors writes through a private temporary file (mode 0600), so without this an exported model is
+    unreadable to a model server running as another user. Symlinks are left alone.
+    """
+    mask = _umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    os.chmod(folder, dir_mode)
+    for root, dirs, files in os.walk(folder):
+        for name, mode in [(d, dir_mode) for d in dirs] + [(f, file_mode) for f in files]:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
 
 
 def _check_free(out_dir: str, allow_empty: bool) -> None:
@@ -168,16 +203,6 @@ def _check_free(out_dir: str, allow_empty: bool) -> None:
         return
     what = "is not empty" if allow_empty else "already exists"
     raise FileExistsError(f"{out_dir}: {what}; refusing to overwrite it")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on folders; the rename still happened
-        pass
-    finally:
-        os.close(fd)
 
 
 def _prepare(t: torch.Tensor, seen_ptrs: set[int]) -> torch.Tensor:
@@ -254,10 +279,11 @@ def dcp_tensor_keys(ckpt_dir: str | os.PathLike) -> dict[str, tuple[torch.Size, 
     Nested state dicts are flattened with dots: ``{"model": {"a.b": t}}`` -> ``"model.a.b"``.
     Non-tensor entries (ints, lists: BytesStorageMetadata) are left out.
     """
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    md = FileSystemReader(os.fspath(ckpt_dir)).read_metadata()
+    from fsdp_ft.safe_dcp import read_metadata
+
+    md = read_metadata(ckpt_dir)  # allow-listed unpickling: a run folder may come from someone else
     return {
         k: (v.size, v.properties.dtype)
         for k, v in md.state_dict_metadata.items()
@@ -273,9 +299,8 @@ def iter_dcp_tensors(
     Loads consecutive keys in groups of up to ``max_group_bytes`` (one oversized tensor
     forms its own group), so peak memory is about one group. Needs no process group.
     """
-    import torch.distributed.checkpoint as dcp
+    from fsdp_ft.safe_dcp import load
 
-    reader = dcp.FileSystemReader(os.fspath(ckpt_dir))
     wanted = [(k, s, d) for k, (s, d) in dcp_tensor_keys(ckpt_dir).items() if k.startswith(prefix)]
     group: list[tuple[str, torch.Size, torch.dtype]] = []
     group_bytes = 0
@@ -285,9 +310,7 @@ def iter_dcp_tensors(
         nxt = wanted[i + 1] if i + 1 < len(wanted) else None
         if nxt is None or group_bytes + nxt[1].numel() * nxt[2].itemsize > max_group_bytes:
             state = {k: torch.empty(s, dtype=d) for k, s, d in group}
-            with warnings.catch_warnings():  # no_dist=True warns on every call; it is intended
-                warnings.filterwarnings("ignore", message=".*single process.*")
-                dcp.load(state, storage_reader=reader, no_dist=True)
+            load(state, ckpt_dir, no_dist=True)
             group, group_bytes = [], 0
             for k in list(state):
                 yield k[len(prefix):], state.pop(k)  # drop our reference as we go

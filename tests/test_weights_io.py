@@ -177,6 +177,25 @@ def test_atomic_dir_failure_leaves_nothing(tmp_path):
     assert listing(tmp_path) == ["ckpt"] and (out / "done").read_text() == "ok"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_folders_get_this_users_normal_modes(tmp_path, umask):
+    """safetensors writes 0600 files; an export must be readable by whom the umask allows (a model server)."""
+    old = os.umask(umask)
+    try:
+        write_safetensors_shards(((f"t{i}", torch.ones(8)) for i in range(3)), tmp_path / "out", max_shard_bytes=40)
+        with atomic_dir(tmp_path / "folder") as tmp:
+            os.mkdir(os.path.join(tmp, "sub"), 0o700)
+            open(os.path.join(tmp, "sub", "f"), "w").close()
+            os.chmod(os.path.join(tmp, "sub", "f"), 0o600)
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "out", *(tmp_path / "out").iterdir(), tmp_path / "folder", *(tmp_path / "folder").rglob("*")]
+    assert len(paths) == 8  # 3 shards + index, sub/ and sub/f
+    for p in paths:
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode & 0o777))
+
+
 def test_existing_folders_are_never_touched(tmp_path):
     out = tmp_path / "user"
     out.mkdir()
