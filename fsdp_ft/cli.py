@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--node-rank", type=int, default=0, help="this machine's index among --nnodes")
     r.add_argument("--rdzv-endpoint", default=None,
                    help="HOST:PORT of node 0 for the rendezvous (default on one machine: a free local port)")
+    r.add_argument("--shutdown-grace-s", type=float, default=600, metavar="S",
+                   help="after SIGTERM/SIGUSR1/SIGUSR2 the ranks finish their step and save a checkpoint; ranks "
+                        "still running S seconds after the signal are killed and the exit code says so (default "
+                        "600: a 70B full fine-tune saves ~1 TB with its optimizer state, minutes at a few GB/s; "
+                        "torchrun's own 30 s is not enough). SLURM kills after its KillWait (often 30 s) whatever "
+                        "S is: there the save's time comes from the signal's lead (--signal-delay-s, #SBATCH "
+                        "--signal=USR2@S)")
     r.add_argument("config", help="YAML config file")
     r.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
@@ -46,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--merge-adapters", action="store_true",
                    help="PEFT runs: merge the adapters into the base (a dequantized base for QLoRA) and write a "
                         "plain HF model instead of a PEFT adapter folder")
+    e.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     _add_inference_parsers(sub)
     _add_performance_parsers(sub)
     sub.add_parser("bench", add_help=False, help="benchmark against HF Trainer (FSDP2) and DeepSpeed ZeRO-2/3: "
@@ -81,6 +89,10 @@ MODEL_HELP = ("a run directory (its final/, or its newest checkpoint when there 
               "folder, or a PEFT adapter folder (its base is loaded from adapter_config.json)")
 
 
+TRUST_HELP = ("run custom modelling code from the model folder (transformers' trust_remote_code); a run folder's "
+              "config.yaml alone does not switch it on: pass this only for a folder you trust")
+
+
 def _add_inference_parsers(sub) -> None:
     """eval / generate / predict: one process, no FSDP, on the GPU when there is one."""
     v = sub.add_parser("eval", help="the task's eval metrics (loss, accuracy, F1, confusion matrix, perplexity) "
@@ -90,6 +102,7 @@ def _add_inference_parsers(sub) -> None:
     v.add_argument("model", help=MODEL_HELP)
     v.add_argument("--data", required=True, help="data file (.jsonl/.json/.csv/.parquet) with the task's columns")
     v.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
+    v.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     v.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
 
     g = sub.add_parser("generate", help="generate text from a causal LM")
@@ -108,6 +121,7 @@ def _add_inference_parsers(sub) -> None:
     g.add_argument("--top-k", type=int, default=50, help="sample among the K most likely tokens; 0: all (default 50)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed, set before each prompt (default 0)")
     g.add_argument("--output", default=None, help="write the JSON lines to this file instead of stdout")
+    g.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     d = sub.add_parser("predict", help="label and class probabilities for each row of a JSON Lines file")
     d.add_argument("model", help=MODEL_HELP)
@@ -118,6 +132,7 @@ def _add_inference_parsers(sub) -> None:
     d.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
     d.add_argument("--max-length", type=int, default=None,
                    help="truncate to this many tokens (default: the run's train.seq_len, else the model's limit)")
+    d.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def _add_submit_parser(sub) -> None:
@@ -175,16 +190,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """torchrun in-process: its agent starts the ranks, forwards signals and reports the failing rank's code."""
+    """torchrun in-process: its agent starts the ranks; this process forwards signals, gives the ranks the shutdown
+    grace to save, and exits with what the ranks did (fsdp_ft.launcher)."""
+    from fsdp_ft import launcher
     from fsdp_ft.config import load_config
 
+    launcher.check_sizes(args.nproc_per_node, args.nnodes, args.node_rank, args.shutdown_grace_s)
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
-    from fsdp_ft import launcher
-
     endpoint = launcher.resolve_endpoint(args.rdzv_endpoint, args.nnodes, args.node_rank)
     argv = launcher.torchrun_argv(args.nproc_per_node, args.nnodes, args.node_rank, endpoint,
                                   args.config, args.overrides)
-    return launcher.run(argv, cfg.output_dir)
+    return launcher.run(argv, cfg.output_dir, args.shutdown_grace_s)
 
 
 def cmd_submit(args) -> int:
@@ -197,7 +213,8 @@ def cmd_submit(args) -> int:
 def cmd_export(args) -> int:
     from fsdp_ft.export import export_run
 
-    out = export_run(args.run_dir, args.step, args.out, merge_adapters=args.merge_adapters)
+    out = export_run(args.run_dir, args.step, args.out, merge_adapters=args.merge_adapters,
+                     trust_remote_code=args.trust_remote_code)
     print(f"exported to {out}")
     return 0
 
@@ -219,7 +236,7 @@ def cmd_eval(args) -> int:
     from fsdp_ft.evaluate import evaluate_file
     from fsdp_ft.inference import load_model
 
-    loaded = load_model(args.model, args.overrides)
+    loaded = load_model(args.model, args.overrides, trust_remote_code=args.trust_remote_code)
     print(json.dumps(evaluate_file(loaded, args.data, args.max_samples)))
     return 0
 
@@ -230,18 +247,22 @@ def cmd_generate(args) -> int:
     _check_input(args.prompts_file, "--prompts-file")
     from fsdp_ft.generate import Sampling, generate_texts, read_prompts
     from fsdp_ft.inference import load_model
+    from fsdp_ft.predict import check_output, write_lines
+
+    if args.prompts_file and args.output:
+        check_output(args.prompts_file, args.output, "--prompts-file")
 
     sampling = Sampling(args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.top_k, args.seed)
     sampling.check()
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file, args.prompt_column)
-    completions = generate_texts(load_model(args.model), prompts, args.chat, sampling)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    completions = generate_texts(loaded, prompts, args.chat, sampling)
     if args.prompt is not None and args.output is None:
         print(completions[0])
         return 0
     lines = "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in zip(prompts, completions))
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(lines)
+        write_lines(args.output, [lines])
     else:
         sys.stdout.write(lines)
     return 0
@@ -250,9 +271,11 @@ def cmd_generate(args) -> int:
 def cmd_predict(args) -> int:
     _check_input(args.input, "--input")
     from fsdp_ft.inference import load_model
-    from fsdp_ft.predict import predict_file
+    from fsdp_ft.predict import check_output, predict_file
 
-    n = predict_file(load_model(args.model), args.input, args.output, args.text_column, args.text_pair_column,
+    check_output(args.input, args.output)  # before a model is loaded
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    n = predict_file(loaded, args.input, args.output, args.text_column, args.text_pair_column,
                      args.batch_size, args.max_length)
     print(f"wrote {n} predictions to {args.output}")
     return 0

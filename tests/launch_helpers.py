@@ -52,10 +52,12 @@ def kill9_job(proc) -> None:
     import signal
 
     def descendants(pid: int) -> list[int]:
-        try:
-            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            return []
+        kids = []
+        for task in Path(f"/proc/{pid}/task").glob("*"):  # every thread: the launcher starts ranks from one
+            try:
+                kids += task.joinpath("children").read_text().split()
+            except OSError:
+                pass
         return [int(k) for k in kids] + [d for k in kids for d in descendants(int(k))]
 
     for pid in [*descendants(proc.pid), proc.pid]:

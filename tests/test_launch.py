@@ -1,5 +1,6 @@
 """`fsdp-ft run` and launch/torchrun.sh: several launchers rendezvous, per-rank logs, signals forwarded to the ranks
-(checkpoint, stop, resume to the same loss curve), and the failing rank's exit code."""
+(checkpoint, stop, resume to the same loss curve), the shutdown grace, an exit code that tells a saved stop (128 + S)
+from a failed one, and one-line errors for bad sizes."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY, assert_losses_close, free_port, losses
-from launch_helpers import RUN, rank_pid, reference_losses, setup_rows, wait_for_step
+from launch_helpers import RUN, kill9_job, rank_pid, reference_losses, setup_rows, wait_for_step
 
 pytestmark = pytest.mark.distributed
 FSDP_FT = str(Path(sys.executable).parent / "fsdp-ft")
@@ -52,11 +53,19 @@ def test_sigterm_checkpoints_and_the_rerun_continues_the_same_curve(tmp_path, re
     proc = _run("--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
                 f"output_dir={tmp_path}", *RUN)
     wait_for_step(tmp_path, 1, alive=lambda: proc.poll() is None)
-    proc.send_signal(signal.SIGTERM)
+    slow = rank_pid(tmp_path, 1)
+    os.kill(slow, signal.SIGSTOP)  # rank 1 slow to stop: paused past the 3 s grace of the test below
+    try:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(5)
+        assert proc.poll() is None, "the launcher gave up on a rank within the default shutdown grace"
+    finally:
+        os.kill(slow, signal.SIGCONT)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out
     from fsdp_ft.checkpoint import list_checkpoints
     (stopped_at, _), = list_checkpoints(tmp_path)
+    assert f"stopped by signal 15 after step {stopped_at}; checkpoint saved" in out  # the stop step's checkpoint
     assert 1 <= stopped_at < 24
     assert not (tmp_path / "final").exists()  # exported only when the run really ends
     env = {**_env(), "NPROC": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "FSDP_FT": FSDP_FT}
@@ -79,6 +88,89 @@ def test_a_killed_rank_stops_the_run_with_its_exit_code(tmp_path):
     assert proc.returncode == 128 + signal.SIGKILL, out
     assert time.time() - t0 < 60
     assert "exitcode: -9) local_rank: 1" in out  # torchrun names the rank that failed first
+
+
+def test_sigusr2_stops_the_run_like_sigterm(tmp_path):
+    """SIGUSR2, SLURM's time-limit warning (`#SBATCH --signal=USR2@S` in launch/sbatch_template.sh, which requeues on
+    exit 140), reaches the ranks through `fsdp-ft run`: they save and the launcher exits 128 + 12."""
+    from fsdp_ft.checkpoint import list_checkpoints
+
+    proc, _ = _start_at_step_1(tmp_path, sys.executable, "-m", "fsdp_ft.cli", "run", "--nproc-per-node", "2",
+                               "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    try:
+        proc.send_signal(signal.SIGUSR2)
+        out = proc.communicate(timeout=90)[0]
+    finally:
+        kill9_job(proc)  # ranks the launcher failed to stop would train on
+    assert proc.returncode == 128 + signal.SIGUSR2, out
+    (stopped_at, _), = list_checkpoints(tmp_path)
+    assert f"stopped by signal 12 after step {stopped_at}; checkpoint saved" in out
+
+
+def _start_at_step_1(tmp_path, *launcher: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """A 2-rank run of RUN started by `launcher` (argv), once at step 1: the launcher, and rank 1's pid."""
+    proc = subprocess.Popen([*launcher, str(TINY), f"output_dir={tmp_path}", *RUN, "train.max_steps=200"], cwd=REPO,
+                            env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(tmp_path, 1, alive=lambda: proc.poll() is None)
+    return proc, rank_pid(tmp_path, 1)
+
+
+def test_a_rank_dying_during_the_stop_fails_the_run(tmp_path):
+    """SIGTERM, then rank 1 dies before it has saved: the exit code is rank 1's failure (128 + 9), not 143 (which
+    says 'saved and stopped'), and one line names the rank and warns that the newest checkpoint may be older."""
+    proc, victim = _start_at_step_1(tmp_path, sys.executable, "-m", "fsdp_ft.cli", "run", "--nproc-per-node", "2",
+                                    "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        os.kill(victim, signal.SIGKILL)
+        out = proc.communicate(timeout=90)[0]
+    finally:
+        kill9_job(proc)
+    assert proc.returncode == 128 + signal.SIGKILL, out
+    assert "fsdp-ft: rank 1 was killed by SIGKILL while stopping on SIGTERM; the newest checkpoint may not be from " \
+           "this stop" in out
+
+
+def test_a_rank_still_busy_after_the_shutdown_grace_is_killed(tmp_path):
+    """launch/torchrun.sh with SHUTDOWN_GRACE_S=3 (`fsdp-ft run --shutdown-grace-s 3`): a rank that has not stopped
+    3 s after SIGTERM (here: paused) is killed then, not after torchrun's fixed 30 s, and the run fails (137)."""
+    from fsdp_ft.checkpoint import list_checkpoints
+
+    env = {**_env(), "NPROC": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "FSDP_FT": FSDP_FT,
+           "SHUTDOWN_GRACE_S": "3"}
+    proc, slow = _start_at_step_1(tmp_path, "bash", "launch/torchrun.sh", env=env)
+    try:
+        os.kill(slow, signal.SIGSTOP)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=90)[0]
+        took = time.time() - t0
+    finally:
+        kill9_job(proc)
+    assert proc.returncode == 128 + signal.SIGKILL, out
+    assert 3 <= took < 20, (took, out)
+    assert "was killed by SIGKILL after the 3 s shutdown grace (--shutdown-grace-s) while stopping on SIGTERM" in out
+    assert list_checkpoints(tmp_path) == []  # nothing was saved, and the exit code does not claim otherwise
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--nproc-per-node", "0"], "--nproc-per-node"),
+    (["--nproc-per-node", "-2"], "--nproc-per-node"),
+    (["--nnodes", "0"], "--nnodes"),
+    (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29400"], "--node-rank"),
+    (["--node-rank", "-1"], "--node-rank"),
+    (["--shutdown-grace-s", "-5"], "--shutdown-grace-s"),
+])
+def test_bad_sizes_are_one_line_errors(tmp_path, args, option):
+    """Out-of-range counts and indices: exit 2 and one line naming the option (torchrun alone exits 1 silently, or
+    waits for a rendezvous that never completes)."""
+    from conftest import cli
+
+    proc = cli("run", *args, str(TINY), f"output_dir={tmp_path}", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and option in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("fsdp-ft: error: ")
+    assert not (tmp_path / "logs").exists()  # no rank was started
 
 
 def test_rdzv_port_in_use_is_a_one_line_error(tmp_path):
