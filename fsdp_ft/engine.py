@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from fsdp_ft import adapters, best, checkpoint, distributed, host_malloc, memtrack, parallel, quantize, tf32, vocab
+from fsdp_ft import (adapters, best, checkpoint, distributed, durable, host_malloc, memtrack, parallel, quantize, run_identity,
+                     tf32, vocab)
 from fsdp_ft.config import Config, dump_config
 from fsdp_ft.data import BatchPlan, load_splits
 from fsdp_ft.errors import ConfigError, DataError
@@ -20,7 +21,7 @@ from fsdp_ft.flops import FlopCounts, count_flops, peak_flops
 from fsdp_ft.metrics import MetricsLogger, peak_host_rss_bytes
 from fsdp_ft.model import (build_meta_model, load_hf_config, load_tokenizer, materialize, open_weight_source,
                            parameter_counts, resolve_model_dir)
-from fsdp_ft.optim import build_optimizer, build_scheduler, init_state
+from fsdp_ft.optim import build_optimizer, build_scheduler, init_state, needs_loss_scaling
 from fsdp_ft.tasks import get_task
 from fsdp_ft.trainer import Trainer, TrainState
 
@@ -46,6 +47,24 @@ def prepare_output_dir(cfg: Config, env: distributed.DistEnv) -> Path:
             raise ConfigError(f"config key 'output_dir': cannot write to '{out}': {e.strerror or e}") from None
     distributed.barrier()
     return out
+
+
+def open_run(cfg: Config, env: distributed.DistEnv) -> run_identity.RunStart:
+    """Check output_dir and decide what this run is (new, or which checkpoint it continues): rank 0 decides, and
+    every rank gets the same decision or raises the same error."""
+    prepare_output_dir(cfg, env)
+    decision = None
+    if env.is_main:
+        try:
+            decision = run_identity.decide(cfg, env.world_size)
+        except Exception as e:  # every rank must leave with it, not wait for a decision that never comes
+            decision = e
+    decision = distributed.broadcast_object(decision)
+    if isinstance(decision, Exception):
+        raise decision
+    for note in decision.notes:
+        _log(env, f"warning: {note}")
+    return decision
 
 
 def _log(env, msg: str) -> None:
@@ -158,30 +177,32 @@ def train(cfg: Config) -> TrainResult:
     env = distributed.init_distributed()
     torch.manual_seed(cfg.train.seed)
     tf32_on = tf32.apply(cfg.train.tf32, env.device)  # before any matmul, and before the MFU peak is read
-    out = prepare_output_dir(cfg, env)
-    resume_from = checkpoint.resolve_checkpoint(out, cfg.resume)
+    out = Path(cfg.output_dir)
+    run = open_run(cfg, env)
     t0 = time.perf_counter()
     model, tokenizer, task, splits, info = build(cfg, env)
     plan, steps = info.pop("plan"), info["total_steps"]
     optimizer = build_optimizer(model, cfg, env.device)
     init_state(optimizer)
     scheduler = build_scheduler(optimizer, steps, cfg)
-    scaler = _grad_scaler(cfg)
+    scaler = _grad_scaler(cfg, env)
     state = TrainState()
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout; a resume restores the saved RNG state instead
-    if resume_from is not None:
-        saved = checkpoint.load_checkpoint(resume_from, model, optimizer, env)
+    if run.resume_from is not None:
+        saved = checkpoint.load_checkpoint(Path(run.resume_from), model, optimizer, env)
         scheduler.load_state_dict(saved.pop("scheduler"))
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         saved.pop("scaler", None)
-        state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
-        _log(env, f"resumed from {resume_from} at step {state.step}")
+        state = resumed_state(env, run, saved)
+    state.run = run.record()
     state.extra = {"labels": info["labels"], "chat_tokens": vocab.added_chat_tokens(tokenizer)}
     if env.is_main:
+        run_identity.record(out, run)
         dump_config(cfg, out / "config.yaml")
     peak, peak_source = _peak_flops(cfg, env)
-    info.update(setup_s=time.perf_counter() - t0, world_size=env.world_size, device=str(env.device),
+    info.update(run_id=run.run_id, resumed_from=run.resume_from,
+                setup_s=time.perf_counter() - t0, world_size=env.world_size, device=str(env.device),
                 peak_flops=peak, tf32=tf32_on, peak_flops_source=peak_source, host_malloc=malloc,
                 host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()),
                 quantized_bytes_per_rank=distributed.all_gather_object(quantize.quantized_bytes(model)))
@@ -193,8 +214,11 @@ def train(cfg: Config) -> TrainResult:
     trainer = Trainer(cfg, env, model, task, optimizer, scheduler, scaler, splits.train, splits.eval, logger,
                       state, plan, steps, peak_flops=peak,
                       flop_counts=FlopCounts(**info["flop_counts"]) if info["flop_counts"] else None)
+    trainer.saved_step = state.step if run.resumes_in_place(out) else None
     with memtrack.tracking(cfg.train.track_memory, model, optimizer) as trainer.mem_tracker:
         state = trainer.fit()
+        if state.step >= steps:  # resumed at its end from another folder's checkpoint: output_dir gets its own
+            trainer.save()
     if env.is_main and state.step >= steps:  # a run stopped early by a signal exports when it resumes and ends
         logger.log({"split": "final", "step": state.step, **export_final(out, tokenizer)})
     logger.close()
@@ -210,12 +234,25 @@ def _peak_flops(cfg: Config, env: distributed.DistEnv) -> tuple[float, str]:
     return peak_flops(env.device, DTYPE[cfg.fsdp.param_dtype or cfg.fsdp.mixed_precision])
 
 
-def _grad_scaler(cfg: Config):
-    """fp16 compute needs loss scaling; the sharded scaler agrees on inf/nan across ranks."""
-    if (cfg.fsdp.param_dtype or cfg.fsdp.mixed_precision) != "fp16" and cfg.model.dtype != "fp16":
+def resumed_state(env: distributed.DistEnv, run: run_identity.RunStart, saved: dict) -> TrainState:
+    """The trainer state a checkpoint recorded (its other entries are the loader's)."""
+    state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
+    _log(env, f"run {run.run_id}: resumed from {run.resume_from} at step {state.step}")
+    return state
+
+
+def _grad_scaler(cfg: Config, env: distributed.DistEnv):
+    """fp16 compute needs loss scaling; the sharded scaler agrees on inf/nan across ranks. It must be made for
+    the rank's device: torch's default is CUDA, and on a CPU rank it would switch itself off (scale 1, overflowing
+    steps applied)."""
+    if not needs_loss_scaling(cfg):
         return None
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    return ShardedGradScaler()
+    scaler = ShardedGradScaler(device=env.device.type, init_scale=cfg.train.fp16_init_scale)
+    if not scaler.is_enabled():
+        raise ConfigError(f"fp16 loss scaling is not available on {env.device.type} with torch "
+                          f"{torch.__version__}; use bf16 or fp32 (fsdp.mixed_precision, model.dtype)")
+    return scaler
 
 
 def export_final(out: Path, tokenizer) -> dict:
@@ -224,14 +261,19 @@ def export_final(out: Path, tokenizer) -> dict:
     from fsdp_ft.export import export_checkpoint
 
     source, best_record = checkpoint.final_checkpoint(out)
-    staging = out / ".final-new"
-    if staging.exists():
-        shutil.rmtree(staging)
+    final, staging, old = out / "final", out / ".final-new", out / ".final-old"
+    for leftover in out.glob(".final-new*"):  # an export that did not finish (and atomic_dir's temp folders)
+        shutil.rmtree(leftover)
+    if old.exists():  # a crash between the two renames below: the previous final/ waits there
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
     export_checkpoint(out, source, staging, tokenizer=tokenizer)
-    old = out / ".final-old"
-    if (out / "final").exists():
-        os.replace(out / "final", old)
-    os.replace(staging, out / "final")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    durable.fsync_path(out)
     shutil.rmtree(old, ignore_errors=True)
     exported = checkpoint.read_state(source)["step"]
     if best_record:

@@ -15,15 +15,16 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from fsdp_ft import adapters, checkpoint, distributed, ds_checkpoint, parallel, tf32
+from fsdp_ft import adapters, distributed, ds_checkpoint, parallel, run_identity, tf32
 from fsdp_ft.config import Config, dump_config
 from fsdp_ft.ds_config import build_ds_config, precision_of
-from fsdp_ft.engine import (TrainResult, _count_flops, _peak_flops, build_meta, export_final, load_data,
-                            prepare_output_dir)
+from fsdp_ft.engine import (TrainResult, _count_flops, _peak_flops, build_meta, export_final, load_data, open_run,
+                            resumed_state)
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.flops import FlopCounts
 from fsdp_ft.metrics import MetricsLogger, peak_host_rss_bytes
@@ -154,8 +155,8 @@ class DeepSpeedTrainer(Trainer):
         norm = self.model.get_global_grad_norm()
         return torch.tensor(float("nan") if norm is None else float(norm)), self.optimizer.param_groups[0]["lr"]
 
-    def save(self) -> None:
-        state = dict(vars(self.state), scheduler=self.scheduler.state_dict(), scaler=None)
+    def write_checkpoint(self, state: dict) -> None:
+        state["scaler"] = None  # DeepSpeed keeps its loss scale in its own files
         ds_checkpoint.save(self.model, self.cfg.output_dir, self.cfg.train.keep_last, state, self.env,
                            trainable_only=adapters.is_peft(self.cfg))
 
@@ -227,8 +228,8 @@ def train(cfg: Config) -> TrainResult:
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it; a plain process has none
     deepspeed.init_distributed("nccl" if env.device.type == "cuda" else "gloo")  # adopts our process group
     torch.manual_seed(cfg.train.seed)
-    out = prepare_output_dir(cfg, env)
-    resume_from = checkpoint.resolve_checkpoint(out, cfg.resume)
+    out = Path(cfg.output_dir)
+    run = open_run(cfg, env)
     t0 = time.perf_counter()
     ds = build_ds_config(cfg, env.world_size, env.device.type == "cuda")
     _check_precision(ds, deepspeed)
@@ -237,17 +238,18 @@ def train(cfg: Config) -> TrainResult:
     scheduler = build_scheduler(optimizer, steps, cfg)  # on AdamW's groups, which DeepSpeed steps with
     state = TrainState()
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout; a resume restores the saved RNG state instead
-    if resume_from is not None:
-        saved = ds_checkpoint.load(resume_from, engine, env)
+    if run.resume_from is not None:
+        saved = ds_checkpoint.load(Path(run.resume_from), engine, env)
         scheduler.load_state_dict(saved.pop("scheduler"))
-        state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
-        _log(env, f"resumed from {resume_from} at step {state.step}")
+        state = resumed_state(env, run, saved)
+    state.run = run.record()
     state.extra = {"labels": info["labels"]}
     if env.is_main:
+        run_identity.record(out, run)
         dump_config(cfg, out / "config.yaml")
         (out / "deepspeed_config.json").write_text(json.dumps(ds, indent=1))
     peak, peak_source = _peak_flops(cfg, env)
-    info.update(setup_s=time.perf_counter() - t0, peak_flops=peak, tf32=tf32_on, peak_flops_source=peak_source,
+    info.update(run_id=run.run_id, resumed_from=run.resume_from, setup_s=time.perf_counter() - t0, peak_flops=peak, tf32=tf32_on, peak_flops_source=peak_source,
                 host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()))
     _log(env, f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "
               f"({100 * info['trainable_share']:.2f}%); DeepSpeed ZeRO-{info['zero_stage']} over {env.world_size} "
@@ -258,7 +260,10 @@ def train(cfg: Config) -> TrainResult:
     trainer = DeepSpeedTrainer(cfg, env, engine, task, optimizer, scheduler, scaler, splits.train, splits.eval,
                                logger, state, plan, steps, peak_flops=peak,
                                flop_counts=FlopCounts(**info["flop_counts"]) if info["flop_counts"] else None)
+    trainer.saved_step = state.step if run.resumes_in_place(out) else None
     state = trainer.fit()
+    if state.step >= steps:  # resumed at its end from another folder's checkpoint: output_dir gets its own
+        trainer.save()
     if env.is_main and state.step >= steps:  # a run stopped early by a signal exports when it resumes and ends
         logger.log({"split": "final", "step": state.step, **export_final(out, tokenizer)})
     logger.close()

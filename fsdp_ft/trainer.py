@@ -31,6 +31,7 @@ class TrainState:
     last_eval_step: int = -1
     extra: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)  # train.best_metric: metric, mode, step, value (see best.py)
+    run: dict = field(default_factory=dict)  # run id and fingerprint (see run_identity.py)
 
 
 class Trainer:
@@ -47,6 +48,7 @@ class Trainer:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.plan = plan
         self._perm_epoch, self._perm = -1, None
+        self.saved_step = None  # the step whose checkpoint this process wrote or resumed from
         self.batches = StepBatches(self._host_step_batches, env.device,
                                    step_batches.enabled(cfg.train.prefetch_batches, env.device))
 
@@ -196,8 +198,16 @@ class Trainer:
         return best.enabled(self.cfg)
 
     def save(self) -> None:
+        """Checkpoint this step, unless this process already holds it on disk (a stop signal on a save step, or a
+        run resumed at its end)."""
+        if self.state.step == self.saved_step:
+            return
         state = {k: v for k, v in vars(self.state).items()}
         state["scheduler"] = self.scheduler.state_dict()
+        self.write_checkpoint(state)
+        self.saved_step = self.state.step
+
+    def write_checkpoint(self, state: dict) -> None:
         state["scaler"] = self.scaler.state_dict() if self.scaler else None
         checkpoint.save_checkpoint(self.cfg.output_dir, self.state.step, self.model, self.optimizer, state,
                                    self.env, self.cfg.train.keep_last, trainable_only=adapters.is_peft(self.cfg))
