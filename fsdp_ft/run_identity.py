@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsdp_ft import checkpoint, durable
+from fsdp_ft import checkpoint, durable, precision
 from fsdp_ft.config import Config, all_keys
 from fsdp_ft.errors import CheckpointError, ConfigError
 
@@ -38,7 +38,7 @@ MAY_CHANGE = frozenset({
     "fsdp.reshard_after_forward", "fsdp.shard_frozen", "fsdp.gather_once_per_step", "fsdp.prefetch",
     "fsdp.gloo_async_reduce", "fsdp.hybrid_replicas", "fsdp.cpu_offload",
     "deepspeed.stage", "deepspeed.config",  # a DeepSpeed checkpoint states its own stage and ranks on load
-    "optim.implementation",
+    "optim.implementation", "dist.setup_timeout_minutes", "dist.timeout_minutes",
     "train.max_steps", "train.epochs", "train.chunked_head_loss", "train.log_every", "train.eval_every",
     "train.eval_batch_size", "train.save_every", "train.keep_last", "train.best_metric", "train.best_mode",
     "train.progress_bar", "train.tensorboard", "train.profile_steps", "train.tune_host_malloc",
@@ -98,6 +98,7 @@ def fingerprint(cfg: Config, world_size: int) -> dict:
     fp = {k: v for k, v in values.items() if k not in MAY_CHANGE}
     fp["model.path"] = source_identity(cfg.model.path)
     fp["data.train"] = source_identity(cfg.data.train)
+    fp["fsdp.mixed_precision"] = precision.mixed_precision(cfg)  # what `auto` means here (training resolved it)
     fp[GLOBAL_BATCH] = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
     return fp
 

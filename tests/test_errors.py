@@ -197,7 +197,11 @@ def test_resolved_config_in_run_dir_loads_back_equal(results, files):
 
     run = files["dir"] / "finished"
     assert results["finished_run"].returncode == 0, results["finished_run"].stderr[-3000:]
-    assert load_config(run / "config.yaml") == load_config(REPO / TINY, [*QUICK, f"output_dir={run}"])
+    from fsdp_ft.precision import resolve_precision
+
+    # config.yaml records what fsdp.mixed_precision=auto resolved to on this CPU run (fp32)
+    want = resolve_precision(load_config(REPO / TINY, [*QUICK, f"output_dir={run}"]), "cpu")
+    assert want.fsdp.mixed_precision == "fp32" and load_config(run / "config.yaml") == want
 
 
 def test_failing_run_never_damages_checkpoint(results, files, tmp_path):
