@@ -55,11 +55,13 @@ def peft_config(cfg: Config, trainable_tokens=None):
                                     encoder_hidden_size=ft.prompt.encoder_hidden_size)
 
 
-def wrap(model: nn.Module, cfg: Config, new_tokens: list[int] = ()) -> nn.Module:
+def wrap(model: nn.Module, cfg: Config, new_tokens: list[int] = (), device: torch.device | None = None) -> nn.Module:
     """peft.get_peft_model on the meta model (adapters are created on meta too: no memory yet).
 
     `new_tokens` (ids of added chat tokens) train as peft trainable tokens: only their rows of the embedding (and
-    of an untied LM head) train and are saved with the adapter, which replaces those rows of the base."""
+    of an untied LM head) train and are saved with the adapter, which replaces those rows of the base.
+    `device`: the rank's device, where prompt learning's virtual token ids are made (peft copies them to the
+    embedding's device in every forward otherwise: a host-to-device copy per step)."""
     import peft
 
     try:
@@ -71,7 +73,7 @@ def wrap(model: nn.Module, cfg: Config, new_tokens: list[int] = ()) -> nn.Module
     # prompt learning keeps its virtual token ids in a plain dict, which the meta context left without data
     for name, ids in getattr(wrapped, "prompt_tokens", {}).items():
         if ids.is_meta:
-            wrapped.prompt_tokens[name] = torch.arange(ids.numel(), dtype=torch.long)
+            wrapped.prompt_tokens[name] = torch.arange(ids.numel(), dtype=torch.long, device=device)
     return wrapped
 
 

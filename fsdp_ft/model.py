@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fsdp_ft import adapters, host_malloc, parallel, quantize, vocab
+from fsdp_ft import adapters, host_malloc, parallel, placement, quantize, vocab
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.weights_io import SafetensorsReader
@@ -299,21 +299,25 @@ def _init_module_full(hf_model: nn.Module, module: nn.Module, name: str, seed: i
     return full
 
 
-def materialize(model: nn.Module, source, seed: int, device: torch.device) -> dict:
-    """Give every meta tensor real storage on `device`: checkpoint rows where the checkpoint has them, else init.
+def materialize(model: nn.Module, source, seed: int, device: torch.device, offload: bool = False) -> dict:
+    """Give every meta tensor real storage on the rank's `device`: checkpoint rows where the checkpoint has them,
+    else init. Quantized weights are quantized on `device` (seconds on a GPU, minutes per 8B base on a CPU thread).
 
-    Works on sharded (DTensor) and plain models alike. Returns the count of loaded tensors and the names of
-    initialised ones (new heads, adapters, random init) for the log.
+    `offload` (fsdp.cpu_offload): FSDP's shards go to the CPU, as its CPUOffloadPolicy requires, but buffers and
+    the parameters FSDP ignores still go to `device`: FSDP never moves them and the forward reads them there
+    (`placement.home`). Works on sharded (DTensor) and plain models alike. Returns the count of loaded tensors and
+    the names of initialised ones (new heads, adapters, random init) for the log.
     """
     from torch.distributed.tensor import DTensor
 
     tied = _tied_groups(model)
-    model.to_empty(device=device)
+    # to_empty with a device per tensor: each allocated once, where it stays
+    model._apply(lambda t: torch.empty_like(t, device=placement.home(t, device, offload)))
     for (module, name), *others in tied:  # to_empty gives each holder of a plain tied weight its own tensor
         for other, other_name in others:  # (FSDP's own parameters stay shared: they are left alone)
             if not isinstance(other._parameters[other_name], DTensor):
                 other._parameters[other_name] = module._parameters[name]
-    result = fill_tensors(model, model.named_modules(), source, seed)
+    result = fill_tensors(model, model.named_modules(), source, seed, compute_device=device)
     if source is not None:
         source.close()
     _init_dora_magnitudes(model)
@@ -333,11 +337,14 @@ def _tied_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
 RELEASE_EVERY_BYTES = 64 << 20
 
 
-def fill_tensors(model: nn.Module, named_modules, source, seed: int, seen: set[int] | None = None) -> dict:
+def fill_tensors(model: nn.Module, named_modules, source, seed: int, seen: set[int] | None = None,
+                 compute_device: torch.device | None = None) -> dict:
     """Fill the allocated tensors of `named_modules` (pairs from model.named_modules()): checkpoint rows or init.
 
     `seen` (ids of tensors already filled) lets a caller fill the model a group of modules at a time
     (engine deepspeed partitions each block as soon as it is filled); a tied tensor is filled once.
+    `compute_device`: where quantized weights are quantized (default: where each one is stored); the result is
+    stored where its placeholder is, bit-identical whichever device quantized it (`quantize.quantize_weight`).
     """
     hf_model = adapters.base_model(model)
     base_prefix = getattr(hf_model, "base_model_prefix", "")
@@ -362,8 +369,9 @@ def fill_tensors(model: nn.Module, named_modules, source, seed: int, seen: set[i
             local, start, stop = parallel.local_shard(t)
             if quantize.is_quantized(t):  # quantize the whole weight, keep this rank's rows: same as 1 process
                 whole = source.read_rows(keys[k], 0, t.shape[0]) if keys[k] is not None else full[k]
-                parallel.assign_nf4_shard(model, module, f"{mname}.{k}", k, t,
-                                          quantize.quantize_like(whole, like=local, module=module))
+                quantized = quantize.quantize_like(whole, like=local, module=module,
+                                                   device=compute_device or local.device)
+                parallel.assign_nf4_shard(model, module, f"{mname}.{k}", k, t, quantized)
                 passed += whole.nbytes
             elif keys[k] is not None:
                 _copy_rows(t, source.read_rows(keys[k], start, stop))

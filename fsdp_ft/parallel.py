@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from fsdp_ft import adapters, gloo_reduce, quantize
+from fsdp_ft import adapters, gloo_reduce, precision, quantize
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.weights_io import local_rows
@@ -85,7 +85,7 @@ def compiled_graphs() -> int:
 def mixed_precision_policy(cfg: Config) -> MixedPrecisionPolicy:
     from fsdp_ft.model import DTYPE  # model.py uses this module to fill shards
 
-    param = cfg.fsdp.param_dtype or cfg.fsdp.mixed_precision
+    param = precision.compute_precision(cfg)
     reduce = cfg.fsdp.reduce_dtype or "fp32"
     return MixedPrecisionPolicy(param_dtype=DTYPE[param], reduce_dtype=DTYPE[reduce],
                                 output_dtype=None, cast_forward_inputs=True)
@@ -156,13 +156,27 @@ REPLICATE_FROZEN_SHARE = 0.25  # auto: at most this share of a rank's device mem
 
 
 def device_memory_per_rank(device_type: str) -> int:
-    """A GPU's memory, or the host's memory split over this node's ranks."""
+    """A GPU's memory, or the host's memory split over this node's ranks: the smallest of all ranks, so that ranks
+    on different GPUs (mixed models, MIG slices) make the same sharding decisions and build the same mesh."""
     if device_type == "cuda":
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    import os
+        own = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        import os
 
-    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return host // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        own = host // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return _smallest_over_ranks(own)
+
+
+def _smallest_over_ranks(value: int) -> int:
+    """MIN over the default process group (a CPU tensor: the gloo half of cpu:gloo,cuda:nccl); as is without one."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(box, op=dist.ReduceOp.MIN)
+    return int(box.item())
 
 
 def shard_frozen_without_model(cfg: Config, world_size: int) -> tuple[bool, str] | None:
@@ -171,6 +185,8 @@ def shard_frozen_without_model(cfg: Config, world_size: int) -> tuple[bool, str]
         return cfg.fsdp.shard_frozen, "config"
     if world_size == 1:
         return True, "auto: one rank, nothing to shard"
+    if cfg.fsdp.cpu_offload:  # a whole base would be ignored by FSDP, so not offloaded: on the GPU, in full
+        return True, "auto: fsdp.cpu_offload keeps the frozen base sharded in host memory"
     if cfg.finetune.method not in PEFT_BASES:
         return True, f"auto: finetune.method={cfg.finetune.method} shards every weight"
     return None
@@ -303,21 +319,33 @@ def local_shard(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 @torch.no_grad()
 def assign_nf4_shard(model: nn.Module, module: nn.Module, fqn: str, name: str, t: torch.Tensor, quantized) -> None:
-    """Store a quantized weight: the whole tensor when unsharded, else this rank's chunk as FSDP's new shard.
+    """Store a quantized weight where its placeholder `t` was allocated: the whole tensor when unsharded, else this
+    rank's chunk as FSDP's new shard (on the CPU under fsdp.cpu_offload).
 
     A sharded NF4 weight is swapped in with `load_state_dict(assign=True)`, the route FSDP2 offers for
-    replacing a shard (it re-registers the parameter); copying into the placeholder would keep its meta parts.
+    replacing a shard (it re-registers the parameter); copying into the placeholder would keep its meta parts
+    (torchao's empty_like allocates only the sharded inner tensors). The DTensor is built on the placeholder's
+    spec, not with `DTensor.from_local`, which moves a local tensor to the mesh's device type: a CPU shard would
+    become a CUDA one, and FSDP2's lazy init refuses that under CPU offload.
     """
     from torch.distributed.tensor import DTensor, Shard
 
+    local = t._local_tensor if isinstance(t, DTensor) else t
     if not isinstance(t, DTensor):
-        module._parameters[name] = nn.Parameter(quantized, requires_grad=False)
+        module._parameters[name] = nn.Parameter(quantized.to(local.device), requires_grad=False)
         return
     (dim,) = [i for i, p in enumerate(t.placements) if isinstance(p, Shard)]
     chunk = torch.chunk(quantized, t.device_mesh.size(dim), dim=0)[t.device_mesh.get_local_rank(dim)]
-    shard = DTensor.from_local(chunk, t.device_mesh, t.placements, run_check=False, shape=t.shape,
-                               stride=t.stride())
+    shard = DTensor(_own_copy(chunk).to(local.device), t._spec, requires_grad=False)
     model.load_state_dict({fqn: nn.Parameter(shard, requires_grad=False)}, strict=False, assign=True)
+
+
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    """A quantized tensor whose inner tensors have storage of their own: a row chunk's are views of the whole
+    weight's, which would keep the whole base alive on every rank. Copied inner tensor by inner tensor, because
+    torchao's NF4 `clone` requantizes (and would turn an FP4 table into NF4)."""
+    names, ctx = t.__tensor_flatten__()
+    return type(t).__tensor_unflatten__({n: getattr(t, n).clone() for n in names}, ctx, t.shape, t.stride())
 
 
 def reshard_all(model: nn.Module) -> None:

@@ -149,21 +149,49 @@ def to_fp4(full: torch.Tensor, block_size: int, scaler_block_size: int) -> torch
         absmax = blocks.abs().amax(dim=1, keepdim=True)
         scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))).clamp(-1, 1).view(-1)
         codes[start:start + step] = order[torch.bucketize(scaled, midpoints)].to(torch.uint8)
-    scalers, factor, mean = nf4.NF4Tensor.double_quantize_scalers(flat, block_size, scaler_block_size)
+    scalers, factor, mean = double_quantize_scalers(flat, block_size, scaler_block_size)
     meta = nf4.SubclassTensorArgs(full.shape, full.stride(), 0, full.dtype, full.device, False)
     return nf4.NF4Tensor(meta, block_size, flat.numel() // block_size, scaler_block_size, scalers, factor, mean,
                          codes[::2] << 4 | codes[1::2], code.to(full.dtype))
 
 
+@torch.no_grad()
+def double_quantize_scalers(flat: torch.Tensor, block_size: int, scaler_block_size: int,
+                            via_maxima: bool | None = None):
+    """torchao's double quantization of the block scales (int8 scales, per-block factors, their mean), the same
+    bits on every device: the block maxima are exact anywhere, but their mean is a sum whose order differs between
+    CPU and CUDA kernels, so off the CPU (`via_maxima`, default) the maxima go to the host (1/block_size of the
+    weight) and torchao's own function runs there on them (block size 1: each maximum is its own block's)."""
+    nf4 = _nf4()
+    if not (flat.device.type != "cpu" if via_maxima is None else via_maxima):
+        return nf4.NF4Tensor.double_quantize_scalers(flat, block_size, scaler_block_size)
+    maxima = nf4.get_block_absmax(flat, block_size).cpu()
+    return tuple(t.to(flat.device) for t in nf4.NF4Tensor.double_quantize_scalers(maxima, 1, scaler_block_size))
+
+
+@torch.no_grad()
+def to_nf4(full: torch.Tensor, block_size: int, scaler_block_size: int) -> torch.Tensor:
+    """torchao's NF4 on the weight's device: codes from exact per-block maxima (the same bits on any device), the
+    block scales from `double_quantize_scalers`."""
+    nf4 = _nf4()
+    q = nf4.to_nf4(full, block_size, scaler_block_size)
+    if full.device.type == "cpu":
+        return q
+    scalers, factor, mean = double_quantize_scalers(full.view(-1), block_size, scaler_block_size)
+    return nf4.NF4Tensor(*nf4.construct_nf4_args(q, {"quantized_scalers": scalers, "quantization_factor": factor,
+                                                      "scaler_mean": mean}))
+
+
 def quantize_weight(full: torch.Tensor, quant_type: str, block_size: int = 64,
                     scaler_block_size: int = 256) -> torch.Tensor:
-    """A full float weight as a quantized tensor of `quant_type` (nf4, fp4, int8)."""
+    """A full float weight as a quantized tensor of `quant_type` (nf4, fp4, int8), on the weight's device; the
+    stored bits do not depend on that device (tests/test_gpu.py), so a GPU quantizes a base in seconds."""
     full = full.contiguous()
     if quant_type == "int8":
         return Int8Weight.from_float(full)
     if quant_type == "fp4":
         return to_fp4(full, block_size, scaler_block_size)
-    return _nf4().to_nf4(full, block_size, scaler_block_size)
+    return to_nf4(full, block_size, scaler_block_size)
 
 
 def dequantize(t: torch.Tensor) -> torch.Tensor:
@@ -171,12 +199,15 @@ def dequantize(t: torch.Tensor) -> torch.Tensor:
     return t.dequantize() if isinstance(t, Int8Weight) else t.get_original_weight()
 
 
-def quantize_like(full: torch.Tensor, like: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """Quantize a full weight as the placeholder `like` of `module` (its type, dtype and block sizes)."""
+def quantize_like(full: torch.Tensor, like: torch.Tensor, module: nn.Module,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Quantize a full weight as the placeholder `like` of `module` (its type, dtype and block sizes), on `device`
+    (default: where `full` is)."""
     quant_type = getattr(module, QUANT_TYPE_ATTR, "nf4")
+    full = full.to(device=device or full.device, dtype=like.dtype)
     if quant_type == "int8":
-        return quantize_weight(full.to(like.dtype), "int8")
-    return quantize_weight(full.to(like.dtype), quant_type, like.block_size, like.scaler_block_size)
+        return quantize_weight(full, "int8")
+    return quantize_weight(full, quant_type, like.block_size, like.scaler_block_size)
 
 
 @torch.no_grad()

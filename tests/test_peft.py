@@ -76,6 +76,10 @@ def test_quantized_base_is_sharded(peft_runs):
     # 4-bit codes, an 8-bit scale per 64 values, an fp32 factor per 256 scales, and per tensor (14) an fp32
     # scale mean and the 16-entry fp32 code book
     assert one[0] == values // 2 + values // 64 + values // 64 // 256 * 4 + 14 * (4 + 16 * 4)
+    # the placement audit at the end of set-up saw every tensor once, on each rank count: 14 NF4 weights by their 5
+    # inner tensors, 28 LoRA matrices, embedding, head, 5 norms, and the rotary buffers inv_freq, original_inv_freq
+    for run in (peft_runs("qlora", 1), peft_runs("qlora", 2)):
+        assert _setup_row(run)["placement_checked"] == 14 * 5 + 28 + 7 + 2
 
 
 @pytest.mark.distributed

@@ -126,6 +126,27 @@ def test_int8_rows_must_divide_over_ranks():
         check_block_sizes(layers, cfg, shards=4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scales_made_from_block_maxima_on_the_host_equal_torchao(dtype):
+    """Quantizing on a GPU sends only the exact per-block maxima to the host and double-quantizes them there (so
+    their mean sums in the CPU's order): bit-equal to torchao's double quantization of the whole weight. Blocks
+    of zeros, outliers and a scale block of its own sizes included. (tests/test_gpu.py compares CUDA with CPU.)"""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+
+    from fsdp_ft.quantize import double_quantize_scalers
+
+    torch.manual_seed(1)
+    w = (torch.randn(384, 256) * 0.02).to(dtype)
+    w[5] = 0
+    w[17, 3] = 4.0
+    flat = w.view(-1)
+    for scaler_block in (256, 64, 8):
+        want = NF4Tensor.double_quantize_scalers(flat, 64, scaler_block)
+        got = double_quantize_scalers(flat, 64, scaler_block, via_maxima=True)
+        assert [t.dtype for t in got] == [t.dtype for t in want]
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), scaler_block
+
+
 # ---------------------------------------------------------------- training under FSDP2
 
 
