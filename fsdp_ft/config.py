@@ -157,7 +157,9 @@ class FSDPConfig:
                                         "their gradients and AdamW state take at most 5% of a rank's device memory, "
                                         "else 1")
     cpu_offload: bool = _f(False, "keep sharded parameters, gradients and optimizer state in host memory")
-    mixed_precision: str = _f("fp32", "compute precision", DTYPES)
+    mixed_precision: str = _f("auto", "compute precision: bf16, fp16 or fp32; auto: bf16 on CUDA GPUs that compute "
+                              "bf16 natively (Ampere and later), fp32 elsewhere (CPU, older GPUs), resolved when the "
+                              "run starts (the run directory's config.yaml records the result)", ("auto",) + DTYPES)
     param_dtype: Optional[str] = _f(None, "dtype blocks compute in; null: from fsdp.mixed_precision", DTYPES + (None,))
     reduce_dtype: Optional[str] = _f(None, "dtype of gradient reduction; null: fp32", DTYPES + (None,))
 
@@ -229,6 +231,17 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    setup_timeout_minutes: float = _f(120.0, "process-group timeout from the rendezvous to the first step and again "
+                                      "after the last (final export): a rank waits this long in a collective for "
+                                      "the others, e.g. while rank 0 prepares the data or fingerprints the run, "
+                                      "before the job is aborted")
+    timeout_minutes: float = _f(30.0, "process-group timeout during training (steps, eval, checkpoint saves): a "
+                                "collective waiting longer (a hung or dead rank) aborts the job, with an NCCL "
+                                "flight-recorder dump in output_dir/logs/ on GPUs; shorter finds hangs sooner")
+
+
+@dataclass
 class Config:
     output_dir: str = _f("", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/", path=True)
     engine: str = _f("fsdp", "training engine: fsdp (FSDP2) or deepspeed (ZeRO-2/3; pip install 'fsdp_ft[deepspeed]')",
@@ -249,6 +262,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig, metadata={"help": "deepspeed"})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optim"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "train"})
+    dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "dist"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -478,6 +492,9 @@ def validate(cfg: Config) -> None:
     _validate_preference(cfg)
     _validate_data(cfg)
     _validate_engine(cfg)
+    for key in ("setup_timeout_minutes", "timeout_minutes"):
+        if not getattr(cfg.dist, key) > 0:
+            raise ConfigError(f"config key 'dist.{key}' must be > 0 minutes, got {getattr(cfg.dist, key)}")
     if cfg.train.best_metric and not cfg.data.eval and cfg.data.eval_share == 0:
         raise ConfigError("config key 'train.best_metric' needs eval data: set data.eval or data.eval_share")
     if len(cfg.optim.betas) != 2:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fsdp_ft import precision
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 
@@ -57,8 +58,9 @@ def zero_stage(cfg: Config, user: dict) -> int:
 
 
 def compute_dtype(cfg: Config) -> str:
-    """fp32, bf16 or fp16: fsdp.param_dtype / fsdp.mixed_precision, or model.dtype when that is lower."""
-    mp = cfg.fsdp.param_dtype or cfg.fsdp.mixed_precision
+    """fp32, bf16 or fp16: fsdp.param_dtype / fsdp.mixed_precision (auto resolved), or model.dtype when that is
+    lower."""
+    mp = precision.compute_precision(cfg)
     return mp if mp != "fp32" else cfg.model.dtype
 
 
@@ -74,6 +76,7 @@ def _merge(ours: dict, theirs: dict) -> dict:
 
 def build_ds_config(cfg: Config, world_size: int, cuda: bool) -> dict:
     """The DeepSpeed config dict for this run (written to output_dir/deepspeed_config.json)."""
+    cfg = precision.resolve_precision(cfg, "cuda" if cuda else "cpu")  # auto: for the device this run is on
     t, user = cfg.train, read_user_config(cfg.deepspeed.config)
     stage, dtype = zero_stage(cfg, user), compute_dtype(cfg)
     zero: dict = {"stage": stage}

@@ -52,7 +52,7 @@ def evaluate_file(loaded: LoadedModel, path: str, max_samples: int | None = None
     sums: dict[str, torch.Tensor] = {}
     for idx in data.eval_batches(n, size, 1, 0):
         batch = {k: v.to(loaded.device) for k, v in task.collate([task.encode(rows[i]) for i in idx]).items()}
-        for k, v in sums_of(loaded.model, batch).items():
-            sums[k] = sums.get(k, 0) + v.detach().double().cpu()
+        for k, v in sums_of(loaded.model, batch).items():  # summed on the device: no wait for it per batch
+            sums[k] = sums.get(k, 0) + v.detach().double()
     metrics = task.metrics({k: float(v) for k, v in sums.items()})
     return {"rows": n, "dropped_rows": {k.removeprefix("eval_"): n for k, n in dropped.items()}, **metrics}

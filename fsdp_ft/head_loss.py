@@ -23,14 +23,79 @@ IGNORE = -100
 # model types whose causal-LM forward returns `lm_head(hidden)` as the logits, with no scaling or soft-capping
 PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gpt2"}
 # fp32 logits elements per chunk: big enough for efficient matmuls, small beside the model's own activations
-# (CPU: a 512-token row at a 64k vocabulary is one chunk, so its head gradients need no fp32 sum)
-CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 26}
+# (CPU: a 512-token row at a 64k vocabulary is one chunk, so its head gradients need no fp32 sum). CUDA devices
+# scale with their memory (`cuda_chunk_elements`); an entry "cuda" here overrides that.
+CHUNK_ELEMENTS = {"cpu": 1 << 25}
+# device bytes per chunk element on CUDA: a chunk's transients (logits and their gradient in the compute dtype,
+# fp32 log-probabilities) take ~8 bytes an element, so chunks get 1/32 of the card: 2**28 elements on an 80 GB
+# card, i.e. one chunk per 2k tokens at Llama-3's 128k vocabulary
+CUDA_BYTES_PER_ELEMENT = 256
+_cuda_chunks: dict[int, int] = {}
+_accumulators: dict[tuple[torch.device, torch.dtype], str] = {}
 
 
 def supported(model: nn.Module) -> bool:
     head = model.get_output_embeddings()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return type(head) is nn.Linear and model_type in PLAIN_HEAD_MODELS
+
+
+def cuda_chunk_elements(total_memory: int) -> int:
+    """Chunk elements for a CUDA device of `total_memory` bytes: the power of two at or below
+    total / CUDA_BYTES_PER_ELEMENT, within [2**26, 2**29]. The card's total, not its free memory: free memory moves
+    with the caching allocator and the optimizer state that appears after the first step, and the chunk should
+    not change from run to run."""
+    n = max(total_memory // CUDA_BYTES_PER_ELEMENT, 1)
+    return min(max(1 << (n.bit_length() - 1), 1 << 26), 1 << 29)
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Logits elements per chunk on `device`."""
+    if device.type in CHUNK_ELEMENTS:
+        return CHUNK_ELEMENTS[device.type]
+    if device.type != "cuda":
+        return 1 << 24
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _cuda_chunks:
+        _cuda_chunks[index] = cuda_chunk_elements(torch.cuda.get_device_properties(index).total_memory)
+    return _cuda_chunks[index]
+
+
+def _accumulator(device: torch.device, dtype: torch.dtype) -> str:
+    """How to add a product of `dtype` (bf16, fp16) matrices into an fp32 sum on `device`, tried once per device
+    and dtype (a few-element product, compared exactly: a kernel that ignored the sum would be caught):
+    "addmm": cuBLAS accumulates into the fp32 sum itself (addmm with out_dtype: the sum is read and written once,
+    no product tensor; needs torch >= 2.10, where an fp32 `self` is allowed);
+    "mm": an fp32 product (mm with out_dtype, torch >= 2.8) added to the sum;
+    "cast": the product in the compute dtype, widened and added (the CPU path: out_dtype is CUDA-only)."""
+    if device.type != "cuda":
+        return "cast"
+    key = (device, dtype)
+    if key not in _accumulators:
+        _accumulators[key] = "cast"
+        a = torch.arange(12, device=device).remainder(5).reshape(4, 3).to(dtype)  # small integers: exact in
+        b = torch.arange(8, device=device).remainder(3).reshape(4, 2).to(dtype)   # every dtype here
+        want = torch.ones(3, 2, device=device) + a.t().float() @ b.float()
+        for way in ("addmm", "mm"):
+            try:
+                acc = torch.ones(3, 2, device=device)
+                _accumulate(acc, a.t(), b, way)
+                if torch.equal(acc, want):
+                    _accumulators[key] = way
+                    break
+            except (RuntimeError, TypeError, ValueError):  # no such overload, or this dtype mix refused, here
+                continue
+    return _accumulators[key]
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, way: str) -> None:
+    """acc (fp32) += a @ b (a, b in a lower precision)."""
+    if way == "addmm":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif way == "mm":
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        acc.add_((a @ b).float())
 
 
 def _chunked(hidden, weight, bias, labels, chunk, need_h, need_w, need_b):
@@ -59,8 +124,8 @@ def _chunked(hidden, weight, bias, labels, chunk, need_h, need_w, need_b):
             grad_w = grad_logits.t() @ h
         elif need_w and h.dtype == torch.float32:
             grad_w.addmm_(grad_logits.t(), h)
-        elif need_w:  # low-precision products, summed over the chunks in fp32
-            grad_w.add_((grad_logits.t() @ h).float())
+        elif need_w:  # low-precision products, summed over the chunks in fp32 (inside the GEMM on CUDA)
+            _accumulate(grad_w, grad_logits.t(), h, _accumulator(h.device, h.dtype))
         if need_b:
             grad_b.add_(grad_logits.float().sum(0))
     return loss, grad_h, grad_w, grad_b
@@ -90,7 +155,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
                          labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T + bias` (one row per token) against labels (no IGNORE)."""
     if chunk is None:
-        chunk = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 1 << 24) // weight.shape[0])
+        chunk = max(1, chunk_elements(hidden.device) // weight.shape[0])
     tensors = [t for t in (hidden, weight, bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)

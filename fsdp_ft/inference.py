@@ -3,6 +3,11 @@
 A model is named by a run directory (its final/, or its newest checkpoint exported to a temporary folder when
 there is no final/), an exported HF folder, or a PEFT adapter folder (base + adapter). No process group and no
 FSDP: inference needs neither, and one process starts in seconds.
+
+The model computes in the run's compute dtype (fsdp.param_dtype, else fsdp.mixed_precision; `auto` resolved for
+this device, as training resolves it), so `fsdp-ft eval` gives the numbers of the run's own eval rows; a bare
+folder follows `auto` (bf16 on a bf16 GPU, fp32 on the CPU). On a GPU the weights load straight onto it, in that
+dtype, and train.tf32 applies as in training.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_ft import adapters, checkpoint
+from fsdp_ft import adapters, checkpoint, precision, tf32
 from fsdp_ft.config import Config, load_config
 from fsdp_ft.errors import CheckpointError, DataError, UserError
 
@@ -92,7 +97,7 @@ def asks_remote_code(overrides) -> bool:
 def _load_run(run: Path, overrides: list[str]) -> LoadedModel:
     from fsdp_ft.export import needs_remote_code, remote_code_hint, run_wants_remote_code
 
-    cfg = load_config(run / "config.yaml", overrides)
+    cfg = precision.resolve_precision(load_config(run / "config.yaml", overrides), device())
     ignored = not cfg.model.trust_remote_code and run_wants_remote_code(run)
     try:
         return _load_run_model(run, cfg)
@@ -133,8 +138,9 @@ def _newest(run: Path) -> Path:
 
 def _bare_config(folder: Path, task: str, overrides: list[str]) -> Config:
     """Defaults for a folder without a run config; the command's overrides (task=..., data.text_column=...) win."""
-    return load_config(None, [f"output_dir={folder}", f"model.path={folder}", f"data.train={folder}",
-                              f"task={task}", *overrides])
+    cfg = load_config(None, [f"output_dir={folder}", f"model.path={folder}", f"data.train={folder}",
+                             f"task={task}", *overrides])
+    return precision.resolve_precision(cfg, device())
 
 
 def _load_folder(folder: Path, overrides: list[str]) -> LoadedModel:
@@ -169,13 +175,23 @@ def _auto_class(task: str):
     raise CheckpointError(f"task '{task}': eval, generate and predict support causal_lm and seq_cls models")
 
 
-def _from_pretrained(folder: Path | str, cfg: Config, what: str, **kwargs):
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the run computed in: what FSDP cast its blocks to (fsdp.param_dtype or fsdp.mixed_precision,
+    whatever model.dtype stored), or DeepSpeed's rule for engine deepspeed."""
+    from fsdp_ft.ds_config import compute_dtype as deepspeed_dtype
     from fsdp_ft.model import DTYPE
 
+    cfg = precision.resolve_precision(cfg, device())
+    return DTYPE[deepspeed_dtype(cfg) if cfg.engine == "deepspeed" else precision.compute_precision(cfg)]
+
+
+def _from_pretrained(folder: Path | str, cfg: Config, what: str, **kwargs):
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if device().type == "cuda":  # straight onto the GPU, never a whole fp32 copy in host memory first
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        return _auto_class(cfg.task).from_pretrained(str(folder), dtype=DTYPE[cfg.model.dtype],
+        return _auto_class(cfg.task).from_pretrained(str(folder), dtype=compute_dtype(cfg),
                                                      trust_remote_code=cfg.model.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{what} '{folder}' does not load as a {cfg.task} model: "
@@ -201,6 +217,7 @@ def _model_limit(tok, hf_config) -> int:
 
 
 def _finish(model, tok, cfg: Config, folder: Path, max_length: int | None) -> LoadedModel:
+    tf32.apply(cfg.train.tf32, device())  # fp32 matmuls as training ran them (a GPU only)
     model = model.to(device()).eval()
     hf_config = adapters.base_model(model).config
     labels = None

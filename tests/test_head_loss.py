@@ -120,3 +120,17 @@ def test_training_with_and_without_chunked_head_loss_gives_the_same_losses(tmp_p
     assert sorted(a) == sorted(b) and len(a) == 8
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5)
+
+
+def test_cuda_chunks_scale_with_the_card_and_the_cpu_chunk_is_unchanged():
+    """An 80 GB card takes a chunk per 2k tokens at Llama-3's 128,256-token vocabulary (one fp32 sum per ~2k
+    tokens instead of per 523); smaller cards keep the old 2**26, larger ones stop at 2**29 (4k tokens)."""
+    gib = 2 ** 30
+    rows = lambda total: head_loss.cuda_chunk_elements(total) // 128256  # noqa: E731
+    assert head_loss.cuda_chunk_elements(int(79.2 * gib)) == 1 << 28 and rows(int(79.2 * gib)) >= 2048  # H100 80GB
+    assert head_loss.cuda_chunk_elements(int(139.8 * gib)) == 1 << 29  # H200
+    assert head_loss.cuda_chunk_elements(int(39.4 * gib)) == 1 << 27  # A100 40GB
+    assert head_loss.cuda_chunk_elements(24 * gib) == 1 << 26  # the former fixed CUDA chunk
+    assert head_loss.cuda_chunk_elements(4 * gib) == 1 << 26 and head_loss.cuda_chunk_elements(2 ** 50) == 1 << 29
+    assert head_loss.chunk_elements(torch.device("cpu")) == 1 << 25
+    assert head_loss._accumulator(torch.device("cpu"), torch.bfloat16) == "cast"  # out_dtype GEMMs are CUDA-only

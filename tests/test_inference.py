@@ -226,3 +226,42 @@ def test_generate_bad_options(lm_folder, tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"question": "b"}\n')
     code, _, err = fsdp_ft(capsys, "generate", lm_folder, "--prompts-file", tmp_path / "p.jsonl")
     assert code == 2 and "p.jsonl" in err and "line 2 has no column 'prompt'" in err
+
+
+# ---------------------------------------------------------------- compute dtype
+
+@pytest.fixture(scope="module")
+def bf16_run(session_tmp):
+    """A causal LM trained with bf16 mixed precision (fp32 weights, bf16 compute): its eval rows are bf16 numbers."""
+    return train_1proc(session_tmp / "lm-bf16", "fsdp.mixed_precision=bf16", "train.max_steps=4")
+
+
+def test_eval_of_a_bf16_run_computes_in_bf16_as_its_eval_rows(bf16_run, capsys):
+    """`fsdp-ft eval` loads the run in its compute dtype, so it gives the run's own (bf16) eval numbers; the same
+    weights evaluated in fp32 differ by far more than the tolerance, so the comparison tells the two apart."""
+    from fsdp_ft.inference import load_model
+
+    assert load_model(str(bf16_run)).model.dtype == torch.bfloat16
+    assert load_model(str(bf16_run), ["fsdp.mixed_precision=fp32"]).model.dtype == torch.float32
+    data = ASSETS / "data" / "tiny_text_eval.jsonl"
+    want = eval_rows(bf16_run)[-1]
+    got = {}
+    for precision in ("bf16", "fp32"):
+        code, out, _ = fsdp_ft(capsys, "eval", bf16_run, "--data", data, "--max-samples", 16,
+                               f"fsdp.mixed_precision={precision}")
+        assert code == 0
+        got[precision] = json.loads(out)
+    assert got["bf16"]["rows"] == 16
+    assert got["bf16"]["loss"] == pytest.approx(want["loss"], rel=1e-7)  # bit for bit here: the same kernels
+    assert got["fp32"]["loss"] != pytest.approx(want["loss"], rel=1e-6)  # 7e-6 apart: fp32 would not have matched
+    code, out, _ = fsdp_ft(capsys, "eval", bf16_run, "--data", data, "--max-samples", 16)
+    assert code == 0 and json.loads(out)["loss"] == got["bf16"]["loss"]  # the run's config decides by default
+
+
+def test_fp32_runs_and_bare_folders_stay_fp32_on_the_cpu(run, lm_folder):
+    from fsdp_ft.inference import load_model
+
+    assert load_model(str(run)).model.dtype == torch.float32  # the classifier run: default precision, fp32
+    assert load_model(str(lm_folder)).model.dtype == torch.float32
+    assert load_model(str(lm_folder), ["fsdp.mixed_precision=auto"]).model.dtype == torch.float32  # auto on a CPU
+    assert load_model(str(lm_folder), ["fsdp.mixed_precision=bf16"]).model.dtype == torch.bfloat16

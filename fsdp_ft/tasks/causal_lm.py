@@ -2,6 +2,13 @@
 
 Rows of any `data.format` (see `fsdp_ft.formats`) are tokenized once at load time, truncated by
 `data.truncation`, and, with `data.packing`, packed into rows of train.seq_len (see `fsdp_ft.packing`).
+
+Attention: a batch without padding reaches the model with no mask at all (`UNPADDED`, decided by collate on
+the host), so SDPA runs causal attention with `is_causal` (flash, native GQA) and transformers' mask code never
+reads a device tensor to find out there is no padding (a host sync per forward). Padded batches pass their mask;
+packed rows pass position ids, from which transformers builds a block-diagonal mask (so no flash). Future work
+for packing: `model.attn_implementation=flash_attention_2` (varlen kernels from the position ids; needs the
+flash-attn package) or flex attention with a document mask.
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ from fsdp_ft.head_loss import IGNORE
 from fsdp_ft.packing import PackedRows, TokenRows
 
 PADDING = {"labels": IGNORE, "attention_mask": 0, "position_ids": 0}
+# batch key present (an empty tensor, so it pins and moves with the batch at no cost) when no row is padded
+UNPADDED = "unpadded"
 
 
 def pad_batch(rows: list[dict], pad_id: int, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -116,6 +125,8 @@ class CausalLMTask:
         batch = pad_batch(rows, self.tok.pad_token_id, keys)
         if self.cfg.train.chunked_head_loss:  # made here, on the host, so the device never syncs to select them
             batch["loss_positions"] = head_loss.loss_positions(shift(batch["labels"]))
+        if "position_ids" not in batch and bool(batch["attention_mask"].all()):  # a host tensor here: no sync
+            batch[UNPADDED] = torch.empty(0, dtype=torch.bool)
         return batch
 
     # ------------------------------------------------------------ loss
@@ -144,6 +155,8 @@ class CausalLMTask:
     def _forward(model, batch: dict):
         if "position_ids" in batch:  # packed: no 2-D mask, so transformers masks per sample from the position ids
             return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        if UNPADDED in batch:  # no mask: plain causal attention, with nothing for transformers to check
+            return model(input_ids=batch["input_ids"], use_cache=False)
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:

@@ -164,7 +164,10 @@ def fit_to_length(prompt: list[int], chosen: list[int], rejected: list[int], seq
 
 
 def pair_count(batch: dict) -> torch.Tensor:
-    return torch.tensor(batch["input_ids"].shape[0] // 2)
+    """Pairs in a batch (half its rows), made on the batch's device: a host-made count would be copied to the GPU
+    with a wait for the stream every step."""
+    ids = batch["input_ids"]
+    return torch.full((), ids.shape[0] // 2, dtype=torch.long, device=ids.device)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

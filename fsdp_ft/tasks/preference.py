@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from fsdp_ft import parallel
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.tasks.pairs import PAIR_METRICS, PairTask, pair_metrics, sequence_logps
+from fsdp_ft.tasks.pairs import PAIR_METRICS, PairTask, pair_count, pair_metrics, sequence_logps
 
 
 def lm_logits(model, batch: dict) -> torch.Tensor:
@@ -98,7 +98,7 @@ class DPOTask(PairTask):
         z = beta * (chosen_ratio - rejected_ratio)
         losses = -(1 - smooth) * F.logsigmoid(z) - smooth * F.logsigmoid(-z)
         chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-        return {"loss": losses.sum(), "count": torch.tensor(n), "chosen_reward": chosen_reward.sum(),
+        return {"loss": losses.sum(), "count": pair_count(batch), "chosen_reward": chosen_reward.sum(),
                 "rejected_reward": rejected_reward.sum(), "correct": (logps[:n] > logps[n:]).detach().sum(),
                 "reward_correct": (chosen_reward > rejected_reward).sum()}
 
@@ -125,7 +125,7 @@ class ORPOTask(PairTask):
         log_odds = (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))
         lam = self.cfg.preference.orpo_lambda
         losses = nll - lam * F.logsigmoid(log_odds)
-        return {"loss": losses.sum(), "count": torch.tensor(n), "nll": nll.detach().sum(),
+        return {"loss": losses.sum(), "count": pair_count(batch), "nll": nll.detach().sum(),
                 "log_odds_ratio": log_odds.detach().sum(), "chosen_reward": lam * chosen.detach().sum(),
                 "rejected_reward": lam * rejected.detach().sum(), "correct": (log_odds.detach() > 0).sum()}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fsdp_ft.tasks.pairs import PairTask
+from fsdp_ft.tasks.pairs import PairTask, pair_count
 
 REWARD_LABEL = "reward"
 
@@ -23,5 +23,5 @@ class RewardTask(PairTask):
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()[:, 0]
         n = scores.shape[0] // 2
         chosen, rejected = scores[:n].detach(), scores[n:].detach()
-        return {"loss": -F.logsigmoid(scores[:n] - scores[n:]).sum(), "count": torch.tensor(n),
+        return {"loss": -F.logsigmoid(scores[:n] - scores[n:]).sum(), "count": pair_count(batch),
                 "chosen_reward": chosen.sum(), "rejected_reward": rejected.sum(), "correct": (chosen > rejected).sum()}

@@ -13,6 +13,12 @@ from fsdp_ft.errors import DataError
 from fsdp_ft.tasks.causal_lm import pad_batch
 
 
+def samples(labels: torch.Tensor) -> torch.Tensor:
+    """The number of samples, made on the batch's device: a host-made count would be copied to the GPU with a
+    wait for the stream every step."""
+    return torch.full((), labels.numel(), dtype=torch.long, device=labels.device)
+
+
 class SeqClsTask:
     name = "seq_cls"
     count_unit = "samples"
@@ -60,13 +66,13 @@ class SeqClsTask:
         return batch
 
     def count(self, batch: dict) -> torch.Tensor:
-        return torch.tensor(batch["labels"].numel())
+        return samples(batch["labels"])
 
     def loss_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
         correct = (logits.argmax(-1) == batch["labels"]).sum()
-        return {"loss": loss, "count": torch.tensor(batch["labels"].numel()), "correct": correct}
+        return {"loss": loss, "count": samples(batch["labels"]), "correct": correct}
 
     def eval_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
         """loss_sums plus one count per confusion-matrix cell (`cm.TRUE.PRED`), so ranks can sum them."""
@@ -74,7 +80,7 @@ class SeqClsTask:
         labels = batch["labels"]
         k = logits.shape[-1]
         cells = torch.bincount(labels * k + logits.argmax(-1), minlength=k * k)
-        sums = {"loss": F.cross_entropy(logits, labels, reduction="sum"), "count": torch.tensor(labels.numel())}
+        sums = {"loss": F.cross_entropy(logits, labels, reduction="sum"), "count": samples(labels)}
         sums.update({f"cm.{t}.{p}": cells[t * k + p] for t in range(k) for p in range(k)})
         return sums
 
