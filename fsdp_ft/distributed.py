@@ -49,8 +49,19 @@ def read_launch_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistEnv:
-    """Initialise the default process group (nccl on CUDA, gloo on CPU) and pick this rank's device."""
+SETUP_TIMEOUT_MINUTES = 120.0  # the defaults of config keys dist.setup_timeout_minutes / dist.timeout_minutes
+STEP_TIMEOUT_MINUTES = 30.0
+_timeouts = {"setup": SETUP_TIMEOUT_MINUTES, "steps": STEP_TIMEOUT_MINUTES, "now": SETUP_TIMEOUT_MINUTES}
+
+
+def init_distributed(setup_timeout_minutes: float = SETUP_TIMEOUT_MINUTES,
+                     timeout_minutes: float = STEP_TIMEOUT_MINUTES) -> DistEnv:
+    """Initialise the default process group (nccl on CUDA, gloo on CPU) and pick this rank's device.
+
+    The group starts with the set-up timeout: rank 0 alone prepares the data (main_process_first) or fingerprints
+    the run while the others wait in a collective, which the NCCL watchdog would abort after the step timeout.
+    `step_timeout()` shortens it around training, where a long wait means a hung or dead rank."""
+    _timeouts.update(setup=setup_timeout_minutes, steps=timeout_minutes, now=setup_timeout_minutes)
     rank, world, local_rank = read_launch_env()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -59,26 +70,60 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=timeout_minutes)
+        timeout = datetime.timedelta(minutes=setup_timeout_minutes)
         if world == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
                                     **({"device_id": device} if device.type == "cuda" else {}))
+    else:  # a second run in this process (tests, tune): the group outlives the first
+        _set_timeout(setup_timeout_minutes)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device,
                    backend=dist.get_backend())
+
+
+def _set_timeout(minutes: float) -> None:
+    """Give every process group of this rank (the default one and the mesh's sub-groups, which torch creates with
+    its own 10/30-minute defaults) this timeout for the collectives issued from now on."""
+    _timeouts["now"] = minutes
+    if not dist.is_initialized():
+        return
+    setter = getattr(dist, "set_timeout", None) or getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:  # neither API (torch >= 2.3 has the private one): the set-up timeout stays, the safe side
+        return
+    world = getattr(dist.distributed_c10d, "_world", None)
+    groups = list(getattr(world, "pg_map", {}) or []) or [dist.group.WORLD]
+    for group in groups:
+        try:
+            setter(datetime.timedelta(minutes=minutes), group)
+        except (ValueError, RuntimeError, TypeError, AttributeError):
+            pass  # a group this rank is not in, or a backend that cannot (fake): it keeps its timeout
+
+
+@contextlib.contextmanager
+def step_timeout():
+    """Collectives inside use dist.timeout_minutes (training steps, eval, saves); after it, the set-up timeout again
+    (the final export runs on rank 0 alone while the others wait)."""
+    _set_timeout(_timeouts["steps"])
+    try:
+        yield
+    finally:
+        _set_timeout(_timeouts["setup"])
 
 
 def build_mesh(env: DistEnv, hybrid_replicas: int) -> DeviceMesh:
     """1-D mesh for full sharding; 2-D (replicate, shard) mesh for hybrid sharding."""
     if hybrid_replicas == 1:
-        return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
-    if env.world_size % hybrid_replicas:
+        mesh = init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
+    elif env.world_size % hybrid_replicas:
         raise ConfigError(f"config key 'fsdp.hybrid_replicas'={hybrid_replicas} must divide the world size "
                           f"{env.world_size}")
-    return init_device_mesh(env.device.type, (hybrid_replicas, env.world_size // hybrid_replicas),
-                            mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(env.device.type, (hybrid_replicas, env.world_size // hybrid_replicas),
+                                mesh_dim_names=("replicate", "shard"))
+    _set_timeout(_timeouts["now"])  # the sub-groups just made follow the phase's timeout, not torch's defaults
+    return mesh
 
 
 def barrier() -> None:
@@ -88,7 +133,8 @@ def barrier() -> None:
 
 @contextlib.contextmanager
 def main_process_first(env: DistEnv):
-    """Let rank 0 fill shared caches (datasets, downloads) before the others read them."""
+    """Let rank 0 fill shared caches (datasets, downloads) before the others read them. The others wait in a
+    barrier under the set-up timeout (dist.setup_timeout_minutes), never the shorter step timeout."""
     if not env.is_main:
         barrier()
     yield

@@ -84,11 +84,17 @@ class TrainJob:
     def __call__(self) -> dict:
         import submitit
 
+        from fsdp_ft.launcher import apply_rank_env_defaults
+
+        job_env = submitit.JobEnvironment()
+        set_torch_env(job_env)
+        # before torch is imported: OpenMP reads OMP_NUM_THREADS when it loads
+        apply_rank_env_defaults(Path(self.config["output_dir"]) / "logs", ranks_on_node=1,
+                                master_addr=os.environ["MASTER_ADDR"], nnodes=job_env.num_nodes)
         from fsdp_ft import distributed, preemption, ranklog
         from fsdp_ft.config import config_from_dict
         from fsdp_ft.engine import train
 
-        set_torch_env(submitit.JobEnvironment())
         cfg = config_from_dict(self.config)
         ranklog.start(Path(cfg.output_dir) / "logs")
         submitit_handlers = preemption.install()
@@ -138,21 +144,116 @@ def run_name(overrides: list[str]) -> str:
     return "_".join(re.sub(r"[^\w.=-]+", "-", o) for o in overrides) or "run"
 
 
-def build_executor(opts: SubmitOptions, folder: Path):
+# CPUs per rank when sinfo cannot tell (a --dry-run away from the cluster): nearly every GPU node has at least 8
+# cores per GPU (DGX H100: 112 cores for 8 GPUs; most cloud H100 nodes 12 or more), and asking for more than a node
+# has would leave the job pending forever
+DEFAULT_CPUS_PER_TASK = 8
+
+
+@dataclass
+class NodeShape:
+    cpus: int
+    mem_mb: int
+    gpus: int
+
+
+def _gpu_count(gres: str) -> int:
+    """GPUs in a node's GRES as sinfo prints it: 'gpu:8', 'gpu:h100:8(S:0-1)', 'gpu:a100:4,nvme:1', '(null)'."""
+    return sum(int(n) for n in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
+def parse_sinfo(text: str, partition: str | None) -> NodeShape | None:
+    """The smallest node (CPUs, memory, GPUs, each the minimum) of `partition` (comma list; None: the default
+    partition, marked '*') from `sinfo -h -N -o %P|%c|%m|%G`."""
+    wanted = set(partition.split(",")) if partition else None
+    shapes = []
+    for line in text.splitlines():
+        part, _, rest = line.strip().partition("|")
+        if not ((part.rstrip("*") in wanted) if wanted else part.endswith("*")):
+            continue
+        cpus, _, rest = rest.partition("|")
+        mem, _, gres = rest.partition("|")
+        if cpus.isdigit() and re.match(r"\d+", mem):
+            shapes.append(NodeShape(int(cpus), int(re.match(r"\d+", mem).group()), _gpu_count(gres)))
+    if not shapes:
+        return None
+    return NodeShape(min(s.cpus for s in shapes), min(s.mem_mb for s in shapes), min(s.gpus for s in shapes))
+
+
+def node_shape(partition: str | None) -> NodeShape | None:
+    """What sinfo says about the partition's nodes; None without sinfo (or when it fails)."""
+    try:
+        res = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_sinfo(res.stdout, partition) if res.returncode == 0 else None
+
+
+def resources(opts: SubmitOptions, shape: NodeShape | None) -> tuple[int | None, str | None, str]:
+    """(CPUs per rank, --mem value, why) for what the user left open. SLURM's default is 1 CPU per task: one core
+    for a rank's main thread, its batch thread, NCCL's proxy threads and its set-up work (loading, quantizing).
+    So each rank gets the node's cores divided among its ranks, or its GPUs' share of them when the job takes only
+    some of a node's GPUs; memory the same share (--mem=0, the whole node, when the job takes the whole node).
+    Without sinfo: DEFAULT_CPUS_PER_TASK and the cluster's default memory."""
+    extra = _parse_kv(opts.sbatch, "--sbatch")
+    tasks = opts.tasks_per_node or max(opts.gpus_per_node, 1)
+    share = 1.0
+    if shape and shape.gpus and opts.gpus_per_node and not opts.exclusive:
+        share = min(1.0, opts.gpus_per_node / shape.gpus)
+    cpus, why = opts.cpus_per_task, "--cpus-per-task"
+    if cpus is None and str(extra.get("cpus-per-task", "")).isdigit():
+        cpus, why = int(extra["cpus-per-task"]), "--sbatch cpus-per-task"
+    if cpus is None and "cpus-per-gpu" not in extra:
+        if shape:
+            cpus = max(1, int(shape.cpus * share) // tasks)
+            why = f"{shape.cpus} CPUs per node" + (f" x {opts.gpus_per_node}/{shape.gpus} GPUs" if share < 1 else "") \
+                + f" / {tasks} ranks"
+        else:
+            cpus, why = DEFAULT_CPUS_PER_TASK, "default, sinfo not available"
+    mem = None
+    if opts.mem_gb is None and shape and not extra.keys() & {"mem", "mem-per-cpu", "mem-per-gpu"}:
+        mem = "0" if share >= 1 else f"{int(shape.mem_mb * share)}M"
+    return cpus, mem, why
+
+
+def _describe(opts: SubmitOptions, shape: NodeShape | None) -> str:
+    cpus, mem, why = resources(opts, shape)
+    text = f"{cpus} CPUs per rank ({why})" if cpus else "CPUs per --sbatch cpus-per-gpu"
+    return text + {None: "", "0": ", the whole node's memory"}.get(mem, f", {mem}B of memory per node")
+
+
+def build_executor(opts: SubmitOptions, folder: Path, shape: NodeShape | None = None):
     import submitit
 
     tasks = opts.tasks_per_node or max(opts.gpus_per_node, 1)
-    ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    cpus, mem, _ = resources(opts, shape)
+    extra = _parse_kv(opts.sbatch, "--sbatch")
+    ex = _dry_run_executor(folder) if opts.dry_run else submitit.AutoExecutor(folder=folder, cluster="slurm")
     params = dict(nodes=opts.nodes, tasks_per_node=tasks, timeout_min=opts.time, name=opts.job_name,
-                  slurm_signal_delay_s=opts.signal_delay_s, slurm_additional_parameters=_parse_kv(opts.sbatch, "--sbatch"),
-                  # one failing task ends the step at once instead of leaving the others in a collective
-                  slurm_srun_args=["--kill-on-bad-exit=1"])
-    optional = dict(gpus_per_node=opts.gpus_per_node or None, cpus_per_task=opts.cpus_per_task, mem_gb=opts.mem_gb,
+                  slurm_signal_delay_s=opts.signal_delay_s, slurm_additional_parameters=extra,
+                  # one failing task ends the step at once instead of leaving the others in a collective; srun
+                  # restates the CPUs per task: Slurm 22.05-23.02's srun no longer takes them from sbatch
+                  slurm_srun_args=["--kill-on-bad-exit=1", *([f"--cpus-per-task={cpus}"] if cpus else [])])
+    optional = dict(gpus_per_node=opts.gpus_per_node or None,
+                    cpus_per_task=None if "cpus-per-task" in extra else cpus, mem_gb=opts.mem_gb, slurm_mem=mem,
                     slurm_partition=opts.partition, slurm_account=opts.account, slurm_qos=opts.qos,
                     slurm_constraint=opts.constraint, slurm_exclusive=opts.exclusive or None,
                     slurm_setup=opts.setup or None)
     ex.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
     return ex
+
+
+def _dry_run_executor(folder: Path):
+    """submitit's executor for --dry-run, also where srun is not on PATH (submitit refuses to build one there)."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor
+
+    affinity = SlurmExecutor.__dict__["affinity"]
+    SlurmExecutor.affinity = classmethod(lambda cls: 1)
+    try:
+        return submitit.AutoExecutor(folder=folder, cluster="slurm")
+    finally:
+        SlurmExecutor.affinity = affinity
 
 
 def batch_script(ex, array_size: int | None = None) -> str:
@@ -176,7 +277,8 @@ def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
     if not opts.dry_run and shutil.which("sbatch") is None:
         raise SlurmError("`sbatch` is not on PATH: `fsdp-ft submit` needs a SLURM cluster "
                          "(use `fsdp-ft run` on a workstation, or --dry-run to see the batch script)")
-    ex = build_executor(opts, folder)
+    shape = None if opts.cpus_per_task and opts.mem_gb is not None else node_shape(opts.partition)
+    ex = build_executor(opts, folder, shape)
     if opts.dry_run:
         print(batch_script(ex, len(configs) if opts.sweep else None))
         return 0
@@ -189,7 +291,7 @@ def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
         raise SlurmError(f"sbatch refused the job: {_sbatch_reason(e)}") from None
     for job, cfg in zip(jobs, configs):
         print(f"submitted job {job.job_id}: {cfg.output_dir}\n  slurm logs: {folder}/{job.job_id}_<task>_log.out|err"
-              f"\n  rank logs:  {cfg.output_dir}/logs/rank-<N>.log", flush=True)
+              f"\n  rank logs:  {cfg.output_dir}/logs/rank-<N>.log\n  resources:  {_describe(opts, shape)}", flush=True)
     if not opts.wait:
         return 0
     return _wait(jobs)

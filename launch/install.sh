@@ -9,7 +9,7 @@ python_bin=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "${pip[@]}" "${FSDP_FT_TORCH:-torch>=2.6}"
+    "${pip[@]}" "${FSDP_FT_TORCH:-torch>=2.11}"
   else
     "${pip[@]}" "${FSDP_FT_TORCH:-torch==2.13.0}"
   fi

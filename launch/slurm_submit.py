@@ -6,6 +6,8 @@
 
 Jobs run through submitit (one task per GPU); before the time limit or on preemption they checkpoint and requeue
 themselves, and resume from the newest checkpoint. Logs: output_dir/logs/rank-N.log and output_dir/logs/slurm/.
+Without CPUS_PER_TASK / MEM_GB each rank gets its share of the node's cores and memory (from sinfo) and
+OMP_NUM_THREADS to match.
 """
 import os
 import sys

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Workstation launcher: N local ranks of `fsdp-ft train` through torchrun (`fsdp-ft run`), with per-rank logs in
 # output_dir/logs/rank-N.log, signals forwarded to the ranks (SHUTDOWN_GRACE_S to save after SIGTERM/USR1/USR2),
-# exit 128 + S when every rank saved and stopped on signal S, else the failing rank's code.
+# exit 128 + S when every rank saved and stopped on signal S, else the failing rank's code. Each rank gets, unless
+# already set here: OMP_NUM_THREADS (cores / ranks), PYTORCH_ALLOC_CONF=expandable_segments:True, the NCCL flight
+# recorder (dumps to output_dir/logs/ on a timeout) and, across machines, GLOO_SOCKET_IFNAME (README: GPU and cluster).
 #
 #   launch/torchrun.sh CONFIG.yaml [key=value ...]                 # all local GPUs (or 1 process on CPU)
 #   NPROC=2 launch/torchrun.sh configs/tiny.yaml output_dir=runs/x  # two ranks

@@ -23,6 +23,12 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
 
 
+def rank_env(out: Path, rank: int) -> dict[str, str]:
+    """The environment a rank reported in the newest header of its log (`=== cpus N KEY=VALUE ... ===`)."""
+    line = [ln for ln in (out / "logs" / f"rank-{rank}.log").read_text().splitlines() if ln.startswith("=== cpus ")][-1]
+    return dict(item.split("=", 1) for item in line.strip("= ").split()[2:])
+
+
 def _run(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fsdp_ft.cli", "run", *args], cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -34,7 +40,10 @@ def reference(tmp_path_factory):
 
 
 def test_two_launchers_as_two_nodes_equal_one_launcher(tmp_path, reference):
-    """--nnodes 2: two `fsdp-ft run` processes (one rank each) meet on 127.0.0.1 and train like one 2-rank run."""
+    """--nnodes 2: two `fsdp-ft run` processes (one rank each) meet on 127.0.0.1 and train like one 2-rank run.
+    Each rank gets the launcher's defaults: its launcher's cores as OMP_NUM_THREADS (torchrun leaves one rank's
+    unset), the allocator's expandable segments, the NCCL flight recorder dumping into logs/, and GLOO_SOCKET_IFNAME
+    toward the rendezvous host (lo for 127.0.0.1)."""
     endpoint = f"127.0.0.1:{free_port()}"
     procs = [_run("--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
                   str(TINY), f"output_dir={tmp_path}", *RUN) for r in (0, 1)]
@@ -44,12 +53,19 @@ def test_two_launchers_as_two_nodes_equal_one_launcher(tmp_path, reference):
     for rank in (0, 1):
         log = (tmp_path / "logs" / f"rank-{rank}.log").read_text()
         assert f"rank {rank} of 2" in log
+        env = rank_env(tmp_path, rank)
+        assert env["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0))), env
+        assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True", env
+        assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "2000" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1", env
+        assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "logs" / "nccl-trace-rank-"), env
+        assert env["GLOO_SOCKET_IFNAME"] == "lo", env
     assert "[train] step=24" in (tmp_path / "logs" / "rank-0.log").read_text()
 
 
 def test_sigterm_checkpoints_and_the_rerun_continues_the_same_curve(tmp_path, reference):
     """SIGTERM to the launcher reaches every rank; they stop after the same step with a checkpoint (exit 143), and
-    launch/torchrun.sh with the same config resumes: the loss curve equals the uninterrupted run's."""
+    launch/torchrun.sh with the same config resumes: the loss curve equals the uninterrupted run's. The ranks keep
+    the user's own allocator and flight-recorder settings instead of the launcher's defaults."""
     proc = _run("--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
                 f"output_dir={tmp_path}", *RUN)
     wait_for_step(tmp_path, 1, alive=lambda: proc.poll() is None)
@@ -68,10 +84,17 @@ def test_sigterm_checkpoints_and_the_rerun_continues_the_same_curve(tmp_path, re
     assert f"stopped by signal 15 after step {stopped_at}; checkpoint saved" in out  # the stop step's checkpoint
     assert 1 <= stopped_at < 24
     assert not (tmp_path / "final").exists()  # exported only when the run really ends
-    env = {**_env(), "NPROC": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "FSDP_FT": FSDP_FT}
+    env = {**_env(), "NPROC": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "FSDP_FT": FSDP_FT,
+           "PYTORCH_ALLOC_CONF": "max_split_size_mb:64", "TORCH_FR_BUFFER_SIZE": "50"}
     res = subprocess.run(["bash", "launch/torchrun.sh", str(TINY), f"output_dir={tmp_path}", *RUN], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    for rank in (0, 1):
+        seen = rank_env(tmp_path, rank)
+        assert seen["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:64" and "PYTORCH_CUDA_ALLOC_CONF" not in seen, seen
+        assert seen["TORCH_FR_BUFFER_SIZE"] == "50" and "TORCH_NCCL_TRACE_BUFFER_SIZE" not in seen, seen
+        assert seen["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and "GLOO_SOCKET_IFNAME" not in seen, seen  # one machine
+        assert seen["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2)), seen
     assert [r["step"] for r in setup_rows(tmp_path)] == [0, stopped_at]
     assert_losses_close(losses(tmp_path), reference, 1e-6)
     assert (tmp_path / "final" / "config.json").is_file()
@@ -210,3 +233,23 @@ def test_run_without_endpoint_picks_a_free_port(tmp_path):
     assert sorted(two) == [1, 2, 3]
     for step in two:
         assert two[step] == pytest.approx(one[step], rel=1e-5)
+
+
+def test_rank_env_defaults_leave_the_users_own_settings():
+    """What the launchers add to a rank's environment (fsdp_ft.launcher.rank_env_defaults): nothing the user set,
+    under either the old or the new name of a variable; GLOO_SOCKET_IFNAME only across machines."""
+    from fsdp_ft.launcher import interface_to, rank_env_defaults
+
+    cores = len(os.sched_getaffinity(0))
+    got = rank_env_defaults("/r/logs", 1, "127.0.0.1", 2, environ={})
+    assert got == {"OMP_NUM_THREADS": str(cores), "PYTORCH_ALLOC_CONF": "expandable_segments:True",
+                   "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+                   "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/r/logs/nccl-trace-rank-",
+                   "GLOO_SOCKET_IFNAME": "lo"}
+    assert interface_to("127.0.0.1") == "lo" and interface_to("no-such-host.invalid") is None
+    users = {"OMP_NUM_THREADS": "3", "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64", "TORCH_FR_BUFFER_SIZE": "9",
+             "TORCH_NCCL_DUMP_ON_TIMEOUT": "0", "TORCH_FR_DUMP_TEMP_FILE": "/x/fr-", "GLOO_SOCKET_IFNAME": "ib0"}
+    assert rank_env_defaults("/r/logs", 1, "127.0.0.1", 2, environ=users) == {}
+    # one machine: no interface; SLURM's CPUs per task bound the cores shared by the ranks
+    assert rank_env_defaults("/r/logs", 2, "127.0.0.1", 1, environ={"SLURM_CPUS_PER_TASK": "1"}) == {
+        **{k: v for k, v in got.items() if k != "GLOO_SOCKET_IFNAME"}, "OMP_NUM_THREADS": "1"}

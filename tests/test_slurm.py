@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO, TINY, assert_losses_close, cli, losses
 from launch_helpers import RUN, rank_pid, reference_losses, setup_rows, wait_for_step
+from test_launch import rank_env
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = REPO / "tests" / "slurm"
@@ -71,12 +72,24 @@ def wait_job(jid: str, timeout: float = 240) -> str:
 
 
 def test_submit_two_nodes_equals_a_local_two_rank_run(slurm_cluster, tmp_path, reference):
+    """Besides the losses: each rank gets its node's cores (the simulated nodes have 2; SLURM's default is 1 per
+    task) with OMP_NUM_THREADS to match, and the launcher defaults a GPU run expects."""
     res = submit(tmp_path, "--wait")
-    assert "rank logs" in res.stdout
+    assert "rank logs" in res.stdout and "resources:  2 CPUs per rank (2 CPUs per node / 1 ranks)" in res.stdout
     assert_losses_close(losses(tmp_path), reference, 1e-6)
     nodes = {r: (tmp_path / "logs" / f"rank-{r}.log").read_text() for r in (0, 1)}
     assert "rank 0 of 2 on node node1" in nodes[0] and "rank 1 of 2 on node node2" in nodes[1]
     assert (tmp_path / "final" / "config.json").is_file()
+    alloc = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "AllocCPUS", "-j", job_id(res)], capture_output=True,
+                           text=True).stdout.split()
+    assert alloc == ["4"], alloc  # 2 nodes x 1 rank x 2 CPUs
+    for rank in (0, 1):
+        env = rank_env(tmp_path, rank)
+        assert env["SLURM_CPUS_PER_TASK"] == env["OMP_NUM_THREADS"] == "2", env
+        assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True", env
+        assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "2000" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1", env
+        assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "logs" / "nccl-trace-rank-"), env
+        assert env["GLOO_SOCKET_IFNAME"] == "lo", env  # the interface toward rank 0's node (127.0.0.1 here)
 
 
 @pytest.mark.parametrize("how", ["scontrol_requeue", "usr2_signal"])
@@ -102,6 +115,10 @@ def test_dry_run_is_a_valid_batch_script(slurm_cluster, tmp_path):
     script = tmp_path / "job.sh"
     script.write_text(submit(tmp_path, "--dry-run", "--partition", "debug", "--sbatch", "comment=x").stdout)
     assert "#SBATCH --nodes=2" in script.read_text() and "#SBATCH --signal=USR2@120" in script.read_text()
+    # the node's 2 cores and its whole memory per task (from sinfo), restated to srun (Slurm 22.05-23.02 needs it)
+    assert "#SBATCH --cpus-per-task=2\n" in script.read_text() and "#SBATCH --mem=0\n" in script.read_text()
+    srun = next(line for line in script.read_text().splitlines() if line.startswith("srun "))
+    assert " --cpus-per-task=2 " in srun, srun
     res = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
     assert res.returncode == 0 and "to start at" in res.stderr, res.stderr
     assert not list(tmp_path.glob("**/*_submitted.pkl"))  # nothing was submitted
@@ -109,10 +126,18 @@ def test_dry_run_is_a_valid_batch_script(slurm_cluster, tmp_path):
 
 def test_sbatch_template_runs_srun_fsdp_ft_run(slurm_cluster, tmp_path, reference):
     """launch/sbatch_template.sh (one `fsdp-ft run` per node through srun) passes --test-only, then trains on
-    node1 + node2 like the local 2-rank run."""
-    args = ["--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out",
-            str(REPO / "launch" / "sbatch_template.sh"), str(TINY), f"output_dir={tmp_path}", *RUN]
-    env = {**os.environ, "FSDP_FT": str(Path(sys.executable).parent / "fsdp-ft")}
+    node1 + node2 like the local 2-rank run; each rank gets the task's 2 CPUs as OMP_NUM_THREADS (torchrun alone
+    leaves it unset for one rank, 1 for more), GLOO_SOCKET_IFNAME toward the head node, and a user's own allocator
+    setting instead of the default."""
+    template = REPO / "launch" / "sbatch_template.sh"
+    srun = next(line for line in template.read_text().splitlines() if line.startswith("srun "))
+    # restated for Slurm 22.05-23.02 (the version here); this cluster binds no CPUs (TaskPlugin=task/none), so a
+    # step shows the same CPUs with or without it and only the line itself can be checked
+    assert "--cpus-per-task=$SLURM_CPUS_PER_TASK" in srun, srun
+    args = ["--gpus-per-node=0", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out",
+            str(template), str(TINY), f"output_dir={tmp_path}", *RUN]
+    env = {**os.environ, "FSDP_FT": str(Path(sys.executable).parent / "fsdp-ft"),
+           "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}
     res = subprocess.run(["sbatch", "--test-only", *args], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "to start at" in res.stderr, res.stderr
     jid = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env,
@@ -120,6 +145,11 @@ def test_sbatch_template_runs_srun_fsdp_ft_run(slurm_cluster, tmp_path, referenc
     assert wait_job(jid) == "COMPLETED", (tmp_path / f"slurm-{jid}.out").read_text()[-3000:]
     assert_losses_close(losses(tmp_path), reference, 1e-6)
     assert "on node node2" in (tmp_path / "logs" / "rank-1.log").read_text()
+    for rank in (0, 1):
+        env = rank_env(tmp_path, rank)
+        assert env["OMP_NUM_THREADS"] == "2" and env["GLOO_SOCKET_IFNAME"] == "lo", env
+        assert env["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64" and "PYTORCH_ALLOC_CONF" not in env, env
+        assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "2000", env
 
 
 def test_unknown_partition_fails_in_one_line(slurm_cluster, tmp_path):
@@ -146,6 +176,46 @@ def test_a_crashing_rank_ends_the_job_with_its_traceback(slurm_cluster, tmp_path
     assert time.time() - t0 < 60
     log = (tmp_path / "logs" / "rank-1.log").read_text()
     assert "Traceback" in log and "KeyboardInterrupt" in log
+
+
+@pytest.mark.parametrize("args,cpus", [([], "8"), (["--cpus-per-task", "3"], "3"),
+                                       (["--sbatch", "cpus-per-task=5"], "5")])
+def test_dry_run_without_sinfo_asks_cpus_for_each_rank(tmp_path, args, cpus):
+    """Away from the cluster (no sinfo): 8 CPUs per GPU rank instead of SLURM's 1, memory left to the cluster; the
+    user's --cpus-per-task (or --sbatch cpus-per-task) wins; srun restates the value either way."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no SLURM commands on PATH
+    res = subprocess.run([sys.executable, "-m", "fsdp_ft.cli", "submit", str(TINY), "--dry-run", "--nodes", "2",
+                          "--gpus-per-node", "8", *args, f"output_dir={tmp_path}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count(f"#SBATCH --cpus-per-task={cpus}\n") == 1 and "--mem" not in res.stdout, res.stdout
+    srun = next(line for line in res.stdout.splitlines() if line.startswith("srun "))
+    assert f" --cpus-per-task={cpus} " in srun, srun
+
+
+SINFO = """gpu*|96|1031000|gpu:h100:8(S:0-1)
+gpu*|112|2063000|gpu:h100:8
+big|128|2063000|gpu:h200:8,nvme:1
+cpu|64|256000|(null)
+"""
+
+
+@pytest.mark.parametrize("opts,want", [
+    (dict(gpus_per_node=8), (12, "0")),                          # the whole node: its smallest node's cores / 8
+    (dict(gpus_per_node=2), (12, "257750M")),                    # 2 of 8 GPUs: a quarter of cores and memory
+    (dict(gpus_per_node=2, exclusive=True), (48, "0")),          # --exclusive: the whole node anyway
+    (dict(gpus_per_node=8, cpus_per_task=4, mem_gb=100.0), (4, None)),   # the user's
+    (dict(gpus_per_node=8, sbatch=["mem-per-gpu=80G"]), (12, None)),
+    (dict(gpus_per_node=8, partition="big"), (16, "0")),
+    (dict(tasks_per_node=2, partition="cpu"), (32, "0")),        # CPU nodes: their cores over the ranks
+])
+def test_default_cpus_and_memory_from_sinfo(opts, want):
+    from fsdp_ft.slurm import SubmitOptions, parse_sinfo, resources
+
+    opts = SubmitOptions(**opts)
+    assert resources(opts, parse_sinfo(SINFO, opts.partition))[:2] == want
+    assert parse_sinfo(SINFO, "nosuchpartition") is None
+    assert resources(opts, None)[:2] == (opts.cpus_per_task or 8, None)  # no sinfo
 
 
 def test_sweep_dry_run_is_one_job_array(tmp_path):
