@@ -145,7 +145,9 @@ def count_flops(model: nn.Module, trace_len: int = TRACE_LEN) -> FlopCounts:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
-    ids = torch.arange(trace_len).remainder(vocab).unsqueeze(0)
+    # on the weights' device: torch 2.11's fake mode refuses an op mixing meta weights and a CPU input
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = torch.arange(trace_len, device=device).remainder(vocab).unsqueeze(0)
     rec = _MatmulRecorder()
     was_training = model.training
     model.train()

@@ -6,6 +6,11 @@ group is torch's fake one (collectives do nothing) and the tensors are `FakeTens
 `FSDPMemTracker` then counts the bytes of every live storage by category while a full-length micro-batch goes
 through the task's own loss, backward, gradient clipping and the optimizer step. What comes out is what one rank
 would hold, as `torch.cuda.max_memory_allocated` would count it.
+
+FSDPMemTracker counts FSDP's own (sharded) parameters, the buffers and whatever an op allocates, but not the
+parameters FSDP is told to leave alone: the quantized base on one rank and a frozen base kept whole
+(fsdp.shard_frozen=false). Those are counted here, storage by storage (`memtrack.storage_bytes`), as the group
+`whole`: they live through the whole step and stay on the device under CPU offload.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fsdp_ft import distributed, parallel, quantize
+from fsdp_ft import distributed, memtrack, parallel, quantize
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 
@@ -135,8 +140,18 @@ def _materialize_fake(model: nn.Module, device: torch.device) -> None:
                                           quantize.quantize_like(full, like=local, module=module))
 
 
-def _groups(snapshot: dict[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
+def unmanaged_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters FSDP does not manage (its `ignored_params`: every parameter it manages is a DTensor,
+    even on one rank), less any storage they share with managed parameters or buffers."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    managed = [p for p in params if isinstance(p, DTensor)] + list(model.buffers())
+    return memtrack.storage_bytes([p for p in params if not isinstance(p, DTensor)], skip=managed)
+
+
+def _groups(snapshot: dict[str, int], whole: int = 0) -> dict[str, int]:
+    out: dict[str, int] = {"whole": whole} if whole else {}
     for key, value in snapshot.items():
         if key in GROUPS:
             out[GROUPS[key]] = out.get(GROUPS[key], 0) + value
@@ -167,6 +182,7 @@ def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # torchao's NF4
         _materialize_fake(model, device)
+        whole = unmanaged_bytes(model)
         optimizer = build_optimizer(model, cfg, torch.device(target))
         init_state(optimizer)  # as training does: the tracked step is a steady-state one
         batch = synthetic_batch(cfg, task, hf_config.vocab_size, num_labels)
@@ -185,4 +201,4 @@ def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         step_peak = tracker.get_tracker_snapshot("peak")[device]
-    return PhasePeaks(train=_groups(train_peak), step=_groups(step_peak))
+    return PhasePeaks(train=_groups(train_peak, whole), step=_groups(step_peak, whole))

@@ -4,12 +4,45 @@ On a GPU `torch.cuda.max_memory_allocated` answers this; on CPU the process RSS 
 heap, libraries and allocator caching, which swamps small models. torch's `MemTracker` (a dispatch mode that
 follows every tensor storage from allocation to release) gives the CPU the same number — the one `fsdp-ft plan`
 predicts. It slows each step, so it is off unless asked for.
+
+`storage_bytes` counts what a set of tensors really holds, walking tensor subclasses down to their storages (a
+DTensor's local shard, the codes and scales inside a quantized weight): `fsdp-ft plan` adds with it the weights
+that FSDP leaves unmanaged, which torch's FSDPMemTracker never sees.
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 
 import torch
+
+
+def storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages behind `t`: a plain tensor's own; a wrapper subclass (DTensor, NF4Tensor, Int8Weight) holds
+    none itself, so its inner tensors are walked through `__tensor_flatten__` (non-tensor entries such as a
+    DTensor's mesh are skipped). A view counts its whole storage: that is what stays allocated."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    todo, out = [t], []
+    while todo:
+        x = todo.pop()
+        if is_traceable_wrapper_subclass(x):
+            todo += [v for name in x.__tensor_flatten__()[0] if isinstance(v := getattr(x, name), torch.Tensor)]
+        else:
+            out.append(x.untyped_storage())
+    return out
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor], skip: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages behind `tensors` (a storage shared by several counts once), leaving out
+    every storage also behind a tensor of `skip`."""
+    skipped = {st._cdata for t in skip for st in storages(t)}
+    seen: dict[int, int] = {}
+    for t in tensors:
+        for st in storages(t):
+            if st._cdata not in skipped:
+                seen[st._cdata] = st.nbytes()
+    return sum(seen.values())
 
 
 def _tracker():

@@ -11,17 +11,17 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from fsdp_ft import gloo_reduce, memsim
+from fsdp_ft import gloo_reduce, memsim, precision
 from fsdp_ft.config import Config, load_config
 from fsdp_ft.errors import ConfigError
 
 GIB = 2 ** 30
 HEADROOM = 0.9  # a plan fits when its peak is at most 90% of the memory: allocator slack, CUDA context, NCCL
-ORDER = ("params", "grads", "optimizer", "gathered", "gathered_grads", "activations", "other")
-LABELS = {"params": "parameters (own shard) + buffers", "grads": "gradients (own shard)",
-          "optimizer": "optimizer state (AdamW, own shard)", "gathered": "gathered parameters (all-gather)",
-          "gathered_grads": "unreduced gradients", "activations": "activations, logits, temporaries",
-          "other": "other"}
+ORDER = ("params", "whole", "grads", "optimizer", "gathered", "gathered_grads", "activations", "other")
+LABELS = {"params": "parameters (own shard) + buffers", "whole": "frozen base outside FSDP (whole per rank)",
+          "grads": "gradients (own shard)", "optimizer": "optimizer state (AdamW, own shard)",
+          "gathered": "gathered parameters (all-gather)", "gathered_grads": "unreduced gradients",
+          "activations": "activations, logits, temporaries", "other": "other"}
 HOST_GROUPS = ("params", "grads", "optimizer")  # where fsdp.cpu_offload keeps them on a GPU machine
 
 
@@ -94,6 +94,7 @@ def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, targe
     `memory_per_rank`: the device memory the null fsdp.shard_frozen and fsdp.hybrid_replicas decide by, default
     this machine's).
     Runs inside the caller's `memsim.fake_world`."""
+    cfg = precision.resolve_precision(cfg, target)  # fsdp.mixed_precision=auto: what the target device would use
     cfg = memsim.resolve_auto(cfg, model_dir, hf_config, tokenizer, world_size, memory_per_rank)
     layers = _layer_count(hf_config)
     p = _period(cfg, hf_config)
