@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from fsdp_ft import (adapters, best, checkpoint, distributed, durable, host_malloc, memtrack, parallel, quantize, run_identity,
-                     tf32, vocab)
+from fsdp_ft import (adapters, best, checkpoint, distributed, durable, host_malloc, memtrack, parallel, placement,
+                     precision, quantize, run_identity, tf32, vocab)
 from fsdp_ft.config import Config, dump_config
 from fsdp_ft.data import BatchPlan, load_splits
 from fsdp_ft.errors import ConfigError, DataError
@@ -105,7 +105,7 @@ def build_meta(cfg: Config, env: distributed.DistEnv, model_dir, tokenizer, labe
     hf_config = hf_config if hf_config is not None else load_hf_config(cfg, model_dir)
     model = build_meta_model(cfg, hf_config, tokenizer, labels)
     if adapters.is_peft(cfg):
-        model = adapters.wrap(model, cfg, vocab.added_chat_tokens(tokenizer))
+        model = adapters.wrap(model, cfg, vocab.added_chat_tokens(tokenizer), device=env.device)
         if cfg.finetune.method == "qlora":
             replicas, _ = parallel.replicas_without_model(cfg, env.world_size)  # a QLoRA base is sharded
             quantize.quantize_meta_model(model, cfg, shards=env.world_size // replicas)
@@ -135,7 +135,7 @@ def build(cfg: Config, env: distributed.DistEnv):
     mesh = distributed.build_mesh(env, replicas)
     shard_info = {**parallel.parallelize(model, cfg, mesh), "replicas": replicas, "replicas_why": replicas_why}
     source = open_weight_source(cfg, model_dir, model)
-    mat = materialize(model, source, cfg.train.seed, torch.device("cpu") if cfg.fsdp.cpu_offload else env.device)
+    mat = materialize(model, source, cfg.train.seed, env.device, offload=cfg.fsdp.cpu_offload)
     info = {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
             **shard_info, "weights_loaded": mat["loaded"], "weights_initialised": len(mat["initialised"]),
             "dropped_rows": splits.dropped, "train_rows": len(splits.train),
@@ -163,8 +163,8 @@ def _attach_reference(task, cfg: Config, env: distributed.DistEnv, mesh, model_d
     reference = build_meta_model(cfg, hf_config, tokenizer, labels)
     reference.requires_grad_(False)
     parallel.parallelize(reference, dataclasses.replace(cfg, activation_checkpointing="none"), mesh)
-    materialize(reference, open_weight_source(cfg, model_dir, reference), cfg.train.seed,
-                torch.device("cpu") if cfg.fsdp.cpu_offload else env.device)
+    materialize(reference, open_weight_source(cfg, model_dir, reference), cfg.train.seed, env.device,
+                offload=cfg.fsdp.cpu_offload)
     task.reference = reference.eval()
     return "frozen sharded copy"
 
@@ -174,7 +174,8 @@ def train(cfg: Config) -> TrainResult:
     if cfg.engine == "deepspeed":
         from fsdp_ft.engine_deepspeed import train as train_deepspeed
         return train_deepspeed(cfg)
-    env = distributed.init_distributed()
+    env = distributed.init_distributed(cfg.dist.setup_timeout_minutes, cfg.dist.timeout_minutes)
+    cfg = precision.resolve_precision(cfg, env.device)  # before the fingerprint and config.yaml record it
     torch.manual_seed(cfg.train.seed)
     tf32_on = tf32.apply(cfg.train.tf32, env.device)  # before any matmul, and before the MFU peak is read
     out = Path(cfg.output_dir)
@@ -195,6 +196,7 @@ def train(cfg: Config) -> TrainResult:
             scaler.load_state_dict(saved["scaler"])
         saved.pop("scaler", None)
         state = resumed_state(env, run, saved)
+    info["placement_checked"] = _check_placement(cfg, env, model, task)
     state.run = run.record()
     state.extra = {"labels": info["labels"], "chat_tokens": vocab.added_chat_tokens(tokenizer)}
     if env.is_main:
@@ -215,7 +217,8 @@ def train(cfg: Config) -> TrainResult:
                       state, plan, steps, peak_flops=peak,
                       flop_counts=FlopCounts(**info["flop_counts"]) if info["flop_counts"] else None)
     trainer.saved_step = state.step if run.resumes_in_place(out) else None
-    with memtrack.tracking(cfg.train.track_memory, model, optimizer) as trainer.mem_tracker:
+    with memtrack.tracking(cfg.train.track_memory, model, optimizer) as trainer.mem_tracker, \
+            distributed.step_timeout():  # set-up (above) and the final export (below) wait longer
         state = trainer.fit()
         if state.step >= steps:  # resumed at its end from another folder's checkpoint: output_dir gets its own
             trainer.save()
@@ -224,6 +227,15 @@ def train(cfg: Config) -> TrainResult:
     logger.close()
     distributed.barrier()
     return TrainResult(model=model, tokenizer=tokenizer, state=state, output_dir=out)
+
+
+def _check_placement(cfg: Config, env: distributed.DistEnv, model, task) -> int:
+    """The end of set-up (model, DPO reference, resumed weights): every tensor on its device, or one line naming
+    the first that is not, before a device-mismatch error deep in the first forward. Returns the count checked."""
+    checked = placement.check(model, env.device, cfg.fsdp.cpu_offload)
+    if getattr(task, "reference", None) is not None:
+        checked += placement.check(task.reference, env.device, cfg.fsdp.cpu_offload)
+    return checked
 
 
 def _peak_flops(cfg: Config, env: distributed.DistEnv) -> tuple[float, str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fsdp_ft import adapters, distributed, ds_checkpoint, parallel, run_identity, tf32
+from fsdp_ft import adapters, distributed, ds_checkpoint, parallel, placement, precision, run_identity, tf32
 from fsdp_ft.config import Config, dump_config
 from fsdp_ft.ds_config import build_ds_config, precision_of
 from fsdp_ft.engine import (TrainResult, _count_flops, _peak_flops, build_meta, export_final, load_data, open_run,
@@ -205,13 +205,15 @@ def build(cfg: Config, env, ds: dict, deepspeed):
     mat = materialize(model, blocks, cfg, model_dir, ds, env, deepspeed)
     optimizer = build_optimizer(model, cfg, env.device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
+    offload_param = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
+    checked = placement.check_deepspeed(engine.module, env.device, offload_param)  # fail fast, as engine fsdp
     info = {"engine": "deepspeed", "zero_stage": ds["zero_optimization"]["stage"], "precision": precision_of(ds),
             "trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
             "blocks": len(blocks), "block_class": type(blocks[0]).__name__, "checkpointed": len(checkpointed),
             "weights_loaded": mat["loaded"], "weights_initialised": len(mat["initialised"]),
             "dropped_rows": splits.dropped, "train_rows": len(splits.train),
             "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": labels,
-            "total_steps": steps, "world_size": env.world_size, "device": str(env.device),
+            "total_steps": steps, "world_size": env.world_size, "device": str(env.device), "placement_checked": checked,
             "flop_counts": flop_counts.to_dict() if flop_counts else None,
             "flops_per_token": flop_counts.per_token_at(cfg.train.seq_len) if flop_counts else None}
     return engine, optimizer, tokenizer, task, splits, plan, info
@@ -223,7 +225,8 @@ def train(cfg: Config) -> TrainResult:
     # ZeRO-3 gathers the head's weight around its forward and again for its backward; the chunked head loss
     # makes the weight's gradient inside forward, which that scheme does not expect: plain logits here
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunked_head_loss=False))
-    env = distributed.init_distributed()
+    env = distributed.init_distributed(cfg.dist.setup_timeout_minutes, cfg.dist.timeout_minutes)
+    cfg = precision.resolve_precision(cfg, env.device)  # before the fingerprint and config.yaml record it
     tf32_on = tf32.apply(cfg.train.tf32, env.device)  # before any matmul, and before the MFU peak is read
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it; a plain process has none
     deepspeed.init_distributed("nccl" if env.device.type == "cuda" else "gloo")  # adopts our process group
@@ -261,9 +264,10 @@ def train(cfg: Config) -> TrainResult:
                                logger, state, plan, steps, peak_flops=peak,
                                flop_counts=FlopCounts(**info["flop_counts"]) if info["flop_counts"] else None)
     trainer.saved_step = state.step if run.resumes_in_place(out) else None
-    state = trainer.fit()
-    if state.step >= steps:  # resumed at its end from another folder's checkpoint: output_dir gets its own
-        trainer.save()
+    with distributed.step_timeout():  # set-up (above) and the final export (below) wait longer
+        state = trainer.fit()
+        if state.step >= steps:  # resumed at its end from another folder's checkpoint: output_dir gets its own
+            trainer.save()
     if env.is_main and state.step >= steps:  # a run stopped early by a signal exports when it resumes and ends
         logger.log({"split": "final", "step": state.step, **export_final(out, tokenizer)})
     logger.close()
