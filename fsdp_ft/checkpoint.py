@@ -57,7 +57,7 @@ def read_state(path: Path) -> dict:
 def problems(path: Path) -> list[str]:
     """What makes a checkpoint unusable, found without loading its tensors ([] when it is valid): a missing or
     damaged state.json, a file of the manifest missing or of another size, shards that DCP's index lists but that
-    are missing or short, an RNG file that does not load."""
+    are missing or short; without a manifest (an older fsdp_ft), an RNG file that does not load."""
     try:
         state = read_state(path)
     except CheckpointError as e:
@@ -66,7 +66,8 @@ def problems(path: Path) -> list[str]:
     m = STEP_DIR.match(Path(path).name)
     if m and int(m.group(1)) != state["step"]:
         found.append(f"{STATE_FILE} records step {state['step']}")
-    for rel, size in (state.get("files") or {}).items():  # checkpoints before manifests have none
+    manifest = state.get("files")  # checkpoints before manifests have none
+    for rel, size in (manifest or {}).items():
         f = Path(path) / rel
         if not f.is_file():
             found.append(f"{rel} is missing")
@@ -77,7 +78,7 @@ def problems(path: Path) -> list[str]:
             found.append(f"{DEEPSPEED_TAG}/ is missing")
     else:  # also names what a refused .metadata holds, when its size was made to match
         found += safe_dcp.verify_files(path)
-    for rng in sorted(Path(path).glob("rng-rank*.pt")):
+    for rng in [] if manifest else sorted(Path(path).glob("rng-rank*.pt")):  # the manifest covers their sizes
         try:
             torch.load(rng, weights_only=True)
         except Exception as e:  # a torn or foreign file: not a state to restore

@@ -200,6 +200,11 @@ def cmd_run(args) -> int:
     endpoint = launcher.resolve_endpoint(args.rdzv_endpoint, args.nnodes, args.node_rank)
     argv = launcher.torchrun_argv(args.nproc_per_node, args.nnodes, args.node_rank, endpoint,
                                   args.config, args.overrides)
+    from pathlib import Path
+
+    from fsdp_ft import rank_env
+
+    rank_env.apply(Path(cfg.output_dir) / "logs", args.nproc_per_node, endpoint.rpartition(":")[0], args.nnodes)
     return launcher.run(argv, cfg.output_dir, args.shutdown_grace_s)
 
 

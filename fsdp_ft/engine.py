@@ -243,7 +243,7 @@ def _peak_flops(cfg: Config, env: distributed.DistEnv) -> tuple[float, str]:
     if cfg.train.peak_flops:
         return cfg.train.peak_flops, "config: train.peak_flops"
     from fsdp_ft.model import DTYPE
-    return peak_flops(env.device, DTYPE[cfg.fsdp.param_dtype or cfg.fsdp.mixed_precision])
+    return peak_flops(env.device, DTYPE[precision.compute_precision(cfg)])
 
 
 def resumed_state(env: distributed.DistEnv, run: run_identity.RunStart, saved: dict) -> TrainState:

@@ -9,9 +9,7 @@ died of the signal with its ranks left running. So the main thread forwards SIGT
 running after the shutdown grace, and lets the agent's monitor see each rank exit. The same code runs on every torch
 from 2.6 on, as the agent skips its own signal handlers off the main thread in all of them.
 
-Before starting the ranks it adds what a GPU user expects to their environment unless set (rank_env_defaults:
-OpenMP threads, the allocator's expandable segments, the NCCL flight recorder, gloo's network interface);
-`fsdp-ft submit` applies the same in each rank.
+Before it starts the ranks, `fsdp-ft run` adds what a GPU user expects to their environment (fsdp_ft.rank_env).
 """
 from __future__ import annotations
 
@@ -80,103 +78,13 @@ def torchrun_argv(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoin
             "-m", "fsdp_ft.cli", "train", config, *overrides]
 
 
-# ---------------------------------------------------------------- what each rank's environment gets
-
-
-def cores_per_rank(ranks_on_node: int, environ=os.environ) -> int:
-    """This process's CPUs (its affinity, at most SLURM_CPUS_PER_TASK inside a SLURM step) shared by the ranks
-    it starts here."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    slurm = environ.get("SLURM_CPUS_PER_TASK", "")
-    if slurm.isdigit() and int(slurm) > 0:
-        cpus = min(cpus, int(slurm))
-    return max(1, cpus // max(ranks_on_node, 1))
-
-
-def interface_to(host: str) -> str | None:
-    """The network interface that holds this machine's address toward `host` (Linux, IPv4); None if unknown."""
-    import fcntl
-    import socket
-    import struct
-
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((socket.gethostbyname(host), 9))  # UDP: picks the route, sends nothing
-            local = s.getsockname()[0]
-            for _, name in socket.if_nameindex():
-                try:
-                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
-                except OSError:
-                    continue  # no IPv4 address
-                if socket.inet_ntoa(packed[20:24]) == local:
-                    return name
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def rank_env_defaults(log_dir: str | Path, ranks_on_node: int, master_addr: str | None, nnodes: int,
-                      environ=os.environ) -> dict[str, str]:
-    """The variables every launcher gives its ranks unless the user set them (or a newer name of them):
-    - OMP_NUM_THREADS: this process's cores shared by its ranks (torchrun sets 1 for several ranks, which leaves
-      set-up work such as loading and quantizing on one core; SLURM's share is SLURM_CPUS_PER_TASK);
-    - PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF (torch >= 2.9 reads the new name first and warns on the old
-      one alone) = expandable_segments:True: FSDP2's all-gather buffers and variable-length batches fragment
-      the caching allocator's fixed segments;
-    - the NCCL flight recorder: the last 2000 collectives of each rank, dumped to LOG_DIR/nccl-trace-rank-N on a
-      watchdog timeout (TORCH_NCCL_* names; torch >= 2.9 also reads them under TORCH_FR_*), the record that says
-      which rank stopped in which collective;
-    - GLOO_SOCKET_IFNAME across machines: the interface that reaches the rendezvous host. gloo (the CPU half of
-      cpu:gloo,cuda:nccl) otherwise binds the address the hostname resolves to, which on many clusters is a
-      loopback entry (127.0.1.1 in /etc/hosts) or a network the other nodes cannot reach."""
-    def unset(*names: str) -> bool:
-        return not any(environ.get(n) for n in names)
-
-    out = {}
-    if unset("OMP_NUM_THREADS"):
-        out["OMP_NUM_THREADS"] = str(cores_per_rank(ranks_on_node, environ))
-    if unset("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
-        out["PYTORCH_ALLOC_CONF"] = out["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    if unset("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE"):
-        out["TORCH_NCCL_TRACE_BUFFER_SIZE"] = "2000"
-    if unset("TORCH_NCCL_DUMP_ON_TIMEOUT"):
-        out["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
-    if unset("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE"):
-        out["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = str(Path(log_dir).absolute() / "nccl-trace-rank-")
-    if nnodes > 1 and master_addr and unset("GLOO_SOCKET_IFNAME"):
-        iface = interface_to(master_addr)
-        if iface:
-            out["GLOO_SOCKET_IFNAME"] = iface
-    return out
-
-
-def apply_rank_env_defaults(log_dir: str | Path, ranks_on_node: int, master_addr: str | None,
-                            nnodes: int) -> dict[str, str]:
-    """rank_env_defaults() into this process's environment, which the ranks it starts (or it itself) inherit."""
-    added = rank_env_defaults(log_dir, ranks_on_node, master_addr, nnodes)
-    os.environ.update(added)
-    return added
-
-
-def _argv_value(argv: list[str], option: str) -> str | None:
-    """`--option=value` among torchrun's own arguments (those before `-m`)."""
-    own = argv[:argv.index("-m")] if "-m" in argv else argv
-    return next((a.split("=", 1)[1] for a in own if a.startswith(option + "=")), None)
-
-
 # ---------------------------------------------------------------- running torchrun
 
 
 def run(argv: list[str], output_dir: str | Path, shutdown_grace_s: float) -> int:
     """Run torchrun with `argv`; returns 0 when every rank succeeded, 128 + S when a stop signal S stopped every
     rank after its checkpoint, else the failing rank's code (and one line about it when a stop was under way)."""
-    log_dir = Path(output_dir) / "logs"
-    os.environ[LOG_DIR_ENV] = str(log_dir)
-    apply_rank_env_defaults(log_dir, int(_argv_value(argv, "--nproc-per-node") or 1),
-                            _argv_value(argv, "--master-addr"), int(_argv_value(argv, "--nnodes") or 1))
+    os.environ[LOG_DIR_ENV] = str(Path(output_dir) / "logs")
     outcome: dict = {}
     stop = _Stop(shutdown_grace_s)
     if not os.path.isdir("/proc"):  # no way to find the ranks: torchrun's own signal handling (30 s grace)

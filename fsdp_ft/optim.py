@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from fsdp_ft import precision
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 
@@ -17,7 +18,7 @@ def _ndim(p: torch.Tensor) -> int:
 
 def needs_loss_scaling(cfg: Config) -> bool:
     """fp16 compute or storage: gradients need a loss scale to stay inside fp16's range."""
-    return (cfg.fsdp.param_dtype or cfg.fsdp.mixed_precision) == "fp16" or cfg.model.dtype == "fp16"
+    return precision.compute_precision(cfg) == "fp16" or cfg.model.dtype == "fp16"
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 LOG_DIR_ENV = "FSDP_FT_LOG_DIR"
-# what the header's second line shows of the rank's environment (fsdp_ft.launcher sets most of them)
+# what the header's second line shows of the rank's environment (fsdp_ft.rank_env sets most of them)
 SHOWN_ENV = ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "CUDA_VISIBLE_DEVICES", "PYTORCH_ALLOC_CONF",
              "PYTORCH_CUDA_ALLOC_CONF", "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE",
              "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE",

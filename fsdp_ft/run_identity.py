@@ -212,15 +212,13 @@ def decide(cfg: Config, world_size: int) -> RunStart:
     out = Path(cfg.output_dir)
     fp = fingerprint(cfg, world_size)
     if cfg.resume not in ("auto", "none"):
-        start = _continue_from_path(cfg, out, fp)
-    elif not holds_run(out):
-        start = RunStart(new_run_id(), fp)
-    elif cfg.resume == "none":
-        start = _replace(cfg, out, fp, f"resume=none starts a fresh run, but output_dir '{out}' already holds "
-                                       f"{_describe(out)}; continue it with resume=auto, or {_afresh(out)}")
-    else:
-        start = _continue_folder(cfg, out, fp)
-    return start
+        return _continue_from_path(cfg, out, fp)
+    if not holds_run(out):
+        return RunStart(new_run_id(), fp)
+    if cfg.resume == "none":
+        return _replace(cfg, out, fp, f"resume=none starts a fresh run, but output_dir '{out}' already holds "
+                                      f"{_describe(out)}; continue it with resume=auto, or {_afresh(out)}")
+    return _continue_folder(cfg, out, fp)
 
 
 def record(out: Path, start: RunStart) -> None:
@@ -279,10 +277,8 @@ def _continue_from_path(cfg: Config, out: Path, fp: dict) -> RunStart:
     elif diffs := differences(run.get("fingerprint", {}), fp):
         raise CheckpointError(f"resume={ckpt}: that checkpoint belongs to run {run['run_id']}, trained with another "
                               f"config; keys that differ (saved -> now): {'; '.join(diffs)}")
-    here = folder_identity(out) if holds_run(out) else None
-    if holds_run(out) and (here is None or here["run_id"] != run["run_id"]):
-        start = _replace(cfg, out, fp, f"resume={ckpt} continues run {run['run_id']}, but output_dir '{out}' "
-                                       f"holds {_describe(out)}; choose an empty output_dir, or {_afresh(out)}")
-        start.run_id = run["run_id"]
-        notes += start.notes
+    here = folder_identity(out) if holds_run(out) else {"run_id": run["run_id"]}
+    if here is None or here["run_id"] != run["run_id"]:  # another run is there: moved aside, or refused
+        notes += _replace(cfg, out, fp, f"resume={ckpt} continues run {run['run_id']}, but output_dir '{out}' "
+                                        f"holds {_describe(out)}; choose an empty output_dir, or {_afresh(out)}").notes
     return RunStart(run["run_id"], fp, str(ckpt), notes)

@@ -84,13 +84,13 @@ class TrainJob:
     def __call__(self) -> dict:
         import submitit
 
-        from fsdp_ft.launcher import apply_rank_env_defaults
+        from fsdp_ft import rank_env
 
         job_env = submitit.JobEnvironment()
         set_torch_env(job_env)
         # before torch is imported: OpenMP reads OMP_NUM_THREADS when it loads
-        apply_rank_env_defaults(Path(self.config["output_dir"]) / "logs", ranks_on_node=1,
-                                master_addr=os.environ["MASTER_ADDR"], nnodes=job_env.num_nodes)
+        rank_env.apply(Path(self.config["output_dir"]) / "logs", ranks_on_node=1,
+                       master_addr=os.environ["MASTER_ADDR"], nnodes=job_env.num_nodes)
         from fsdp_ft import distributed, preemption, ranklog
         from fsdp_ft.config import config_from_dict
         from fsdp_ft.engine import train

@@ -236,9 +236,9 @@ def test_run_without_endpoint_picks_a_free_port(tmp_path):
 
 
 def test_rank_env_defaults_leave_the_users_own_settings():
-    """What the launchers add to a rank's environment (fsdp_ft.launcher.rank_env_defaults): nothing the user set,
+    """What the launchers add to a rank's environment (fsdp_ft.rank_env.rank_env_defaults): nothing the user set,
     under either the old or the new name of a variable; GLOO_SOCKET_IFNAME only across machines."""
-    from fsdp_ft.launcher import interface_to, rank_env_defaults
+    from fsdp_ft.rank_env import interface_to, rank_env_defaults
 
     cores = len(os.sched_getaffinity(0))
     got = rank_env_defaults("/r/logs", 1, "127.0.0.1", 2, environ={})
