@@ -65,3 +65,68 @@ def test_state_made_at_setup_leaves_existing_state_alone(tmp_path):
     for p, w in zip(model.parameters(), weights):
         assert torch.equal(p, w)
         assert all(torch.equal(v, snapshot[id(p)][k]) for k, v in opt.state[p].items())
+
+
+def test_param_groups_decay_matrices_only(tmp_path):
+    """AdamW's groups: weight decay on the two Linear weights only; the biases and the LayerNorm weight and bias
+    (the README's "no decay on biases and norms") get 0. Hyper-parameters reach the optimizer as configured."""
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "optim.lr=7e-4", "optim.weight_decay=0.3",
+                             "optim.betas=[0.8,0.95]", "optim.eps=1e-6", "finetune.method=full"])
+    model = _model()
+    model[2].bias.requires_grad_(False)  # frozen parameters stay out of the optimizer
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    groups = [(g["weight_decay"], sorted(by_id[id(p)] for p in g["params"])) for g in opt.param_groups]
+    assert groups == [(0.3, ["0.weight", "2.weight"]), (0.0, ["0.bias", "1.bias", "1.weight"])]
+    for g in opt.param_groups:
+        assert (g["lr"], g["betas"], g["eps"]) == (7e-4, (0.8, 0.95), 1e-6)
+
+
+# lr multipliers by hand, 6 steps, warmup 2 (steps 0 and 1 at 1/2 and 2/2), then progress p = (s - 2) / 4:
+# cosine (1 + cos(pi p)) / 2 = 1, 0.85355, 0.5, 0.14645; linear 1 - p = 1, 0.75, 0.5, 0.25; with min_lr_ratio m:
+# m + (1 - m) * shape
+SCHEDULES = {
+    ("cosine", 0.0): [0.5, 1.0, 1.0, 0.8535533905932737, 0.5, 0.14644660940672627],
+    ("linear", 0.0): [0.5, 1.0, 1.0, 0.75, 0.5, 0.25],
+    ("constant", 0.0): [0.5, 1.0, 1.0, 1.0, 1.0, 1.0],
+    ("cosine", 0.2): [0.5, 1.0, 1.0, 0.2 + 0.8 * 0.8535533905932737, 0.6, 0.2 + 0.8 * 0.14644660940672627],
+    ("linear", 0.2): [0.5, 1.0, 1.0, 0.8, 0.6, 0.4],
+}
+
+
+@pytest.mark.parametrize("schedule,min_ratio", sorted(SCHEDULES))
+def test_schedule_multipliers_by_hand(tmp_path, schedule, min_ratio):
+    from fsdp_ft.optim import build_scheduler
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "optim.lr=1.0", "optim.warmup_steps=2",
+                             f"optim.schedule={schedule}", f"optim.min_lr_ratio={min_ratio}"])
+    model = _model()
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    sched = build_scheduler(opt, 6, cfg)
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(SCHEDULES[(schedule, min_ratio)], rel=1e-12)
+    assert opt.param_groups[0]["lr"] == pytest.approx(min_ratio if schedule != "constant" else 1.0)
+
+
+@pytest.mark.parametrize("overrides,kernel", [
+    ([], "fused"), (["optim.implementation=foreach"], "foreach"), (["optim.implementation=for_loop"], None),
+    (["fsdp.mixed_precision=fp16"], "foreach"), (["model.dtype=fp16"], "foreach"),
+])
+def test_kernel_choice(tmp_path, overrides, kernel):
+    """auto is fused, except under fp16 loss scaling (pytorch#140514), where it is foreach."""
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", *overrides])
+    opt = build_optimizer(_model(), cfg, torch.device("cpu"))
+    chosen = [k for k in ("fused", "foreach") if opt.defaults.get(k)]
+    assert chosen == ([kernel] if kernel else [])
+
+
+def test_fused_refused_under_fp16(tmp_path):
+    from fsdp_ft.errors import ConfigError
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "fsdp.mixed_precision=fp16", "optim.implementation=fused"])
+    with pytest.raises(ConfigError, match="optim.implementation"):
+        build_optimizer(_model(), cfg, torch.device("cpu"))
