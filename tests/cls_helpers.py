@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import ASSETS, train_nproc
+from conftest import ASSETS, FAST, TINY, train_nproc
 
 DATA = ASSETS / "data"
 EVAL_FILE = DATA / "tiny_cls_eval.jsonl"
@@ -27,6 +27,16 @@ def classifier_run(root: Path) -> Path:
     out = root / "cls-best-2rank"
     if not (out / "final").is_dir():
         train_nproc(2, out, *CLS)
+    return out
+
+
+def train_here(out: Path, *overrides: str) -> Path:
+    """A 1-process run in this process (`engine.train`, what `fsdp-ft train` calls): no interpreter start-up, so a
+    run of a few steps costs a second or two instead of ~10 s."""
+    from fsdp_ft.config import load_config
+    from fsdp_ft.engine import train
+
+    train(load_config(TINY, [f"output_dir={out}", *FAST, *overrides]))
     return out
 
 

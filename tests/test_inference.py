@@ -2,6 +2,7 @@
 text-classification pipeline: each compared with the training run's own numbers or the HF model's output."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from cls_helpers import EVAL_FILE, EVAL_ROWS, SEQ_LEN, classifier_run, eval_file_rows, hf_probabilities
-from conftest import ASSETS, eval_rows, train_1proc
+from cls_helpers import (EVAL_FILE, EVAL_ROWS, SEQ_LEN, classifier_run, eval_file_rows, hf_probabilities,
+                         train_here)
+from conftest import ASSETS, eval_rows
 from fsdp_ft.cli import main
 from fsdp_ft.metrics import read_metrics
 
@@ -122,10 +124,10 @@ def test_classifier_bad_input_one_line_errors(run, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def lora_classifier(session_tmp, pretrained_q256):
     """A LoRA classifier on a saved 'pretrained' Llama: final/ is a PEFT adapter folder (base + adapter)."""
-    return train_1proc(session_tmp / "lora-cls", f"model.path={pretrained_q256}", "model.random_init=false",
-                       "task=seq_cls", "finetune.method=lora", "train.max_steps=3", "optim.lr=1e-2",
-                       f"data.train={ASSETS / 'data' / 'tiny_cls_train.jsonl'}", f"data.eval={EVAL_FILE}",
-                       "train.micro_batch_size=4")
+    return train_here(session_tmp / "lora-cls", f"model.path={pretrained_q256}", "model.random_init=false",
+                      "task=seq_cls", "finetune.method=lora", "train.max_steps=3", "optim.lr=1e-2",
+                      f"data.train={ASSETS / 'data' / 'tiny_cls_train.jsonl'}", f"data.eval={EVAL_FILE}",
+                      "train.micro_batch_size=4")
 
 
 def test_predict_with_peft_adapter_folder(lora_classifier, pretrained_q256, tmp_path, capsys):
@@ -171,9 +173,14 @@ def lm_folder(tmp_path_factory):
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _hf_lm(folder):
+    """The HF model and tokenizer of a folder, loaded once (generation does not change them)."""
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
 def _hf_generate(folder, ids, **kwargs) -> str:
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
+    model, tok = _hf_lm(str(folder))
     with torch.no_grad():
         new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=tok.pad_token_id,
                              **kwargs)[0, ids.shape[1]:]
@@ -218,6 +225,41 @@ def test_generate_sampling_equals_hf_generate_with_the_same_seed(lm_folder, caps
     assert outs[1] != outs[2]
 
 
+def test_generate_prompts_from_a_jsonl_column_equal_hf_generate(lm_folder, tmp_path, capsys):
+    """--prompts-file x.jsonl --prompt-column C: the texts of column C, in file order (other columns and blank
+    lines ignored), each completed as model.generate completes it; a column of message lists with --chat (the
+    README's SmolLM2 command) renders each conversation through the chat template."""
+    tok = AutoTokenizer.from_pretrained(lm_folder)
+    src = tmp_path / "questions.jsonl"
+    src.write_text("\n".join(json.dumps({"id": i, "prompt": "not this one", "question": p})
+                             for i, p in enumerate(PROMPTS)) + "\n\n")
+    code, out, _ = fsdp_ft(capsys, "generate", lm_folder, "--prompts-file", src, "--prompt-column", "question",
+                           "--greedy", "--max-new-tokens", 8)
+    assert code == 0
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [g["prompt"] for g in got] == PROMPTS
+    for g in got:
+        want = _hf_generate(lm_folder, tok(g["prompt"], return_tensors="pt")["input_ids"], do_sample=False,
+                            max_new_tokens=8)
+        assert g["completion"] == want and want.strip()
+    assert got[0]["completion"] != got[1]["completion"]
+
+    conversations = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": p}]
+                     for p in PROMPTS[:1]]
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    code, out, _ = fsdp_ft(capsys, "generate", lm_folder, "--prompts-file", src, "--prompt-column", "messages",
+                           "--chat", "--greedy", "--max-new-tokens", 8)
+    assert code == 0
+    chats = [json.loads(line) for line in out.splitlines()]
+    assert [c["prompt"] for c in chats] == conversations
+    for c, plain in zip(chats, got):
+        ids = tok.apply_chat_template(c["prompt"], add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)["input_ids"]
+        want = _hf_generate(lm_folder, ids, do_sample=False, max_new_tokens=8)
+        assert c["completion"] == want and want != plain["completion"]
+
+
 def test_generate_bad_options(lm_folder, tmp_path, capsys):
     for args, message in ((["--temperature", 0], "--temperature"), (["--top-p", 1.5], "--top-p"),
                           (["--max-new-tokens", 0], "--max-new-tokens")):
@@ -228,12 +270,46 @@ def test_generate_bad_options(lm_folder, tmp_path, capsys):
     assert code == 2 and "p.jsonl" in err and "line 2 has no column 'prompt'" in err
 
 
+# ---------------------------------------------------------------- causal LM eval
+
+@pytest.fixture(scope="module")
+def lm_run(session_tmp):
+    """A causal LM run (fp32) with eval rows and checkpoints at steps 2 and 4 (final/ is step 4)."""
+    return train_here(session_tmp / "lm-eval-fp32", "train.max_steps=4", "train.eval_every=2", "train.save_every=2",
+                      "train.keep_last=2")
+
+
+def test_eval_command_on_a_causal_lm_gives_the_runs_eval_numbers(lm_run, tmp_path, capsys):
+    """`fsdp-ft eval RUN --data F` on a causal LM: the loss and perplexity of the run's own eval row for the same
+    rows (data.max_eval_samples=16 of FAST), from final/ (step 4), from the newest checkpoint of a copy without
+    final/ (step 4, not step 2), and from one without final/ and step-4 (step 2); the two steps' numbers differ,
+    so each match is the right weights."""
+    data = ASSETS / "data" / "tiny_text_eval.jsonl"
+    rows = {r["step"]: r for r in eval_rows(lm_run)}
+    assert sorted(rows) == [2, 4] and rows[2]["loss"] != pytest.approx(rows[4]["loss"], rel=1e-4)
+    code, out, _ = fsdp_ft(capsys, "eval", lm_run, "--data", data, "--max-samples", 16)
+    assert code == 0
+    got = json.loads(out)
+    assert got["rows"] == 16
+    assert got["loss"] == pytest.approx(rows[4]["loss"], rel=1e-6)
+    assert got["perplexity"] == pytest.approx(rows[4]["perplexity"], rel=1e-6)
+
+    for name, ignore, step in (("no-final", ("final",), 4), ("step-2-only", ("final", "step-4"), 2)):
+        copy = tmp_path / name
+        shutil.copytree(lm_run, copy, ignore=shutil.ignore_patterns(*ignore))
+        code, out, err = fsdp_ft(capsys, "eval", copy, "--data", data, "--max-samples", 16)
+        assert code == 0 and f"newest checkpoint step-{step}" in err, err
+        got = json.loads(out)
+        assert got["loss"] == pytest.approx(rows[step]["loss"], rel=1e-6), name
+        assert got["perplexity"] == pytest.approx(rows[step]["perplexity"], rel=1e-6), name
+
+
 # ---------------------------------------------------------------- compute dtype
 
 @pytest.fixture(scope="module")
 def bf16_run(session_tmp):
     """A causal LM trained with bf16 mixed precision (fp32 weights, bf16 compute): its eval rows are bf16 numbers."""
-    return train_1proc(session_tmp / "lm-bf16", "fsdp.mixed_precision=bf16", "train.max_steps=4")
+    return train_here(session_tmp / "lm-bf16", "fsdp.mixed_precision=bf16", "train.max_steps=4")
 
 
 def test_eval_of_a_bf16_run_computes_in_bf16_as_its_eval_rows(bf16_run, capsys):

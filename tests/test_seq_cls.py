@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from cls_helpers import CLS, EVAL_ROWS, classifier_run, eval_file_rows, export_step, hand_metrics
-from conftest import FAST, TINY, cli, eval_rows, train_1proc
+from cls_helpers import CLS, EVAL_ROWS, classifier_run, eval_file_rows, export_step, hand_metrics, train_here
+from conftest import FAST, TINY, cli, eval_rows
 from fsdp_ft.checkpoint import list_checkpoints
 from fsdp_ft.metrics import read_metrics
 from fsdp_ft.tasks.seq_cls import SeqClsTask, classification_metrics, confusion_from_sums
@@ -116,9 +116,9 @@ def test_best_choice_survives_resume(tmp_path):
     checkpoint and exports it, instead of ranking only the evals after the resume."""
     out = tmp_path / "resume"
     args = [*CLS, "train.eval_every=1", "optim.schedule=constant", "optim.warmup_steps=0", "data.max_eval_samples=16"]
-    train_1proc(out, *args, "train.max_steps=3")
+    train_here(out, *args, "train.max_steps=3")
     first = eval_rows(out)
-    train_1proc(out, *args, "train.max_steps=6")
+    train_here(out, *args, "train.max_steps=6")
     evals = {r["step"]: r for r in eval_rows(out)}  # the resumed run's rows follow the first run's
     assert sorted(evals) == [1, 2, 3, 4, 5, 6] and [r["step"] for r in first] == [1, 2, 3]
     best_step = max(evals.values(), key=lambda r: r["loss"])["step"]
@@ -128,6 +128,31 @@ def test_best_choice_survives_resume(tmp_path):
     assert _final_row(out)["final_from_step"] == best_step
     state = json.loads((out / "checkpoints" / "step-6" / "state.json").read_text())
     assert state["best"] == {"metric": "loss", "mode": "max", "step": best_step, "value": evals[best_step]["loss"]}
+
+
+@pytest.mark.parametrize("metric,mode", [("loss", "min"), ("accuracy", "max")])
+def test_best_mode_auto_is_min_for_loss_and_max_for_accuracy(tmp_path, metric, mode):
+    """train.best_mode=auto (the default): the smallest eval loss, the largest accuracy. The expected best step is
+    the argmin / argmax (the earlier step on ties) of the logged eval rows, after each eval and at the end; the
+    series is checked to have its best at another step than its worst, so the opposite mode would fail."""
+    args = [a for a in CLS if not a.startswith(("train.best_mode=", "train.best_metric="))]
+    out = train_here(tmp_path / metric, *args, f"train.best_metric={metric}", "train.max_steps=12",
+                     "train.eval_every=2")
+    evals = eval_rows(out)
+    assert [r["step"] for r in evals] == [2, 4, 6, 8, 10, 12]
+    pick = min if mode == "min" else max
+
+    def best(rows):  # the first step holding the extreme value
+        value = pick(r[metric] for r in rows)
+        return next(r["step"] for r in rows if r[metric] == value)
+
+    worst = (max if mode == "min" else min)
+    assert best(evals) != next(r["step"] for r in evals if r[metric] == worst(e[metric] for e in evals))
+    assert [r["best_step"] for r in evals] == [best(evals[:i + 1]) for i in range(len(evals))]
+    assert all(r["is_best"] == (r["best_step"] == r["step"]) for r in evals)
+    assert _final_row(out)["final_from_step"] == best(evals)
+    state = json.loads((out / "checkpoints" / "step-12" / "state.json").read_text())
+    assert state["best"]["mode"] == mode and state["best"]["step"] == best(evals)
 
 
 def test_best_metric_config_errors(tmp_path):

@@ -15,8 +15,17 @@ log() { echo "[slurm-cluster] $*" >&2; }
 
 if [ "$(id -u)" != 0 ]; then echo "start_cluster.sh: needs root (it starts munge, mariadb and slurm daemons)" >&2; exit 1; fi
 
-if [ -f "$D/slurmctld.pid" ] && scontrol ping 2>/dev/null | grep -q UP && sinfo -h -o %T 2>/dev/null | grep -qv -e down -e unk; then
-  log "already running"; echo "export SLURM_CONF=$SLURM_CONF"; exit 0
+healthy() {  # controller up, nodes usable, and accounting answering (submitit polls sacct; without it job states
+             # read UNKNOWN and a cancelled job's result() hangs)
+  scontrol ping 2>/dev/null | grep -q UP && sinfo -h -o %T 2>/dev/null | grep -qv -e down -e unk \
+    && timeout 20 sacct -n -X -o JobID >/dev/null 2>&1
+}
+if [ -f "$D/slurmctld.pid" ]; then
+  if healthy; then log "already running"; echo "export SLURM_CONF=$SLURM_CONF"; exit 0; fi
+  # a cluster left half-dead (say mariadb stopped under a running slurmdbd) cannot be patched in place:
+  # stop what its pid files name and start afresh
+  log "the cluster in $D is not healthy (controller, nodes or accounting down): restarting it"
+  bash "$(dirname "$0")/stop_cluster.sh"
 fi
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v mariadbd >/dev/null; then
