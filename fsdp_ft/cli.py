@@ -314,8 +314,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if stray:  # one line, not argparse's usage block: the README promises one line for a bad option
+        command = f" {args.command}" if getattr(args, "command", None) else ""
+        print(f"fsdp-ft{command}: error: unrecognized arguments: {' '.join(stray)} (fsdp-ft{command} --help lists "
+              "the options)", file=sys.stderr)
+        raise SystemExit(2)
     if extra:
         args.overrides = [*args.overrides, *extra]
     return args

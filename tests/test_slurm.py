@@ -399,3 +399,13 @@ def test_results_of_a_failed_job_or_after_the_patience_raise(state, patience):
     with pytest.raises(UncompletedJobError):
         _results(job, patience_s=patience, poll_s=0)
     assert job.reads == 1
+
+
+@pytest.mark.parametrize("args", [["submit", str(TINY), "--nosuch"], ["run", "--nproc-per-node", "1", "--bogus", "x"],
+                                  ["train", str(TINY), "--nosuch"]])
+def test_unknown_option_is_one_line_exit_2(args):
+    res = cli(*args, check=False, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unrecognized arguments" in lines[0], res.stderr
+    assert [a for a in args if a.startswith("--")][-1] in lines[0], res.stderr
