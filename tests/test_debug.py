@@ -15,8 +15,14 @@ from conftest import ASSETS, FAST, REPO, TINY, assert_losses_close, cli, losses,
 
 
 def test_debug_run_dumps_the_first_batch_and_trains_like_a_normal_run(tmp_path):
-    res = cli("train", str(TINY), "--debug", f"output_dir={tmp_path}", *FAST)
+    from fsdp_ft.debug import MARKER
+
     out = tmp_path / "debug"
+    out.mkdir()
+    (out / MARKER).write_text("made by an earlier debug run\n")
+    (out / "stale.txt").write_text("left by the earlier debug run")  # wiped: the marker says a debug run made it
+    res = cli("train", str(TINY), "--debug", f"output_dir={tmp_path}", *FAST)
+    assert not (out / "stale.txt").exists() and (out / MARKER).is_file()
     dump = (out / "first_batch.txt").read_text()
     samples = dump.split("--- sample ")[1:]
     assert dump.startswith("first batch: 4 samples x") and len(samples) == 4  # micro_batch_size of tiny.yaml
@@ -54,13 +60,17 @@ def test_debug_refuses_a_debug_folder_it_did_not_make(tmp_path):
     assert mine.read_text() == "my notes" and sorted(p.name for p in mine.parent.iterdir()) == ["notes.txt"]
 
 
-def test_a_debug_run_wipes_the_folder_of_the_previous_one(tmp_path):
+def test_debug_setup_is_deterministic_with_anomaly_detection_and_wipes_the_previous_run(tmp_path):
     from fsdp_ft import debug
     from fsdp_ft.config import load_config
 
     flags = torch.are_deterministic_algorithms_enabled(), torch.is_anomaly_enabled()
     try:
+        torch.use_deterministic_algorithms(False)
+        torch.autograd.set_detect_anomaly(False)
         cfg = debug.prepare(load_config(TINY, [f"output_dir={tmp_path}"]), 5)
+        # what --debug promises besides its folder: deterministic algorithms and autograd anomaly detection
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_anomaly_enabled()
         out = Path(cfg.output_dir)
         assert out == tmp_path / "debug" and [p.name for p in out.iterdir()] == [debug.MARKER]
         (out / "metrics.jsonl").write_text("{}\n")  # what the first debug run wrote

@@ -12,14 +12,13 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from conftest import (FAST, REPO, TINY, assert_losses_close, cli, eval_rows, free_port, losses, train_1proc,
                       train_nproc)
-from launch_helpers import kill9_job
+from launch_helpers import assert_stays_dead, kill9_job
 from test_resume import _wait_for_step
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.metrics import read_metrics
@@ -182,10 +181,8 @@ def test_kill9_then_resume_continues_exactly(runs, session_tmp, method):
     out = session_tmp / f"ds-killed-{method}"
     proc = _launch(out, *args)
     _wait_for_step(out, 7, proc, timeout=300)  # the step-6 checkpoint is complete once step 7 is logged
-    kill9_job(proc)
-    time.sleep(2)
-    killed_at = max(losses(out))
-    assert killed_at < 9 and max(losses(out)) == killed_at, "the ranks went on after the kill"
+    killed_at = assert_stays_dead(out, kill9_job(proc), ranks=2)
+    assert killed_at < 9, "the run got too far before the kill"
     cli("run", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
         f"output_dir={out}", *FAST, *args)
     resumed, want = losses(out), losses(full)

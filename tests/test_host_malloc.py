@@ -61,3 +61,28 @@ def test_release_free_hands_the_holes_of_a_load_back():
     out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["before"] - r["after"] > 200, r  # MiB: most of the 60 x 8 MiB of holes went back to the OS
+
+
+
+def test_training_tunes_malloc_unless_told_not_to(tmp_path, monkeypatch):
+    """The promise is about training, not the function: a default run calls host_malloc.tune() (whose effect the
+    tests above measure) and its setup row says what it applied; a run with train.tune_host_malloc=false never
+    calls it and its row says so. Two 1-step runs in this process (no interpreter start-up)."""
+    from conftest import FAST, TINY
+    from fsdp_ft import host_malloc
+    from fsdp_ft.config import load_config
+    from fsdp_ft.engine import train
+    from fsdp_ft.metrics import read_metrics
+
+    calls = []
+    real = host_malloc.tune
+    monkeypatch.setattr(host_malloc, "tune", lambda: calls.append(1) or real())
+    rows = {}
+    for name, extra in (("off", ["train.tune_host_malloc=false"]), ("default", [])):
+        calls.clear()
+        out = tmp_path / name
+        train(load_config(TINY, [f"output_dir={out}", *FAST, "train.max_steps=1", "data.eval=null", *extra]))
+        rows[name] = (next(r for r in read_metrics(out) if r.get("split") == "setup")["host_malloc"], len(calls))
+    assert rows["off"] == ("default (train.tune_host_malloc=false)", 0), rows
+    assert rows["default"][1] == 1, rows
+    assert rows["default"][0] == "glibc: mmap threshold 32 MiB, trim threshold 2047 MiB", rows

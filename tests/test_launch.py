@@ -3,6 +3,7 @@
 from a failed one, and one-line errors for bad sizes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, TINY, assert_losses_close, free_port, losses
+import launch_helpers
 from launch_helpers import RUN, kill9_job, rank_pid, reference_losses, setup_rows, wait_for_step
 
 pytestmark = pytest.mark.distributed
@@ -29,6 +31,12 @@ def rank_env(out: Path, rank: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in line.strip("= ").split()[2:])
 
 
+def _output_of_ended(proc: subprocess.Popen) -> str:
+    """What a launcher printed, once it and its ranks are ended (for a failure's message)."""
+    kill9_job(proc)
+    return proc.communicate()[0]
+
+
 def _run(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fsdp_ft.cli", "run", *args], cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -39,15 +47,36 @@ def reference(tmp_path_factory):
     return reference_losses(tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def reference_rows(tmp_path_factory):
+    return launch_helpers.reference_rows(tmp_path_factory)
+
+
 def test_two_launchers_as_two_nodes_equal_one_launcher(tmp_path, reference):
-    """--nnodes 2: two `fsdp-ft run` processes (one rank each) meet on 127.0.0.1 and train like one 2-rank run.
+    """--nnodes 2: two launchers (one rank each) meet on 127.0.0.1 and train like one 2-rank run: node 0 is
+    `fsdp-ft run --nnodes 2 --node-rank 0`, node 1 is launch/torchrun.sh with NNODES=2 NODE_RANK=1 (a script that
+    ignored either would start a 1-node run or a second node 0, and the rendezvous would fail).
     Each rank gets the launcher's defaults: its launcher's cores as OMP_NUM_THREADS (torchrun leaves one rank's
     unset), the allocator's expandable segments, the NCCL flight recorder dumping into logs/, and GLOO_SOCKET_IFNAME
     toward the rendezvous host (lo for 127.0.0.1)."""
     endpoint = f"127.0.0.1:{free_port()}"
-    procs = [_run("--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
-                  str(TINY), f"output_dir={tmp_path}", *RUN) for r in (0, 1)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    node0 = _run("--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
+                 str(TINY), f"output_dir={tmp_path}", *RUN)
+    env = {**_env(), "NPROC": "1", "NNODES": "2", "NODE_RANK": "1", "RDZV_ENDPOINT": endpoint, "FSDP_FT": FSDP_FT}
+    node1 = subprocess.Popen(["bash", "launch/torchrun.sh", str(TINY), f"output_dir={tmp_path}", *RUN], cwd=REPO,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [node0, node1]
+    try:
+        deadline = time.time() + 300
+        while any(p.poll() is None for p in procs) and time.time() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):  # one node failed: the other would wait for it
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill9_job(p)
+    outs = [p.communicate()[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert_losses_close(losses(tmp_path), reference, 1e-6)
     for rank in (0, 1):
@@ -128,6 +157,109 @@ def test_sigusr2_stops_the_run_like_sigterm(tmp_path):
     assert proc.returncode == 128 + signal.SIGUSR2, out
     (stopped_at, _), = list_checkpoints(tmp_path)
     assert f"stopped by signal 12 after step {stopped_at}; checkpoint saved" in out
+
+
+def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step_and_flushes_the_log_window(tmp_path, reference_rows):
+    """SIGUSR1 sent to rank 1 alone (not through the launcher, which would forward it to every rank): rank 0 learns
+    of it only through the per-step agreement, so both ranks save the same step N (each its own shard and RNG
+    file in checkpoints/step-N, the only checkpoint) and the launcher exits 128 + 10. With train.log_every=20 the
+    stop falls inside the first logging window, whose steps 1..N are flushed as one row at step N: its `tokens`
+    and token-weighted loss are those of steps 1..N of the uninterrupted log_every=1 reference run."""
+    from fsdp_ft.checkpoint import list_checkpoints
+    from fsdp_ft.metrics import read_metrics
+
+    # eval rows every step show the run's progress while no training row is written (evaluation changes no
+    # training number: no dropout, no RNG drawn, the same batches)
+    proc = _run("--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
+                f"output_dir={tmp_path}", *RUN, "train.log_every=20", "train.eval_every=1")
+    try:
+        deadline = time.time() + 240
+        while not any(r.get("split") == "eval" and r["step"] >= 2 for r in read_metrics(tmp_path)):
+            assert proc.poll() is None and time.time() < deadline, _output_of_ended(proc)[-3000:]
+            time.sleep(0.05)
+        os.kill(rank_pid(tmp_path, 1), signal.SIGUSR1)
+        out = proc.communicate(timeout=120)[0]  # a rank that stopped alone would leave the other in a collective
+    finally:
+        kill9_job(proc)
+    assert proc.returncode == 128 + signal.SIGUSR1, out
+    (stopped_at, path), = list_checkpoints(tmp_path)
+    assert 2 <= stopped_at < 20, stopped_at  # inside the first window (20 steps), after at least 2 steps
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"step-{stopped_at}"]
+    assert f"stopped by signal {int(signal.SIGUSR1)} after step {stopped_at}; checkpoint saved" in out
+    assert json.loads((path / "state.json").read_text())["step"] == stopped_at
+    for rank in (0, 1):  # both ranks saved this step: each its RNG state and its shard of the model
+        assert (path / f"rng-rank{rank}.pt").is_file() and (path / f"__{rank}_0.distcp").is_file()
+    assert not (tmp_path / "final").exists()
+    (row,) = [r for r in read_metrics(tmp_path) if "split" not in r]  # only the flushed partial window
+    ref = reference_rows  # step -> row of the uninterrupted run
+    steps = range(1, stopped_at + 1)
+    assert row["step"] == stopped_at and row["tokens"] == ref[stopped_at]["tokens"], (row, ref[stopped_at])
+    # the window's loss: the loss sums of its steps over the tokens that carry loss, i.e. each step's tokens less
+    # one per sample (causal LM, loss_on=all: every token but a row's first), 16 samples a step (micro 4 x accum 2
+    # x 2 ranks of configs/tiny.yaml)
+    step_tokens = {s: ref[s]["tokens"] - (ref[s - 1]["tokens"] if s > 1 else 0) for s in steps}
+    carry = {s: step_tokens[s] - 16 for s in steps}
+    want = sum(ref[s]["loss"] * carry[s] for s in steps) / sum(carry.values())
+    assert row["loss"] == pytest.approx(want, rel=1e-6), (row["loss"], want)
+
+
+# A stand-in rank for the launcher's own work: it records the first signal it gets (O_EXCL: torchrun's SIGTERM to
+# the ranks left once one has exited cannot overwrite it), then exits as `fsdp-ft train` does on it: 128 + S after
+# saving for the stop signals (TERM, USR1, USR2), killed by the signal itself for the others.
+STAND_IN_RANK = """
+import os, signal, sys, time
+out, rank = sys.argv[1], os.environ["RANK"]
+def got(signum, frame):
+    try:
+        fd = os.open(os.path.join(out, f"got-{rank}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        os.write(fd, str(signum).encode())
+        os.close(fd)
+    except FileExistsError:
+        pass
+    if signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        os._exit(128 + signum)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(sig, got)
+open(os.path.join(out, f"ready-{rank}"), "w").close()
+time.sleep(60)  # a signal never forwarded: the rank ends normally, the launcher exits 0
+"""
+LAUNCHER = "import sys; from fsdp_ft import launcher; sys.exit(launcher.run(sys.argv[2:], sys.argv[1], 30))"
+
+
+def test_every_stop_and_quit_signal_reaches_every_rank_and_sets_the_exit_code(tmp_path):
+    """The launcher (fsdp_ft.launcher.run, what `fsdp-ft run` and launch/torchrun.sh run) forwards each of SIGTERM,
+    SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to both ranks and exits 128 + S. Stand-in ranks (a few lines, no
+    torch) keep it to a few seconds for all six at once. Real ranks: TERM and USR2 through the launcher in the tests
+    above, USR1 in test_sigusr1_to_one_rank_...; a real rank does not catch INT/HUP/QUIT (Python's defaults end it),
+    which the stand-in copies."""
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+    (tmp_path / "rank.py").write_text(STAND_IN_RANK)
+    runs = {}
+    for sig in signals:
+        out = tmp_path / sig.name
+        out.mkdir()
+        argv = ["--nproc-per-node=2", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1",
+                f"--master-port={free_port()}", str(tmp_path / "rank.py"), str(out)]
+        runs[sig] = (out, subprocess.Popen([sys.executable, "-c", LAUNCHER, str(out), *argv], cwd=REPO, env=_env(),
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        deadline = time.time() + 120
+        for sig, (out, proc) in runs.items():
+            while not all((out / f"ready-{rank}").exists() for rank in (0, 1)):
+                assert proc.poll() is None and time.time() < deadline, (sig.name, _output_of_ended(proc)[-3000:])
+                time.sleep(0.05)
+        for sig, (out, proc) in runs.items():
+            proc.send_signal(sig)
+        results = {sig: (out, proc, proc.communicate(timeout=60)[0]) for sig, (out, proc) in runs.items()}
+    finally:
+        for out, proc in runs.values():
+            kill9_job(proc)
+    for sig, (out, proc, text) in results.items():
+        got = [(out / f"got-{rank}").read_text() if (out / f"got-{rank}").exists() else None for rank in (0, 1)]
+        assert got == [str(int(sig))] * 2, (sig.name, got, text[-2000:])
+        assert proc.returncode == 128 + sig, (sig.name, proc.returncode, text[-2000:])
 
 
 def _start_at_step_1(tmp_path, *launcher: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:

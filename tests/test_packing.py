@@ -3,7 +3,6 @@ sample run alone (no attention across samples), and packed training resumes exac
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from fsdp_ft.config import load_config
 from fsdp_ft.data import load_splits
 from fsdp_ft.packing import PackedRows, TokenRows, plan_packs
 from fsdp_ft.tasks.causal_lm import IGNORE, CausalLMTask
-from launch_helpers import kill9_job
+from launch_helpers import assert_stays_dead, kill9_job
 from test_resume import RUN, _launch, _wait_for_step
 from test_sft_data import chat_rows, write_jsonl
 
@@ -88,10 +87,8 @@ def test_packing_resumes_exactly_and_two_ranks_equal_one_process(session_tmp):
     out = session_tmp / "packed-killed"
     proc = _launch(out, *PACK)
     _wait_for_step(out, 7, proc)
-    kill9_job(proc)
-    time.sleep(2)
-    killed_at = max(losses(out))
-    assert killed_at < 9 and max(losses(out)) == killed_at, "the ranks went on after the kill"
+    killed_at = assert_stays_dead(out, kill9_job(proc), ranks=2)
+    assert killed_at < 9, "the run got too far before the kill"
     cli("run", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
         f"output_dir={out}", *FAST, *RUN, *PACK)
     resumed, want = losses(out), losses(full)

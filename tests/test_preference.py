@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ import torch
 
 from conftest import ASSETS, FAST, REPO, TINY, assert_losses_close, cli, eval_rows, free_port, losses
 from fsdp_ft.metrics import read_metrics
+from launch_helpers import assert_stays_dead, kill9_job
 
 LOG2 = math.log(2)
 ONE_PROC = ["train.micro_batch_size=2", "train.grad_accum=2"]
@@ -163,9 +162,8 @@ def test_dpo_kill9_then_resume_continues_exactly(runs, session_tmp, pref_data):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() < deadline, "step 5 not reached"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert max(losses(out)) < 6, "the run finished before it could be killed"
+    killed_at = assert_stays_dead(out, kill9_job(proc), ranks=0)  # `fsdp-ft train`: no launcher, no rank logs
+    assert killed_at < 6, "the run finished before it could be killed"
     cli("train", *args)
     resumed = losses(out)
     assert sorted(resumed) == list(range(1, 7))

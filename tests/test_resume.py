@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from conftest import FAST, REPO, TINY, cli, free_port, losses, train_nproc
+from conftest import ASSETS, FAST, REPO, TINY, cli, free_port, losses, train_nproc
 from fsdp_ft.metrics import read_metrics
-from launch_helpers import kill9_job
+from launch_helpers import assert_stays_dead, kill9_job
 
 pytestmark = pytest.mark.distributed
 
@@ -36,20 +36,37 @@ def _wait_for_step(out, step: int, proc, timeout: float = 240) -> None:
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+@pytest.fixture(scope="module")
+def dropout_llama(tmp_path_factory):
+    """tiny-llama with attention dropout 0.1 (random init from model.path's config), so that a resume that did not
+    restore each rank's RNG state would draw other dropout masks than the uninterrupted run."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("dropout") / "tiny-llama-dropout"
+    shutil.copytree(ASSETS / "tiny-llama", out)
+    config = json.loads((out / "config.json").read_text())
+    config["attention_dropout"] = 0.1
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 @pytest.mark.parametrize("method", ["full", "qlora"])
-def test_kill9_then_resume_continues_exactly(session_tmp, pretrained_q256, method):
+def test_kill9_then_resume_continues_exactly(session_tmp, pretrained_q256, dropout_llama, method):
     """For QLoRA only the adapters and their optimizer state are in the checkpoint; the 4-bit base is rebuilt
-    from model.path on resume, so it must come back bit-identical too."""
-    extra = [] if method == "full" else [f"model.path={pretrained_q256}", "model.random_init=false",
-                                         "finetune.method=qlora", "optim.lr=1e-2"]
+    from model.path on resume, so it must come back bit-identical too. Both cases train with dropout (full: the
+    model's attention dropout, QLoRA: the adapters' dropout), so the steps after the checkpoint equal the
+    uninterrupted run's only if each rank's RNG state was saved and restored."""
+    extra = ([f"model.path={dropout_llama}"] if method == "full" else
+             [f"model.path={pretrained_q256}", "model.random_init=false", "finetune.method=qlora", "optim.lr=1e-2",
+              "finetune.lora.dropout=0.1"])
     full = train_nproc(2, session_tmp / f"uninterrupted-{method}", *RUN, *extra)
     out = session_tmp / f"killed-{method}"
     proc = _launch(out, *extra)
     _wait_for_step(out, 7, proc)  # the step-6 checkpoint is complete once step 7 is logged
-    kill9_job(proc)
-    time.sleep(2)
-    killed_at = max(losses(out))
-    assert killed_at < 9 and max(losses(out)) == killed_at, "the ranks went on after the kill"
+    killed_at = assert_stays_dead(out, kill9_job(proc), ranks=2)
+    assert killed_at < 9, "the run got too far before the kill"
+    assert sorted(p.name for p in (out / "checkpoints" / "step-6").glob("rng-rank*.pt")) == [
+        "rng-rank0.pt", "rng-rank1.pt"]  # each rank's RNG state, restored on resume
     cli("run", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
         f"output_dir={out}", *FAST, *RUN, *extra)  # resume: auto is the default
     resumed, want = losses(out), losses(full)

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from conftest import ASSETS, FAST, cli, losses, TINY
+from conftest import ASSETS, FAST, losses, TINY
 from fsdp_ft.metrics import read_metrics
 from fsdp_ft.step_batches import StepBatches, enabled
 
@@ -82,9 +82,24 @@ def test_without_prefetch_everything_is_built_on_the_main_thread():
 
 
 @pytest.mark.parametrize("task", ["seq_cls", "causal_lm"])
-def test_prefetching_changes_no_number(tmp_path, task):
+def test_prefetching_changes_no_number(tmp_path, monkeypatch, task):
     """A run crossing an epoch boundary, evaluating between steps (seq_cls tokenizes at encode time, so the worker
-    and the evaluation share a tokenizer), trains bit-equal with and without the worker."""
+    and the evaluation share a tokenizer), trains bit-equal with and without the worker, and the setting is the
+    one that decides who builds: with train.prefetch_batches=true every step after the first is built by the
+    worker thread, with false every step is built on the main thread. (Runs in this process, so the trainer's
+    batch builder can be watched.)"""
+    from fsdp_ft.config import load_config
+    from fsdp_ft.engine import train
+    from fsdp_ft.trainer import Trainer
+
+    built: list[tuple[tuple[int, int], str]] = []
+    real = Trainer._host_step_batches
+
+    def watched(self, position):
+        built.append((position, threading.current_thread().name))
+        return real(self, position)
+
+    monkeypatch.setattr(Trainer, "_host_step_batches", watched)
     data = ASSETS / "data" / ("tiny_cls_train.jsonl" if task == "seq_cls" else "tiny_text_train.jsonl")
     rows = data.read_text().splitlines()[:60]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
@@ -93,11 +108,17 @@ def test_prefetching_changes_no_number(tmp_path, task):
               "train.grad_accum=2", "train.max_steps=10", "train.eval_every=3", "data.max_eval_samples=24"]
     if task == "seq_cls":
         common.append(f"data.eval={ASSETS / 'data' / 'tiny_cls_eval.jsonl'}")
-    runs = {}
+    runs, builders = {}, {}
     for setting in ("true", "false"):
         out = tmp_path / f"prefetch-{setting}"
-        cli("train", str(TINY), f"output_dir={out}", *common, f"train.prefetch_batches={setting}")
-        runs[setting] = read_metrics(out)
+        built.clear()
+        train(load_config(TINY, [f"output_dir={out}", *common, f"train.prefetch_batches={setting}"]))
+        runs[setting], builders[setting] = read_metrics(out), list(built)
+    positions = [(0, i) for i in range(7)] + [(1, 0), (1, 1), (1, 2)]  # each step's position, built once
+    main = threading.main_thread().name
+    assert [p for p, _ in builders["true"]] == [p for p, _ in builders["false"]] == positions
+    assert builders["true"][0][1] == main and all(t.startswith("fsdp_ft-batches") for _, t in builders["true"][1:])
+    assert all(t == main for _, t in builders["false"]), builders["false"]
     assert losses(tmp_path / "prefetch-true") == losses(tmp_path / "prefetch-false")
     assert len(losses(tmp_path / "prefetch-true")) == 10
     evals = {k: [json.dumps(r, sort_keys=True) for r in v if r.get("split") == "eval"] for k, v in runs.items()}
