@@ -104,7 +104,7 @@ def base_model(model: nn.Module) -> nn.Module:
 
 def checkpoint_name(name: str) -> str:
     """A module path inside a PeftModel -> the same tensor's name in the base model's checkpoint."""
-    name = re.sub(r"^base_model\.model\.", "", name)
+    name = re.sub(r"^base_model\.(model\.)?", "", name)  # LoRA: base_model.model.NAME; prompt learning: base_model.NAME
     for wrapper in (".base_layer", ".original_module", ".modules_to_save.default", ".token_adapter"):
         name = name.replace(wrapper, "")
     return name

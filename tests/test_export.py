@@ -27,8 +27,29 @@ def test_final_export_reproduces_trained_logits(tmp_path):
         want = result.model(**batch, use_cache=False).logits
         got = hf(**batch).logits
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    # the export is a trained model, not the initial one
     assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["model_type"] == "llama"
+    # the export is the trained model, not the initial one: the same seeded build, untrained, gives other logits
+    from fsdp_ft import distributed, engine
+    initial_model = engine.build(cfg, distributed.init_distributed())[0].eval()
+    with torch.no_grad():
+        initial = initial_model(**batch, use_cache=False).logits
+    assert (got - initial).abs().max() > 1e-3
+    # ... and it scores the run's own eval: the token-weighted next-token loss over the eval rows, computed here
+    # row by row with the exported model (text rows: the tokenizer's BOS, the text, EOS, at most train.seq_len)
+    seq = int(next(o for o in FAST if o.startswith("train.seq_len=")).split("=")[1])
+    n_eval = int(next(o for o in FAST if o.startswith("data.max_eval_samples=")).split("=")[1])
+    rows = (ASSETS / "data" / "tiny_text_eval.jsonl").read_text().splitlines()[:n_eval]
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for line in rows:
+            ids = tok(json.loads(line)["text"])["input_ids"]
+            ids = (ids + [tok.eos_token_id] if ids[-1] != tok.eos_token_id else ids)[:seq]
+            logits = hf(input_ids=torch.tensor([ids])).logits[0]
+            loss_sum += torch.nn.functional.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]),
+                                                          reduction="sum").item()
+            count += len(ids) - 1
+    logged = eval_rows(tmp_path / "run")[-1]
+    assert logged["step"] == 3 and logged["loss"] == pytest.approx(loss_sum / count, rel=1e-5)
 
     # size-capped shards: several files plus an index, same weights
     ckpt = list_checkpoints(tmp_path / "run")[-1][1]

@@ -96,11 +96,21 @@ def test_batch_flops_count_real_tokens_of_padded_and_packed_rows():
 
 
 def test_gpu_peaks_by_name():
-    assert flops.gpu_table_peak("NVIDIA H100 80GB HBM3", torch.bfloat16, tf32=False) == 989e12  # SXM
-    assert flops.gpu_table_peak("NVIDIA H100 PCIe", torch.bfloat16, tf32=False) == 756e12
-    assert flops.gpu_table_peak("NVIDIA A100-SXM4-80GB", torch.float32, tf32=True) == 156e12
+    """Dense peaks from NVIDIA's data sheets (tensor-core rows are printed with 2:4 sparsity there, marked "*", and
+    footnoted "specifications 1/2 lower without sparsity": the dense value is half the printed one):
+    - "NVIDIA H100 Tensor Core GPU" datasheet, table "Technical Specifications", columns H100 SXM and H100 PCIe:
+      BFLOAT16 Tensor Core 1,979* (SXM) and 1,513* (PCIe) TFLOPS -> 989 and 756 dense (989.5 and 756.5, rounded
+      down as NVIDIA's own dense figures are);
+    - "NVIDIA A100 Tensor Core GPU" datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4), table "NVIDIA A100 Tensor
+      Core GPU Specifications (SXM4 and PCIe Form Factors)": FP32 19.5 TFLOPS (no tensor cores, no sparsity);
+      Tensor Float 32 (TF32) 156 | 312* TFLOPS;
+    - "NVIDIA H200 Tensor Core GPU" datasheet, table "Technical Specifications", column H200 SXM: BFLOAT16 Tensor
+      Core 1,979* TFLOPS, the H100 SXM's (same GH100 compute; only the memory differs) -> 989 dense."""
+    assert flops.gpu_table_peak("NVIDIA H100 80GB HBM3", torch.bfloat16, tf32=False) == 1979e12 // 2 // 1e12 * 1e12
+    assert flops.gpu_table_peak("NVIDIA H100 PCIe", torch.bfloat16, tf32=False) == 1513e12 // 2 // 1e12 * 1e12
+    assert flops.gpu_table_peak("NVIDIA A100-SXM4-80GB", torch.float32, tf32=True) == 312e12 / 2
     assert flops.gpu_table_peak("NVIDIA A100-SXM4-80GB", torch.float32, tf32=False) == 19.5e12
-    assert flops.gpu_table_peak("NVIDIA H200", torch.bfloat16, tf32=False) == 989e12  # the lent machines' GPU
+    assert flops.gpu_table_peak("NVIDIA H200", torch.bfloat16, tf32=False) == 1979e12 // 2 // 1e12 * 1e12
     assert flops.gpu_table_peak("Some Future GPU", torch.bfloat16, tf32=False) is None
 
 
@@ -120,26 +130,50 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- in a real run
 
+SEQ = int(next(o for o in FAST if o.startswith("train.seq_len=")).split("=")[1])
+ROWS_PER_STEP = 4 * 2  # configs/tiny.yaml: micro-batch 4 x accumulation 2
+
+
 @pytest.fixture(scope="module")
 def profiled_run(tmp_path_factory):
+    """Every row longer than train.seq_len, so each is cut to exactly SEQ tokens: a step's FLOPs are known by hand."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "tiny-llama")
+    texts = [json.loads(line)["text"] for line in (ASSETS / "data" / "tiny_text_train.jsonl").read_text().splitlines()]
+    rows, current = [], ""
+    for text in texts:
+        current = f"{current} {text}".strip()
+        if len(tok(current)["input_ids"]) > SEQ:
+            rows.append(current)
+            current = ""
+        if len(rows) == 4 * ROWS_PER_STEP:
+            break
+    data = tmp_path_factory.mktemp("mfu-data") / "long_rows.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     out = tmp_path_factory.mktemp("mfu") / "run"
-    return train_1proc(out, "train.max_steps=4", "train.profile_steps=[2,3]", "train.peak_flops=1e9")
+    return train_1proc(out, "train.max_steps=4", "train.profile_steps=[2,3]", "train.peak_flops=1e9",
+                       f"data.train={data}")
 
 
 def test_mfu_in_training_rows(profiled_run):
+    """Each row's rate is a step's FLOPs counted by hand over its time: 8 rows of exactly SEQ tokens, each costing
+    per_token x SEQ + per_pair x SEQ (SEQ + 1) / 2 (causal pairs); the step's time is its tokens over tokens_per_s.
+    MFU is that rate over the configured peak (1e9 FLOP/s, one rank)."""
     rows = read_metrics(profiled_run)
     setup = next(r for r in rows if r.get("split") == "setup")
     per_token, per_pair = hand_counts(lora=False)
-    seq = int(next(o for o in FAST if o.startswith("train.seq_len=")).split("=")[1])
-    assert setup["flops_per_token"] == per_token + per_pair * (seq + 1) / 2
+    assert setup["flops_per_token"] == per_token + per_pair * (SEQ + 1) / 2
     assert setup["peak_flops"] == 1e9 and setup["peak_flops_source"] == "config: train.peak_flops"
     train = [r for r in rows if "split" not in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    for r in train:
-        assert r["mfu"] == pytest.approx(r["flops_per_s"] / 1e9, rel=1e-12)
-        # model FLOPs per real token lie between the dense part and dense + attention over full-length rows
-        per_real_token = r["flops_per_s"] / r["tokens_per_s"]
-        assert per_token < per_real_token <= per_token + per_pair * (seq + 1) / 2
+    step_flops = ROWS_PER_STEP * (per_token * SEQ + per_pair * SEQ * (SEQ + 1) / 2)
+    tokens = [0] + [r["tokens"] for r in train]
+    for r, before in zip(train, tokens):
+        assert r["tokens"] - before == ROWS_PER_STEP * SEQ  # no padding, no short row
+        seconds = (r["tokens"] - before) / r["tokens_per_s"]
+        assert r["flops_per_s"] == pytest.approx(step_flops / seconds, rel=1e-9)
+        assert r["mfu"] == pytest.approx(step_flops / seconds / 1e9, rel=1e-9)
 
 
 def test_profile_trace_covers_the_window(profiled_run):

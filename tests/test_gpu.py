@@ -66,6 +66,10 @@ def test_tf32_is_on_by_default_and_counts_against_the_tf32_peak(tmp_path):
     assert setup["tf32"] is True and "tf32" in setup["peak_flops_source"]
     ieee = train_on_gpu(tmp_path / "ieee", FP32, "train.tf32=false")
     assert_losses_close(losses(out), losses(ieee), 1e-2)  # TF32's 10-bit mantissa moves the loss a little
+    # ... but it does move it: TF32 not applied would give the IEEE run's numbers (the step-1 forward alone rounds
+    # every matmul input to 10 bits, ~1e-3 relative per product)
+    apart = max(abs(losses(out)[s] - losses(ieee)[s]) / abs(losses(ieee)[s]) for s in losses(ieee))
+    assert apart > 1e-6, (losses(out), losses(ieee))
 
 
 def test_bf16_mixed_precision_tracks_fp32(tmp_path):
@@ -81,6 +85,44 @@ def test_pinned_prefetching_changes_no_number(tmp_path):
     on = train_on_gpu(tmp_path / "on", FP32, "train.tf32=false")
     off = train_on_gpu(tmp_path / "off", FP32, "train.tf32=false", "train.prefetch_batches=false")
     assert_losses_close(losses(on), losses(off), 1e-6)
+
+
+@pytest.mark.parametrize("setting", [None, False])
+def test_prefetching_builds_pinned_batches_in_the_worker(tmp_path, monkeypatch, setting):
+    """What the equality above cannot show: prefetching happens. An in-process run records, for every step batch
+    built, the thread that built it and whether its tensors are pinned: with train.prefetch_batches left at null
+    (on for a GPU) every step after the first is built by the worker thread, all in pinned memory (for the
+    asynchronous copy); with false every batch is built on the main thread."""
+    import threading
+
+    from fsdp_ft import step_batches, tf32
+    from fsdp_ft.config import load_config
+    from fsdp_ft.engine import train
+
+    built = []
+    real = step_batches.StepBatches._host
+
+    def spy(self, position):
+        batches = real(self, position)
+        built.append((position, threading.current_thread().name,
+                      all(v.is_pinned() for b in batches for v in b.values())))
+        return batches
+
+    monkeypatch.setattr(step_batches.StepBatches, "_host", spy)
+    was = tf32.enabled()
+    override = [] if setting is None else [f"train.prefetch_batches={str(setting).lower()}"]
+    try:
+        train(load_config(TINY, [f"output_dir={tmp_path / 'run'}", *FAST, FP32, "train.tf32=false",
+                                 "train.max_steps=4", *override]))
+    finally:
+        tf32.set_tf32(was)
+    assert len(built) == 4, built  # one build per step, none wasted
+    workers = [b for b in built if b[1].startswith("fsdp_ft-batches")]
+    if setting is None:
+        assert [b[0] for b in workers] == [b[0] for b in built[1:]], built  # steps 2-4 prefetched
+        assert all(pinned for _, _, pinned in built), built
+    else:
+        assert workers == [] and all(b[1] == threading.main_thread().name for b in built), built
 
 
 def test_compiled_blocks_equal_eager(tmp_path):

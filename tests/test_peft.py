@@ -2,10 +2,12 @@
 IA3 and prompt learning train under FSDP too; adapters export to PEFT format and merge."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from conftest import ASSETS, FAST, TINY, assert_losses_close, cli, losses, train_1proc, train_nproc
+from conftest import FAST, TINY, assert_losses_close, cli, losses, train_1proc, train_nproc
 from fsdp_ft.metrics import read_metrics
 
 ONE_PROC = ["train.micro_batch_size=2", "train.grad_accum=2"]
@@ -91,6 +93,23 @@ def test_only_adapters_train(peft_runs):
     assert row["trainable_share"] == pytest.approx(row["trainable_params"] / row["total_params"])
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_lora_checkpoint_holds_only_the_adapters(peft_runs, ranks):
+    """A PEFT run checkpoints only what trains (the base is reloaded from model.path on resume): the DCP
+    checkpoint's model tensors are the 28 LoRA matrices (A and B on 7 linears of 2 blocks), nothing of the base;
+    the optimizer state covers the same tensors."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = list(FileSystemReader(str(peft_runs("lora", ranks) / "checkpoints" / "step-10")).read_metadata()
+                .state_dict_metadata)
+    model = [k for k in keys if k.startswith("model.")]
+    assert len(model) == 2 * 7 * 2 and all(re.search(r"\.lora_[AB]\.default\.weight$", k) for k in model), model
+    optim = {re.sub(r"^optim\.state\.(.*)\.(exp_avg|exp_avg_sq|step)$", r"model.\1", k) for k in keys
+             if k.startswith("optim.state.")}
+    assert optim == set(model)
+
+
 def test_optimizer_holds_only_adapters(tmp_path, pretrained_q256):
     from fsdp_ft import distributed, engine
     from fsdp_ft.config import load_config
@@ -148,16 +167,58 @@ def test_adapter_export_and_merge_reproduce_logits(tmp_path, pretrained_q256, me
         torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-4, atol=1e-4)
 
 
+def other_method_trainable_by_hand(method: str, cfg: dict, virtual: int = 4, encoder: int = 128) -> int:
+    """Trainable values of peft's IA3 / prompt-learning defaults on a Llama `cfg`, by hand. IA3: a scale per
+    output row of k_proj and v_proj and per input column of down_proj (the feed-forward layer) in every block.
+    prompt: one embedding row per virtual token. prefix: per virtual token a key and a value row of every
+    block's attention. p_tuning: the virtual tokens' embedding and the 3-layer MLP hidden -> encoder -> encoder
+    -> hidden (weights and biases)."""
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    return {"ia3": layers * (2 * kv + cfg["intermediate_size"]),
+            "prompt": virtual * h,
+            "prefix": virtual * 2 * layers * kv,
+            "p_tuning": virtual * h + (h * encoder + encoder) + (encoder * encoder + encoder) + (encoder * h + h),
+            }[method]
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["ia3", "prompt", "prefix", "p_tuning"])
-def test_other_peft_methods_under_fsdp(session_tmp, method):
-    """IA3 and prompt learning train under FSDP2 and equal one process; the export is a PEFT folder."""
-    args = ["model.path=" + str(ASSETS / "tiny-llama"), f"finetune.method={method}", "train.max_steps=4",
-            "finetune.prompt.num_virtual_tokens=4", "optim.lr=1e-2"]
-    one = train_1proc(session_tmp / f"{method}-1", *ONE_PROC, *args)
+def test_other_peft_methods_under_fsdp(session_tmp, pretrained_q256, method):
+    """IA3 and prompt learning train under FSDP2 and equal one process: the adapters (and only they) train, by
+    the hand count; the trained model is not the initial one (frozen or unstepped adapters would leave it so);
+    final/ is a PEFT folder that PeftModel loads over the base, giving the trained logits."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fsdp_ft import distributed, engine
+    from fsdp_ft.config import load_config
+    from fsdp_ft.engine import train
+
+    args = [f"model.path={pretrained_q256}", "model.random_init=false", f"finetune.method={method}",
+            "train.max_steps=4", "finetune.prompt.num_virtual_tokens=4", "optim.lr=1e-2"]
+    cfg = load_config(TINY, [f"output_dir={session_tmp / f'{method}-1'}", *FAST, *ONE_PROC, *args])
+    result = train(cfg)  # in this process: its trained model is compared below
     two = train_nproc(2, session_tmp / f"{method}-2", *TWO_RANKS, *args)
-    assert_losses_close(losses(two), losses(one), 1e-5)
+    assert_losses_close(losses(two), losses(result.output_dir), 1e-5)
+    by_hand = other_method_trainable_by_hand(method, json.loads((pretrained_q256 / "config.json").read_text()))
+    assert _setup_row(result.output_dir)["trainable_params"] == _setup_row(two)["trainable_params"] == by_hand
+
+    batch = result.tokenizer(SAMPLE, return_tensors="pt", padding=True)
+    result.model.eval()
+    with torch.no_grad():
+        trained = result.model(**batch, use_cache=False).logits
+        initial_model = engine.build(cfg, distributed.init_distributed())[0].eval()  # same seed, not trained
+        initial = initial_model(**batch, use_cache=False).logits
+    assert (trained - initial).abs().max() > 1e-3, "the adapters did not move in 4 steps of lr 1e-2"
+
     assert (two / "final" / "adapter_config.json").is_file()
+    final = result.output_dir / "final"
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pretrained_q256), final).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, trained, rtol=1e-5, atol=1e-5)
 
 
 def test_scaler_block_size_must_fit_every_row_shard():

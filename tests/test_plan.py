@@ -28,7 +28,13 @@ from conftest import ASSETS, REPO, TINY, cli, free_port
 from fsdp_ft.metrics import read_metrics
 
 SEQ = 128
-BOUND = 0.15
+# predicted / measured peak within 3%: the one-rank cases measure 1.009-1.011, hybrid and offload on 2 ranks 1.001
+# (docs/performance.md). Three 2-rank cases miss by more today and carry their own bound, just above what they
+# measure, so that they cannot drift further unnoticed (KNOWN_MISS; docs/performance.md says why they are open).
+BOUND = 0.03
+KNOWN_MISS = {"lora-ac-2ranks": 0.15,   # 1.125: a LoRA base kept whole, simulated on FSDP2's HSDP path
+              "full-2ranks": 0.10,      # 0.925
+              "qlora-ac-2ranks": 0.12}  # 0.905
 RUN = [f"train.seq_len={SEQ}", "train.micro_batch_size=4", "train.grad_accum=2", "train.max_steps=2",
        "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.progress_bar=false", "data.eval=null",
        "resume=none"]
@@ -77,7 +83,7 @@ def _check(name, nproc, extra, data, tmp_path) -> dict:
     predicted = result["prediction"]["peak_bytes"]
     ratio = predicted / max(measured)
     print(f"{name}: predicted {predicted} B, measured {measured} B per rank, ratio {ratio:.3f}")
-    assert abs(ratio - 1) <= BOUND, (name, predicted, measured)
+    assert abs(ratio - 1) <= KNOWN_MISS.get(name, BOUND), (name, predicted, measured)
     return result
 
 
@@ -378,10 +384,14 @@ def test_plan_weights_match_the_resident_memory_two_ranks(tmp_path):
     assert len(measured) == 2 and all(abs(predicted / m - 1) <= 0.08 for m in measured)
 
 
-@pytest.mark.slow
-def test_colab_qlora_plan_holds_the_4bit_base(tmp_path):
-    """configs/qlora_7b_colab.yaml on Llama-2-7B's shape (the issue's case, planned from 2- and 3-block stacks):
-    the 4-bit base of its 6.48 B block weights is in the plan, to the byte of the hand count (3.11 GiB)."""
+def test_colab_qlora_plan_holds_the_4bit_base_and_fits_16gb(tmp_path):
+    """configs/qlora_7b_colab.yaml on Llama-2-7B's shape (a config.json only, random init; planned from 2- and
+    3-block stacks) on one 16 GB GPU, the README's promise: the plan says it fits in 90% of 16 GiB, and the 4-bit
+    base of its 6.48 B block weights is in it, to the byte of the hand count (3.11 GiB). Its peak also covers the
+    weights that must be there by hand: the NF4 base, the fp32 embedding and head, and the LoRA adapters with their
+    gradients and two AdamW moments (4 x 4 bytes each)."""
+    from fsdp_ft import plan
+
     shape = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 32, "head_dim": 128, "vocab_size": 32000, "tie_word_embeddings": False,
@@ -389,9 +399,17 @@ def test_colab_qlora_plan_holds_the_4bit_base(tmp_path):
              "pad_token_id": 0}
     model = _model_folder(tmp_path / "llama2-7b", shape)
     out = cli("plan", "configs/qlora_7b_colab.yaml", f"model.path={model}", "model.random_init=true",
-              f"output_dir={tmp_path / 'out'}", "--nproc", "1", "--device", "cuda", "--json").stdout
-    pred = json.loads(out.strip().splitlines()[-1])["prediction"]
-    assert pred["step"]["whole"] == sum(base_bytes_by_hand(shape, "qlora", "nf4", scaler=256))
+              f"output_dir={tmp_path / 'out'}", "--nproc", "1", "--device", "cuda", "--gpu-mem-gb", "16",
+              "--json").stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    pred = result["prediction"]
+    base = sum(base_bytes_by_hand(shape, "qlora", "nf4", scaler=256))
+    assert pred["step"]["whole"] == base
+    assert result["budget_bytes"] == 16 * 2 ** 30 and result["fits"] is True and result["tried"] == []
+    assert pred["peak_bytes"] <= plan.HEADROOM * 16 * 2 ** 30
+    h, inter, layers, vocab = 4096, 11008, 32, 32000
+    lora = 64 * layers * (4 * (h + h) + 2 * (h + inter) + (inter + h))  # r=64 on q, k, v, o, gate, up, down
+    assert pred["peak_bytes"] > base + 4 * 2 * vocab * h + 16 * lora
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["measure-rss"]:

@@ -12,6 +12,8 @@ from conftest import FAST, TINY, assert_losses_close, losses, train_nproc
 from fsdp_ft.metrics import read_metrics
 from test_peft import ONE_PROC, SAMPLE, STEPS, TWO_RANKS
 
+QUANT_RTOL = 1e-6  # 2 ranks vs 1 process in fp32; see test_two_ranks_equal_one_process_fp32
+
 LORA_TARGETS = 2 * (4 * 256 * 256 + 3 * 256 * 512)  # values of the adapted base weights in `pretrained_q256`
 LORA_ROWS = 2 * (4 * 256 + 2 * 512 + 256)  # their rows (output features): q, k, v, o, gate, up, down per block
 
@@ -183,9 +185,15 @@ def _setup_row(run):
 @pytest.mark.distributed
 @pytest.mark.parametrize("quant", ["fp4", "int8"])
 def test_two_ranks_equal_one_process_fp32(quant_runs, quant):
+    """fp32: only the order of the gradient sums differs (2 ranks' reduce vs 1 process's accumulation), so the
+    losses agree to a few fp32 roundings compounded over 10 steps: 5.8e-8 (FP4) and 5.1e-8 (int8) relative at
+    most, measured (the README says under 6e-8); bound 1e-6, about 17x that. A tensor left out of the reduce
+    or summed twice moves the losses by far more."""
     one, two = losses(_out(quant_runs(quant, 1))), losses(quant_runs(quant, 2))
     assert len(one) == 10
-    assert_losses_close(two, one, 1e-5)
+    worst = max(abs(two[s] - one[s]) / abs(one[s]) for s in one)
+    print(f"{quant}: 2 ranks vs 1 process, max relative loss difference {worst:.2e}")
+    assert_losses_close(two, one, QUANT_RTOL)
     assert one[10] < one[1]
 
 

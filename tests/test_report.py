@@ -55,10 +55,54 @@ def test_page_is_self_contained_with_a_chart_per_metric(page, run_dir):
     assert re.findall(r"https?://[^\"' ]+", text) == ["http://www.w3.org/2000/svg"] * text.count("<svg")
     titles = re.findall(r'<text [^>]*class="title">([^<]+)</text>', text)
     assert titles == CHARTS
-    train = [r for r in read_metrics(run_dir) if "split" not in r]
-    loss_line = re.search(r'<polyline points="([^"]+)"[^>]*data-series="train loss"', text).group(1)
-    assert len(loss_line.split()) == len(train) == 4
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if "split" not in r]
+    evals = [r for r in rows if r.get("split") == "eval"]
+    assert len(train) == 4 and len(evals) == 2
+    # the lines, read back through their chart's own axes, are the logged values at the logged steps
+    for title, series, logged, key in (("Loss", "train loss", train, "loss"), ("Loss", "eval loss", evals, "loss"),
+                                       ("Learning rate", "lr", train, "lr")):
+        tol_x, tol_y = axis_tolerance(text, title)
+        assert chart_points(text, title, series) == [
+            (pytest.approx(r["step"], abs=tol_x), pytest.approx(r[key], abs=tol_y)) for r in logged], series
     assert "peak_flops_source" in text and "trainable_params" in text  # the set-up facts
+
+
+def _chart(page: str, title: str) -> str:
+    charts = re.findall(r"<svg .*?</svg>", page, flags=re.S)
+    found = [c for c in charts if f'class="title">{title}</text>' in c]
+    assert len(found) == 1, title
+    return found[0]
+
+
+def _axes(chart: str):
+    """Pixel -> value maps of a chart from its first and last tick: y ticks are the right-aligned labels (drawn 4 px
+    below their grid line), x ticks the centred ones under the frame."""
+    y_ticks = [(float(y) - 4, float(v)) for y, v in
+               re.findall(r'<text x="[^"]+" y="([^"]+)" text-anchor="end" class="tick">([^<]+)</text>', chart)]
+    x_ticks = [(float(x), float(v)) for x, v in
+               re.findall(r'<text x="([^"]+)" y="[^"]+" text-anchor="middle" class="tick">([^<]+)</text>', chart)]
+    assert len(y_ticks) >= 2 and len(x_ticks) >= 2, chart[:300]
+
+    def linear(ticks):
+        (p0, v0), (p1, v1) = ticks[0], ticks[-1]
+        return (lambda p: v0 + (p - p0) * (v1 - v0) / (p1 - p0)), abs((v1 - v0) / (p1 - p0))
+    return linear(x_ticks), linear(y_ticks)
+
+
+def chart_points(page: str, title: str, series: str) -> list[tuple[float, float]]:
+    """(x, y) in data units of a series' polyline in the chart titled `title`."""
+    chart = _chart(page, title)
+    (to_x, _), (to_y, _) = _axes(chart)
+    points = re.search(rf'<polyline points="([^"]+)"[^>]*data-series="{re.escape(series)}"', chart).group(1)
+    return [(to_x(float(x)), to_y(float(y))) for x, y in (p.split(",") for p in points.split())]
+
+
+def axis_tolerance(page: str, title: str) -> tuple[float, float]:
+    """Coordinates are written to 0.1 px: a point and the two ticks each round by up to 0.05 px, so a value read
+    back may be off by 0.15 px in data units (plus float slack)."""
+    (_, x_per_px), (_, y_per_px) = _axes(_chart(page, title))
+    return 0.16 * x_per_px, 0.16 * y_per_px
 
 
 def test_chromium_renders_the_page(page, tmp_path):
