@@ -88,16 +88,22 @@ def pretrained_q256(tmp_path_factory) -> Path:
     """A 'pretrained' Llama whose weights are saved by transformers itself, with 256-wide layers: every linear
     holds a multiple of 64 x 256 values and so does each row shard on 2 or 4 ranks, as NF4 double quantization
     with the default block sizes needs (SmolLM2's 576-wide layers, say, need a smaller scaler_block_size)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("pretrained") / "llama-256", seed=11, hidden_size=256,
+                           intermediate_size=512, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
+                           num_hidden_layers=2)
+
+
+def save_tiny_llama(out: Path, seed: int, **changes) -> Path:
+    """tests/assets/tiny-llama with `changes` to its config, random weights drawn under `seed` and saved by
+    transformers itself (a 'pretrained' folder: the run loads it with model.random_init=false), and its tokenizer."""
     import shutil
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    out = tmp_path_factory.mktemp("pretrained") / "llama-256"
     cfg = AutoConfig.from_pretrained(ASSETS / "tiny-llama")
-    cfg.update(dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
-                    head_dim=64, num_hidden_layers=2))
-    torch.manual_seed(11)
+    cfg.update(changes)
+    torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     for f in (ASSETS / "tiny-llama").iterdir():
         if f.name != "config.json":

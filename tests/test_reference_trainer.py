@@ -11,14 +11,13 @@ to 6 with dropout on, so a resume that does not restore the RNG state draws othe
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ASSETS, FAST, TINY, cli, losses
+from conftest import ASSETS, FAST, TINY, cli, losses, save_tiny_llama
 from reference_trainer import Recipe, read_rows, tokenize, train
 
 TRAIN_FILE = ASSETS / "data" / "tiny_text_train.jsonl"
@@ -31,17 +30,7 @@ LOSS_RTOL, WEIGHT_RTOL = 5e-6, 5e-5
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A 'pretrained' tiny Llama saved by transformers, with attention dropout 0.1 so the RNG matters."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("reference") / "tiny-llama-dropout"
-    cfg = AutoConfig.from_pretrained(ASSETS / "tiny-llama")
-    cfg.attention_dropout = 0.1
-    torch.manual_seed(5)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    for f in (ASSETS / "tiny-llama").iterdir():
-        if f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("reference") / "tiny-llama-dropout", seed=5, attention_dropout=0.1)
 
 
 def run_fsdp_ft(out: Path, model_dir: Path, r: Recipe, *extra: str) -> list[dict]:
