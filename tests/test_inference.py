@@ -187,6 +187,17 @@ def _hf_generate(folder, ids, **kwargs) -> str:
     return tok.decode(new, skip_special_tokens=True)
 
 
+def _greedy_rows_equal_hf(lm_folder, tok, out: str, max_new_tokens: int) -> list[dict]:
+    """generate's JSON lines: the PROMPTS in order, each completion what model.generate gives greedily."""
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [g["prompt"] for g in got] == PROMPTS
+    for g in got:
+        want = _hf_generate(lm_folder, tok(g["prompt"], return_tensors="pt")["input_ids"], do_sample=False,
+                            max_new_tokens=max_new_tokens)
+        assert g["completion"] == want and want.strip()
+    return got
+
+
 def test_generate_greedy_and_chat_equal_hf_generate(lm_folder, tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(lm_folder)
     prompts = tmp_path / "prompts.txt"
@@ -194,12 +205,7 @@ def test_generate_greedy_and_chat_equal_hf_generate(lm_folder, tmp_path, capsys)
     code, out, _ = fsdp_ft(capsys, "generate", lm_folder, "--prompts-file", prompts, "--greedy",
                            "--max-new-tokens", 12)
     assert code == 0
-    got = [json.loads(line) for line in out.splitlines()]
-    assert [g["prompt"] for g in got] == PROMPTS
-    for g in got:
-        want = _hf_generate(lm_folder, tok(g["prompt"], return_tensors="pt")["input_ids"], do_sample=False,
-                            max_new_tokens=12)
-        assert g["completion"] == want and want.strip()
+    got = _greedy_rows_equal_hf(lm_folder, tok, out, 12)
 
     code, out, _ = fsdp_ft(capsys, "generate", lm_folder, "--prompt", PROMPTS[0], "--chat", "--greedy",
                            "--max-new-tokens", 12)
@@ -236,12 +242,7 @@ def test_generate_prompts_from_a_jsonl_column_equal_hf_generate(lm_folder, tmp_p
     code, out, _ = fsdp_ft(capsys, "generate", lm_folder, "--prompts-file", src, "--prompt-column", "question",
                            "--greedy", "--max-new-tokens", 8)
     assert code == 0
-    got = [json.loads(line) for line in out.splitlines()]
-    assert [g["prompt"] for g in got] == PROMPTS
-    for g in got:
-        want = _hf_generate(lm_folder, tok(g["prompt"], return_tensors="pt")["input_ids"], do_sample=False,
-                            max_new_tokens=8)
-        assert g["completion"] == want and want.strip()
+    got = _greedy_rows_equal_hf(lm_folder, tok, out, 8)
     assert got[0]["completion"] != got[1]["completion"]
 
     conversations = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": p}]
