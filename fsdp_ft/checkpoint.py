@@ -135,10 +135,25 @@ def _options(trainable_only: bool) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
 
+# module names that wrappers put in parameter names and that state-dict keys leave out
+_WRAPPER_NAMES = {"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"}
+
+
+def _trainable_keys(model) -> set[str]:
+    """State-dict keys of the parameters that train, under every name a parameter is registered by. torch's
+    `ignore_frozen_params` misses a frozen parameter registered twice: peft's prompt-learning models hold the
+    input embedding also as `word_embeddings`, which a PEFT checkpoint then saved whole."""
+    return {".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
+            for name, param in model.named_parameters(remove_duplicate=False) if param.requires_grad}
+
+
 def _model_and_optim_state(model, optimizer, trainable_only: bool) -> dict:
     options = _options(trainable_only)
-    return {"model": get_model_state_dict(model, options=options),
-            "optim": get_optimizer_state_dict(model, optimizer, options=options)}
+    weights = get_model_state_dict(model, options=options)
+    if trainable_only:
+        keep = _trainable_keys(model)
+        weights = {k: v for k, v in weights.items() if k in keep}
+    return {"model": weights, "optim": get_optimizer_state_dict(model, optimizer, options=options)}
 
 
 def _rng_state() -> dict:

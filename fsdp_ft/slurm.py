@@ -284,6 +284,7 @@ def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
         return 0
     folder.mkdir(parents=True, exist_ok=True)
     _test_only(batch_script(ex, len(configs) if opts.sweep else None), folder)
+    submitted_at = time.time()
     try:
         with ex.batch():
             jobs = [ex.submit(TrainJob(cfg.to_dict())) for cfg in configs]
@@ -294,6 +295,9 @@ def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
               f"\n  rank logs:  {cfg.output_dir}/logs/rank-<N>.log\n  resources:  {_describe(opts, shape)}", flush=True)
     if not opts.wait:
         return 0
+    watcher = _sacct_since(submitted_at)
+    for job in jobs:
+        job.watcher = watcher
     return _wait(jobs)
 
 
@@ -318,6 +322,28 @@ def _sbatch_reason(e: Exception) -> str:
 
 
 RESULT_PATIENCE_S = 90  # how long a COMPLETED job's result files may lag its state
+CLOCK_SKEW_S = 300      # how far this host's clock may run ahead of the controller's
+ALIVE = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
+         "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "UNKNOWN"}  # UNKNOWN: accounting has no record of it yet
+
+
+def _sacct_since(submitted_at: float):
+    """submitit's sacct watcher, asking only for jobs that ran after our submission.
+
+    `sacct -j ID` without `-S` returns every job that ever had ID, and job ids repeat: a controller started with
+    fresh state (or a cluster whose ids wrapped) numbers from 1 again while accounting keeps the old jobs. An old
+    `ID_0 COMPLETED` then made submitit call a job done that had not started, and --wait failed after 15 s with
+    "has not produced any output (state: RUNNING)"."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(submitted_at - CLOCK_SKEW_S))
+
+    class SinceSubmission(SlurmInfoWatcher):
+        def _make_command(self):
+            command = super()._make_command()
+            return None if command is None else [*command, "-S", since]
+
+    return SinceSubmission(delay_s=60)
 
 
 def _wait(jobs) -> int:
@@ -337,12 +363,17 @@ def _wait(jobs) -> int:
 
 def _results(job, patience_s: float = RESULT_PATIENCE_S, poll_s: float = 3.0):
     """`job.results()`, asked again while SLURM calls the job COMPLETED: a task's result file can appear after
-    the job's state does (a loaded node, a slow shared filesystem), and submitit gives up after 15 s."""
+    the job's state does (a loaded node, a slow shared filesystem), and submitit gives up after 15 s.
+    Also asked again while a fresh sacct call says the job is still alive: submitit's own check of the state is
+    cached and can call a job done that is pending, running or requeued."""
+    from submitit.core.utils import UncompletedJobError
+
     deadline = time.monotonic() + patience_s
     while True:
         try:
             return job.results()
-        except Exception:
-            if job.state != "COMPLETED" or time.monotonic() > deadline:
+        except UncompletedJobError:  # no result file; a job that raised has one and fails at once
+            state = job.watcher.get_state(job.job_id, mode="force").split()[0].upper()
+            if not (state in ALIVE or state == "COMPLETED" and time.monotonic() < deadline):
                 raise
             time.sleep(poll_s)

@@ -190,7 +190,10 @@ def test_other_peft_methods_under_fsdp(session_tmp, pretrained_q256, method):
     final/ is a PEFT folder that PeftModel loads over the base, giving the trained logits."""
     import json
 
+    import math
+
     from peft import PeftModel
+    from torch.distributed.checkpoint import FileSystemReader
     from transformers import AutoModelForCausalLM
 
     from fsdp_ft import distributed, engine
@@ -205,6 +208,11 @@ def test_other_peft_methods_under_fsdp(session_tmp, pretrained_q256, method):
     assert_losses_close(losses(two), losses(result.output_dir), 1e-5)
     by_hand = other_method_trainable_by_hand(method, json.loads((pretrained_q256 / "config.json").read_text()))
     assert _setup_row(result.output_dir)["trainable_params"] == _setup_row(two)["trainable_params"] == by_hand
+    for out in (result.output_dir, two):  # the checkpoint holds what trains and nothing of the base: peft also
+        # registers a prompt-learning model's input embedding as `word_embeddings`, which torch's frozen filter missed
+        meta = FileSystemReader(str(out / "checkpoints" / "step-4")).read_metadata().state_dict_metadata
+        saved = {k: math.prod(v.size) for k, v in meta.items() if k.startswith("model.")}
+        assert sum(saved.values()) == by_hand, saved
 
     batch = result.tokenizer(SAMPLE, return_tensors="pt", padding=True)
     result.model.eval()

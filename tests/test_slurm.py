@@ -186,10 +186,52 @@ def test_unknown_partition_or_option_fails_in_one_line(slurm_cluster, tmp_path, 
     assert "submitted job" not in res.stdout and not list(tmp_path.glob("**/*_submitted.pkl"))
 
 
-# slow: under a loaded CI machine `submit --wait` once read an array task as RUNNING after it ended (submitit's
-# UncompletedJobError; a race in reading sacct, not yet fixed); the folders and overrides of a sweep are checked in
-# the default run by the in-process recorder test above
-@pytest.mark.slow
+MYSQL = ["mysql", "--socket=/run/mysqld/mysqld.sock", "-N", "-B", "slurm_acct_db", "-e"]
+
+
+def plant_old_job_with_id(source: str, new_id: int) -> None:
+    """Copy job `source`'s accounting row to id `new_id`, ten minutes older: what accounting holds after a
+    controller restarted with fresh state (or ids that wrapped) numbers new jobs from 1 again. For a job id sacct
+    shows the newest record, so the copy wins over jobs of older cluster runs and loses to the job to come."""
+    cols = subprocess.run([*MYSQL, "SELECT column_name FROM information_schema.columns WHERE table_schema="
+                           "'slurm_acct_db' AND table_name='fsdpft_job_table' AND column_name<>'job_db_inx'"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    shifted = {"id_job": str(new_id), **{c: f"IF({c}>0,{c}-600,0)" for c in
+                                          ("time_submit", "time_eligible", "time_start", "time_end")}}
+    subprocess.run([*MYSQL, f"INSERT INTO fsdpft_job_table ({','.join(f'`{c}`' for c in cols)}) SELECT "
+                    f"{','.join(shifted.get(c, f'`{c}`') for c in cols)} FROM fsdpft_job_table WHERE id_job={int(source)} "
+                    "ORDER BY job_db_inx DESC LIMIT 1"], check=True, capture_output=True, text=True)
+
+
+def test_wait_ignores_an_older_job_with_the_same_id(slurm_cluster, tmp_path):
+    """Job ids repeat across controller restarts while accounting keeps the old jobs, and `sacct -j ID` returns
+    them all: an old COMPLETED record of the next id made `submit --wait` call a job done before it started and
+    fail 15 s later ("has not produced any output (state: RUNNING)"), as it did once in CI. --wait must wait for
+    the job it submitted and exit 0 with the run's final export."""
+    probe = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert wait_job(probe) == "COMPLETED"
+    upcoming = [int(probe) + k for k in (1, 2, 3)]  # `sbatch --test-only` takes an id too
+    for new_id in upcoming:
+        plant_old_job_with_id(probe, new_id)
+    # the premise: before the job's own record reaches accounting (the window CI hit: slurmdbd lagging under load,
+    # or an array task that has just started), submitit's watcher reads the old record; ours asks only for jobs
+    # since the submission (time.time() here, less the clock-skew margin of 300 s)
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    from fsdp_ft.slurm import _sacct_since
+
+    theirs, ours = SlurmInfoWatcher(delay_s=60), _sacct_since(time.time())
+    assert all(theirs.is_done(str(i), mode="force") for i in upcoming)  # accounting calls the next ids done
+    assert [ours.get_state(str(i), mode="force") for i in upcoming] == ["UNKNOWN"] * 3
+    assert not any(ours.is_done(str(i), mode="force") for i in upcoming)
+    res = cli("submit", str(TINY), "--nodes", "1", "--time", "10", "--wait", "--setup", "sleep 25",
+              f"output_dir={tmp_path}", *FAST, "train.max_steps=2", "data.eval=null", check=False, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert int(job_id(res)) in upcoming and " finished" in res.stdout, res.stdout
+    assert sorted(losses(tmp_path)) == [1, 2] and (tmp_path / "final" / "config.json").is_file()
+
+
 def test_sweep_runs_each_combination_in_its_folder(slurm_cluster, tmp_path):
     """A 2-task job array on the cluster: each task trains with its own value, in output_dir/KEY=VALUE."""
     res = cli("submit", str(TINY), "--nodes", "1", "--time", "10", "--wait", "--sweep", "optim.lr=1e-3,4e-3",
@@ -374,8 +416,15 @@ class _LaggingJob:
     """A submitit job whose result files appear `lag` reads after SLURM's state says `state` (submitit raises
     UncompletedJobError meanwhile), as seen once under load."""
 
+    job_id = "7"
+
     def __init__(self, state: str, lag: int):
         self.state, self.lag, self.reads = state, lag, 0
+        self.watcher = self
+
+    def get_state(self, job_id: str, mode: str) -> str:
+        assert job_id == self.job_id and mode == "force"  # a fresh sacct call, not submitit's cached state
+        return self.state
 
     def results(self):
         from submitit.core.utils import UncompletedJobError
@@ -386,14 +435,22 @@ class _LaggingJob:
         return ["done"]
 
 
-def test_results_of_a_completed_job_are_read_again_until_they_appear():
+@pytest.mark.parametrize("state", ["COMPLETED", "RUNNING", "PENDING", "REQUEUED", "UNKNOWN"])
+def test_results_are_read_again_while_the_job_lives_or_completed(state):
     from fsdp_ft.slurm import _results
 
-    job = _LaggingJob("COMPLETED", lag=2)
+    job = _LaggingJob(state, lag=2)
     assert _results(job, patience_s=30, poll_s=0) == ["done"] and job.reads == 3
 
 
-@pytest.mark.parametrize("state,patience", [("FAILED", 30), ("COMPLETED", 0)])
+def test_a_live_job_is_waited_for_past_the_patience():
+    from fsdp_ft.slurm import _results
+
+    job = _LaggingJob("RUNNING", lag=3)
+    assert _results(job, patience_s=0, poll_s=0) == ["done"] and job.reads == 4
+
+
+@pytest.mark.parametrize("state,patience", [("FAILED", 30), ("COMPLETED", 0), ("CANCELLED by 0", 30)])
 def test_results_of_a_failed_job_or_after_the_patience_raise(state, patience):
     from submitit.core.utils import UncompletedJobError
 
