@@ -10,7 +10,12 @@ would hold, as `torch.cuda.max_memory_allocated` would count it.
 FSDPMemTracker counts FSDP's own (sharded) parameters, the buffers and whatever an op allocates, but not the
 parameters FSDP is told to leave alone: the quantized base on one rank and a frozen base kept whole
 (fsdp.shard_frozen=false). Those are counted here, storage by storage (`memtrack.storage_bytes`), as the group
-`whole`: they live through the whole step and stay on the device under CPU offload.
+`whole`: they live through the whole step and stay on the device under CPU offload. (They are also made known to
+the tracker before the step, so that it does not count them a second time as activations.)
+
+On CPU ranks over gloo the run takes FSDP's communication buffers from a pool that keeps them
+(`fsdp_ft.host_buffers`, `gloo_reduce.install`); the simulation installs the same all-gather and reduce-scatter on
+the fake group and fills the pool before the tracked step, so the pool's buffers are counted as the run holds them.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fsdp_ft import distributed, memtrack, parallel, quantize
+from fsdp_ft import distributed, gloo_reduce, memtrack, parallel, quantize
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 
@@ -140,24 +145,57 @@ def _materialize_fake(model: nn.Module, device: torch.device) -> None:
                                           quantize.quantize_like(full, like=local, module=module))
 
 
-def unmanaged_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters FSDP does not manage (its `ignored_params`: every parameter it manages is a DTensor,
-    even on one rank), less any storage they share with managed parameters or buffers."""
+def unmanaged_params(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The parameters FSDP does not manage (its `ignored_params`: every parameter it manages is a DTensor, even on
+    one rank), and the managed parameters and buffers."""
     from torch.distributed.tensor import DTensor
 
     params = list(model.parameters())
     managed = [p for p in params if isinstance(p, DTensor)] + list(model.buffers())
-    return memtrack.storage_bytes([p for p in params if not isinstance(p, DTensor)], skip=managed)
+    return [p for p in params if not isinstance(p, DTensor)], managed
 
 
 def _groups(snapshot: dict[str, int], whole: int = 0) -> dict[str, int]:
+    """The tracker's categories as the plan's groups. `whole`: the unmanaged weights, which `simulate_step`
+    registers with the tracker as inputs (alive all step, so in every snapshot's "Inputs"): moved to their row."""
     out: dict[str, int] = {"whole": whole} if whole else {}
     for key, value in snapshot.items():
+        if key == "Inputs":
+            value -= whole
         if key in GROUPS:
             out[GROUPS[key]] = out.get(GROUPS[key], 0) + value
         elif key != "Total":
             out["other"] = out.get("other", 0) + value
     return out
+
+
+def pooled_comm(cfg: Config, world_size: int, target: str) -> bool:
+    """Whether the run's ranks take FSDP's communication buffers from fsdp_ft.host_buffers' pool (the gloo
+    all-gather and reduce-scatter of `gloo_reduce.install`): CPU ranks talk over gloo, GPUs over NCCL. The fake
+    process group is neither, so `parallel.parallelize` does not install them in the simulation; `simulate_step`
+    does."""
+    replicas = cfg.fsdp.hybrid_replicas or 1
+    return target == "cpu" and gloo_reduce.enabled_for(cfg, replicas, world_size // replicas)
+
+
+def pool_depth(cfg: Config, world_size: int, target: str) -> int:
+    """How many blocks' communication buffers the pool may hand out at once (0 without the pool): the reductions
+    in flight (gloo_reduce.MAX_IN_FLIGHT, plus the one being issued) and the all-gathers ahead (fsdp.prefetch; at
+    least FSDP2's own one-block prefetch in backward). The pool keeps that many blocks' buffers whatever the depth,
+    so only stacks at least this deep grow by the same bytes per block (simulated on the tiny Llama, 2 ranks:
+    the per-block growth is constant from 4 blocks on with prefetch 0 and 1, from 5 with prefetch 2)."""
+    if not pooled_comm(cfg, world_size, target):
+        return 0
+    return gloo_reduce.MAX_IN_FLIGHT + 1 + max(cfg.fsdp.prefetch, 1)
+
+
+def _install_pooled_comm(model: nn.Module, cfg: Config, world_size: int) -> None:
+    """What `parallel.parallelize` does on gloo ranks, on the fake group: the pool's buffers are then allocated
+    (fake) and held as in the run. Its swaps and in-place all-reduces run on the fake group and move nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    gloo_reduce.install(model, modules, parallel.mixed_precision_policy(cfg), world_size)
 
 
 def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, target: str = "cpu") -> PhasePeaks:
@@ -177,18 +215,38 @@ def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
     labels = _labels(cfg)
     env = _fake_env(world_size)
     model = build_sharded_meta(cfg, env, model_dir, hf_config, tokenizer, labels)
+    pooled = pooled_comm(cfg, world_size, target)
+    if pooled:
+        _install_pooled_comm(model, cfg, world_size)
     task = get_task(cfg, tokenizer)
     micro_steps = min(cfg.train.grad_accum, 2)  # the second sees the first's unreduced gradients
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # torchao's NF4
         _materialize_fake(model, device)
-        whole = unmanaged_bytes(model)
+        unmanaged, managed = unmanaged_params(model)
+        whole = memtrack.storage_bytes(unmanaged, skip=managed)
         optimizer = build_optimizer(model, cfg, torch.device(target))
         init_state(optimizer)  # as training does: the tracked step is a steady-state one
         batch = synthetic_batch(cfg, task, hf_config.vocab_size, num_labels)
         tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs(tuple(batch.values()))
+        # The unmanaged weights are made before tracking starts, and FSDPMemTracker does not know them: the first
+        # view of one inside the step (F.linear's `t()` of a frozen weight kept whole) would make the tracker count
+        # its storage as a new activation, on top of `whole` (measured: LoRA kept whole, 2 ranks, the head and every
+        # block's base weights, 0.85 of the 0.88 MB over-prediction). Known to the tracker from the start, they are
+        # never counted twice; `_groups` moves them from "Inputs" to their own row.
+        tracker.track_inputs(tuple(unmanaged))
         model.train()
+        if pooled:
+            # The pool hands its buffers out again but never frees them, so from the second step on it holds all
+            # that the busiest moment of a step needed (the reduce-scatter's buffers included, alive through the
+            # next forward): one synchronizing micro-step fills it, as the run's first step does, before the
+            # tracked step (entering the tracker again starts the peak afresh from what is alive).
+            with tracker:
+                parallel.start_micro_step(model, cfg, True)
+                task.loss_sums(model, batch)["loss"].backward()
+                optimizer.zero_grad(set_to_none=True)
+                tracker.reset_mod_stats()
         with tracker:
             for i in range(micro_steps):
                 parallel.start_micro_step(model, cfg, i == micro_steps - 1)

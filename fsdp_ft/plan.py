@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
-from fsdp_ft import gloo_reduce, memsim, precision
+from fsdp_ft import memsim, precision
 from fsdp_ft.config import Config, load_config
 from fsdp_ft.errors import ConfigError
 
@@ -98,7 +99,10 @@ def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, targe
     cfg = memsim.resolve_auto(cfg, model_dir, hf_config, tokenizer, world_size, memory_per_rank)
     layers = _layer_count(hf_config)
     p = _period(cfg, hf_config)
-    short = [2 * p, 3 * p] if p == 1 else [p, 2 * p]
+    # two stacks a period apart, deep enough that each further block adds the same bytes: past the pool's
+    # fixed number of blocks in flight where the run pools its communication buffers (memsim.pool_depth)
+    first = p * max(2 if p == 1 else 1, math.ceil(memsim.pool_depth(cfg, world_size, target) / p))
+    short = [first, first + p]
     if exact or layers <= short[1] or cfg.finetune.freeze_first_n_blocks > 0:
         peaks = memsim.simulate_step(cfg, model_dir, hf_config, tokenizer, world_size, target)
         train, step, simulated = peaks.train, peaks.step, [layers]
@@ -108,18 +112,8 @@ def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, targe
         train = _extrapolate(a.train, b.train, *short, layers)
         step = _extrapolate(a.step, b.step, *short, layers)
         simulated = short
-    if _keeps_gradient_buffers(cfg, world_size, target):
-        train = {**train, "grads": max(train.get("grads", 0), step.get("grads", 0))}
     return Prediction(overrides=list(overrides), world_size=world_size, target=target, train=train, step=step,
                       layers_simulated=simulated, offload=cfg.fsdp.cpu_offload, replicas=cfg.fsdp.hybrid_replicas)
-
-
-def _keeps_gradient_buffers(cfg: Config, world_size: int, target: str) -> bool:
-    """Whether training on CPU ranks takes the sharded gradients from fsdp_ft.host_buffers' pool (the gloo
-    reduce-scatter's outputs), which holds them through the next forward too; the simulation's fake process group
-    does not take that path."""
-    replicas = cfg.fsdp.hybrid_replicas or 1
-    return target == "cpu" and gloo_reduce.enabled_for(cfg, replicas, world_size // replicas)
 
 
 # ---------------------------------------------------------------- advice
