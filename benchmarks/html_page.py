@@ -1,8 +1,8 @@
-"""The comparison as an HTML page per mode, drawn by fsdp_ft.report (the same page kind as `fsdp-ft report`).
+"""The comparison as an HTML page per mode, drawn by fsdp_ft.observability.report (the same page kind as `fsdp-ft report`).
 
 Each system's representative run (the repeat with the median tokens/s) is written as a small run directory with
 a metrics.jsonl in fsdp_ft's row format — step, loss, tokens, tokens_per_s, mfu, and the peak memory on the last
-row (peers report it once, at the end) — so `fsdp_ft.report.compare_page` draws all systems on shared charts.
+row (peers report it once, at the end) — so `fsdp_ft.observability.report.compare_page` draws all systems on shared charts.
 """
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ def _write_run_dir(run: dict, folder: Path, flops_per_token: float | None, peak_
 
 
 def write_pages(report: dict, out: Path, head: list[str], rows: list[list[str]]) -> list[Path]:
-    """OUT/bench-MODE.html for each mode; [] when fsdp_ft.report is not available."""
+    """OUT/bench-MODE.html for each mode; [] when fsdp_ft.observability.report is not available."""
     try:
-        from fsdp_ft.report import Run, compare_page
-        from fsdp_ft.svgplot import table_html
+        from fsdp_ft.observability.report import Run, compare_page
+        from fsdp_ft.observability.svgplot import table_html
     except ImportError:
         return []
     pages = []

@@ -7,7 +7,7 @@ Every system trains the same saved model, the same fixed-length samples in the s
 batch, steps, optimizer settings and precision (benchmarks/workload.py). The systems run one after the other,
 alternating over the repeats (A B C A B C ...), so slow drifts of the machine hit all of them alike. Writes
 OUT/bench.json (everything), OUT/bench.md (the table), OUT/logs/ (each run's output) and OUT/bench-MODE.html
-(fsdp_ft.report's comparison page: the table and per-step charts of every system).
+(fsdp_ft.observability.report's comparison page: the table and per-step charts of every system).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-flops-per-rank", type=float, default=None,
-                   help="MFU denominator per rank in FLOP/s (default: fsdp_ft.flops.peak_flops: the GPU's data sheet, "
+                   help="MFU denominator per rank in FLOP/s (default: fsdp_ft.observability.flops.peak_flops: the GPU's data sheet, "
                         "or a bf16/fp32 matmul measured once with one rank's threads on CPU and cached)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one run may take before it counts as failed")
     p.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
@@ -104,16 +104,16 @@ def machine(args, cuda: bool, threads: int | None) -> dict:
 
 def flops_and_peak(w: Workload, model_dir: Path, cuda: bool, threads: int | None,
                    peak_override: float | None = None) -> dict:
-    """Model FLOPs per trained token and the peak FLOP/s of all ranks together, from fsdp_ft.flops."""
+    """Model FLOPs per trained token and the peak FLOP/s of all ranks together, from fsdp_ft.observability.flops."""
     try:
-        from fsdp_ft import flops
+        from fsdp_ft.observability import flops
     except ImportError as e:
-        return {"note": f"no MFU: fsdp_ft.flops unavailable ({e})"}
+        return {"note": f"no MFU: fsdp_ft.observability.flops unavailable ({e})"}
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fsdp_ft import adapters
     from fsdp_ft.config import Config
+    from fsdp_ft.model import adapters
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))

@@ -86,7 +86,7 @@ def fsdp_ft_command(w: Workload, config: Path, run_dir: Path, profile_step: int 
 
 def read_fsdp_ft(run_dir: Path) -> dict:
     """Per step from metrics.jsonl: seconds = new tokens / tokens_per_s (the trainer's own step timer)."""
-    from fsdp_ft.metrics import read_metrics
+    from fsdp_ft.observability.metrics import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if "split" not in r and "loss" in r]
     if not rows:

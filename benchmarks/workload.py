@@ -118,7 +118,7 @@ def prepare_model(w: Workload, work: Path) -> Path:
 def _encoder(model_dir: Path, seq_len: int):
     """fsdp_ft's own causal-LM encoding (tokenizer special tokens, EOS, truncation) for this seq_len."""
     from fsdp_ft.config import Config
-    from fsdp_ft.model import load_tokenizer
+    from fsdp_ft.model.build import load_tokenizer
     from fsdp_ft.tasks.causal_lm import CausalLMTask
 
     cfg = Config()
@@ -150,7 +150,7 @@ def build_samples(w: Workload, model_dir: Path) -> tuple[list[str], list[list[in
 
 def plan_order(w: Workload, num_samples: int) -> list[int]:
     """Sample indices in the order fsdp_ft's batch plan trains them (epoch 0): global batch by global batch."""
-    from fsdp_ft.data import BatchPlan
+    from fsdp_ft.data.splits import BatchPlan
 
     plan = BatchPlan(num_samples, w.micro_batch_size, w.grad_accum, w.nproc, 0, w.seed)
     return plan.permutation(0)[: w.steps * w.global_batch].tolist()
@@ -161,7 +161,7 @@ def block_class(model_dir: Path) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fsdp_ft.parallel import find_blocks
+    from fsdp_ft.parallel.fsdp import find_blocks
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
@@ -188,7 +188,7 @@ def scaler_block_that_fits(model_dir: Path, shards: int, block_size: int = 64, m
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fsdp_ft.quantize import _shard_blocks
+    from fsdp_ft.quant.quantize import _shard_blocks
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))

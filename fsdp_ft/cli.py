@@ -168,17 +168,17 @@ def cmd_train(args) -> int:
     from fsdp_ft.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # before importing torch: a bad config fails in a blink
-    from fsdp_ft import preemption, ranklog
+    from fsdp_ft.runtime import preemption, ranklog
 
     if args.debug:
-        from fsdp_ft import debug
+        from fsdp_ft.training import debug
         debug.dump_first_batch(debug.prepare(cfg, args.debug_steps))
     ranklog.start()  # output_dir/logs/rank-N.log when a launcher asked for it
     preemption.install()
-    from fsdp_ft.engine import train
+    from fsdp_ft.api import train
 
     result = train(cfg)
-    from fsdp_ft import distributed
+    from fsdp_ft.runtime import distributed
 
     distributed.finish()  # every rank returns from train() together, stopped by a signal or not
     if preemption.stop_signal():
@@ -191,32 +191,32 @@ def cmd_train(args) -> int:
 
 def cmd_run(args) -> int:
     """torchrun in-process: its agent starts the ranks; this process forwards signals, gives the ranks the shutdown
-    grace to save, and exits with what the ranks did (fsdp_ft.launcher)."""
-    from fsdp_ft import launcher
+    grace to save, and exits with what the ranks did (fsdp_ft.launchers.torchrun)."""
     from fsdp_ft.config import load_config
+    from fsdp_ft.launchers import torchrun
 
-    launcher.check_sizes(args.nproc_per_node, args.nnodes, args.node_rank, args.shutdown_grace_s)
+    torchrun.check_sizes(args.nproc_per_node, args.nnodes, args.node_rank, args.shutdown_grace_s)
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
-    endpoint = launcher.resolve_endpoint(args.rdzv_endpoint, args.nnodes, args.node_rank)
-    argv = launcher.torchrun_argv(args.nproc_per_node, args.nnodes, args.node_rank, endpoint,
+    endpoint = torchrun.resolve_endpoint(args.rdzv_endpoint, args.nnodes, args.node_rank)
+    argv = torchrun.torchrun_argv(args.nproc_per_node, args.nnodes, args.node_rank, endpoint,
                                   args.config, args.overrides)
     from pathlib import Path
 
-    from fsdp_ft import rank_env
+    from fsdp_ft.runtime import rank_env
 
     rank_env.apply(Path(cfg.output_dir) / "logs", args.nproc_per_node, endpoint.rpartition(":")[0], args.nnodes)
-    return launcher.run(argv, cfg.output_dir, args.shutdown_grace_s)
+    return torchrun.run(argv, cfg.output_dir, args.shutdown_grace_s)
 
 
 def cmd_submit(args) -> int:
-    from fsdp_ft.slurm import SubmitOptions, submit
+    from fsdp_ft.launchers.slurm import SubmitOptions, submit
 
     opts = SubmitOptions(**{k: getattr(args, k) for k in SubmitOptions.__dataclass_fields__})
     return submit(args.config, args.overrides, opts)
 
 
 def cmd_export(args) -> int:
-    from fsdp_ft.export import export_run
+    from fsdp_ft.checkpoint.export import export_run
 
     out = export_run(args.run_dir, args.step, args.out, merge_adapters=args.merge_adapters,
                      trust_remote_code=args.trust_remote_code)
@@ -238,8 +238,8 @@ def cmd_eval(args) -> int:
     import json
 
     _check_input(args.data, "--data")
-    from fsdp_ft.evaluate import evaluate_file
-    from fsdp_ft.inference import load_model
+    from fsdp_ft.inference.evaluate import evaluate_file
+    from fsdp_ft.inference.loading import load_model
 
     loaded = load_model(args.model, args.overrides, trust_remote_code=args.trust_remote_code)
     print(json.dumps(evaluate_file(loaded, args.data, args.max_samples)))
@@ -250,9 +250,9 @@ def cmd_generate(args) -> int:
     import json
 
     _check_input(args.prompts_file, "--prompts-file")
-    from fsdp_ft.generate import Sampling, generate_texts, read_prompts
-    from fsdp_ft.inference import load_model
-    from fsdp_ft.predict import check_output, write_lines
+    from fsdp_ft.inference.generate import Sampling, generate_texts, read_prompts
+    from fsdp_ft.inference.loading import load_model
+    from fsdp_ft.inference.predict import check_output, write_lines
 
     if args.prompts_file and args.output:
         check_output(args.prompts_file, args.output, "--prompts-file")
@@ -275,8 +275,8 @@ def cmd_generate(args) -> int:
 
 def cmd_predict(args) -> int:
     _check_input(args.input, "--input")
-    from fsdp_ft.inference import load_model
-    from fsdp_ft.predict import check_output, predict_file
+    from fsdp_ft.inference.loading import load_model
+    from fsdp_ft.inference.predict import check_output, predict_file
 
     check_output(args.input, args.output)  # before a model is loaded
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -295,7 +295,7 @@ def cmd_plan(args) -> int:
         raise ConfigError("fsdp-ft plan: --nproc and --nodes must be >= 1")
     import torch
 
-    from fsdp_ft.plan import run_plan
+    from fsdp_ft.planner.plan import run_plan
 
     target = args.device or ("cuda" if args.gpu_mem_gb or torch.cuda.is_available() else "cpu")
     return run_plan(args.config, args.overrides, args.nodes * args.nproc, target, args.gpu_mem_gb, args.json,
@@ -303,7 +303,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from fsdp_ft.report import write_report
+    from fsdp_ft.observability.report import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out)}")
     return 0

@@ -13,7 +13,7 @@ start=$SECONDS
 elapsed=$((SECONDS - start))
 .venv/bin/python - "$out" "$elapsed" <<'EOF'
 import sys
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 
 out, elapsed = sys.argv[1], int(sys.argv[2])
 final = [r for r in read_metrics(out) if r.get("split") == "eval"][-1]

@@ -13,7 +13,7 @@ import os
 import sys
 
 from fsdp_ft.errors import UserError
-from fsdp_ft.slurm import SubmitOptions, submit
+from fsdp_ft.launchers.slurm import SubmitOptions, submit
 
 
 def main(argv: list[str]) -> int:

@@ -33,8 +33,8 @@ def classifier_run(root: Path) -> Path:
 def train_here(out: Path, *overrides: str) -> Path:
     """A 1-process run in this process (`engine.train`, what `fsdp-ft train` calls): no interpreter start-up, so a
     run of a few steps costs a second or two instead of ~10 s."""
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
 
     train(load_config(TINY, [f"output_dir={out}", *FAST, *overrides]))
     return out
@@ -42,7 +42,7 @@ def train_here(out: Path, *overrides: str) -> Path:
 
 def export_step(run: Path, step: int, out: Path) -> Path:
     """`fsdp-ft export RUN --step N --out OUT`, in this process (the CLI's own function)."""
-    from fsdp_ft.export import export_run
+    from fsdp_ft.checkpoint.export import export_run
 
     return export_run(str(run), step, str(out))
 

@@ -50,12 +50,12 @@ def train_nproc(n: int, out: Path, *overrides: str) -> Path:
 
 def losses(out: Path) -> dict[int, float]:
     """Training loss per step (the last row wins, so a resumed run's rows replace the killed run's)."""
-    from fsdp_ft.metrics import read_metrics
+    from fsdp_ft.observability.metrics import read_metrics
     return {r["step"]: r["loss"] for r in read_metrics(out) if "split" not in r}
 
 
 def eval_rows(out: Path) -> list[dict]:
-    from fsdp_ft.metrics import read_metrics
+    from fsdp_ft.observability.metrics import read_metrics
     return [r for r in read_metrics(out) if r.get("split") == "eval"]
 
 

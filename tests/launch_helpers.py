@@ -19,7 +19,7 @@ def reference_rows(tmp_path_factory) -> dict[int, dict]:
     """Per-step training rows (train.log_every=1) of an uninterrupted local 2-rank `fsdp-ft run` of RUN (computed
     once per test session)."""
     if not _reference:
-        from fsdp_ft.metrics import read_metrics
+        from fsdp_ft.observability.metrics import read_metrics
         out = train_nproc(2, tmp_path_factory.mktemp("reference-2rank"), *RUN)
         _reference.update({r["step"]: r for r in read_metrics(out) if "split" not in r})
     return {step: dict(row) for step, row in _reference.items()}
@@ -49,7 +49,7 @@ def rank_pid(out: Path, rank: int) -> int:
 
 
 def setup_rows(out: Path) -> list[dict]:
-    from fsdp_ft.metrics import read_metrics
+    from fsdp_ft.observability.metrics import read_metrics
     return [r for r in read_metrics(out) if r.get("split") == "setup"]
 
 

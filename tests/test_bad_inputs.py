@@ -24,7 +24,7 @@ LATIN1 = "café crème".encode("latin-1")  # b"caf\xe9 cr\xe8me": \xe9 then a sp
     ("rows.csv", b"text,label\nfine,a\n" + LATIN1 + b",b\n", 3),
 ])
 def test_non_utf8_data_names_file_line_and_byte(tmp_path, name, body, line):
-    from fsdp_ft.data import load_table
+    from fsdp_ft.data.splits import load_table
 
     path = tmp_path / name
     path.write_bytes(body)
@@ -37,7 +37,7 @@ def test_non_utf8_data_names_file_line_and_byte(tmp_path, name, body, line):
 
 
 def test_json_nested_too_deeply_names_the_line(tmp_path):
-    from fsdp_ft.data import load_table
+    from fsdp_ft.data.splits import load_table
 
     deep = "[" * 1500 + "]" * 1500  # past Python's recursion limit (1000) and Arrow's JSON depth limit (1024)
     for name, body, line in (("deep.json", '[{"text": "a"},\n{"text": ' + deep + "}]", 2),
@@ -107,7 +107,7 @@ def _cfg(model: str, *overrides: str):
     ("tiny-gpt2", "n_positions", []),
 ])
 def test_seq_len_above_a_position_table_is_refused_before_the_model(model, key, extra):
-    from fsdp_ft.model import load_hf_config
+    from fsdp_ft.model.build import load_hf_config
 
     cfg = _cfg(model, "train.seq_len=1024", *extra)
     with pytest.raises(ConfigError) as e:  # today: an index error at the first batch longer than 512
@@ -123,7 +123,7 @@ def test_seq_len_above_a_position_table_is_refused_before_the_model(model, key, 
 
 
 def test_rotary_model_past_max_positions_only_warns(capsys, monkeypatch):
-    from fsdp_ft.model import load_hf_config
+    from fsdp_ft.model.build import load_hf_config
 
     monkeypatch.delenv("RANK", raising=False)
     load_hf_config(_cfg("tiny-llama", "train.seq_len=1024"), ASSETS / "tiny-llama")  # not refused
@@ -164,7 +164,7 @@ LONG = "word " * 700  # 700+ tokens with the tiny tokenizer
 
 def test_roberta_positions_start_after_padding(classifiers):
     """RoBERTa-style models number positions from pad_token_id + 1: the tiny one (pad 3, 512 rows) takes 508."""
-    from fsdp_ft.model import load_hf_config
+    from fsdp_ft.model.build import load_hf_config
 
     folder = classifiers["roberta"]
     load_hf_config(load_config(TINY, [f"model.path={folder}", "task=seq_cls", "train.seq_len=508"]), folder)
@@ -173,9 +173,9 @@ def test_roberta_positions_start_after_padding(classifiers):
 
 
 def test_eval_and_predict_past_the_position_table(classifiers, tmp_path):
-    from fsdp_ft.evaluate import evaluate_file
-    from fsdp_ft.inference import load_model
-    from fsdp_ft.predict import predict_file
+    from fsdp_ft.inference.evaluate import evaluate_file
+    from fsdp_ft.inference.loading import load_model
+    from fsdp_ft.inference.predict import predict_file
 
     rows = _rows(tmp_path / "rows.jsonl", ["short text", LONG])
     loaded = load_model(str(classifiers["bert"]), ["train.seq_len=1024"])
@@ -193,8 +193,8 @@ def test_eval_and_predict_past_the_position_table(classifiers, tmp_path):
 # ---------------------------------------------------------------- predict's output vs. its input
 
 def test_predict_refuses_to_write_over_its_input(classifiers, tmp_path):
-    from fsdp_ft.inference import load_model
-    from fsdp_ft.predict import predict_file
+    from fsdp_ft.inference.loading import load_model
+    from fsdp_ft.inference.predict import predict_file
 
     loaded = load_model(str(classifiers["bert"]))
     rows = _rows(tmp_path / "rows.jsonl", ["one", "two"])
@@ -207,8 +207,8 @@ def test_predict_refuses_to_write_over_its_input(classifiers, tmp_path):
 
 
 def test_predict_failure_leaves_no_partial_file(classifiers, tmp_path, monkeypatch):
-    from fsdp_ft import predict
-    from fsdp_ft.inference import load_model
+    from fsdp_ft.inference import predict
+    from fsdp_ft.inference.loading import load_model
 
     loaded = load_model(str(classifiers["bert"]))
     rows = _rows(tmp_path / "rows.jsonl", ["one", "two", "three"])
@@ -230,8 +230,8 @@ def test_predict_failure_leaves_no_partial_file(classifiers, tmp_path, monkeypat
 
 
 def test_predict_input_not_utf8(classifiers, tmp_path):
-    from fsdp_ft.inference import load_model
-    from fsdp_ft.predict import predict_file
+    from fsdp_ft.inference.loading import load_model
+    from fsdp_ft.inference.predict import predict_file
 
     rows = tmp_path / "rows.jsonl"
     rows.write_bytes(b'{"text": "fine"}\n{"text": "' + LATIN1 + b'"}\n')
@@ -247,8 +247,8 @@ ROWS = (b'{"split": "setup", "device": "cpu"}\n{"step": 1, "loss": 2.5, "lr": 0.
 
 
 def test_metrics_cut_last_line_is_skipped_and_counted_a_bad_middle_line_is_not(tmp_path):
-    from fsdp_ft import metrics
-    from fsdp_ft.metrics import read_metrics
+    from fsdp_ft.observability import metrics
+    from fsdp_ft.observability.metrics import read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(ROWS + b'{"step": 3, "lo')
@@ -260,7 +260,7 @@ def test_metrics_cut_last_line_is_skipped_and_counted_a_bad_middle_line_is_not(t
 
 
 def test_metrics_logger_after_a_cut_row_starts_a_new_line(tmp_path, capsys):
-    from fsdp_ft.metrics import MetricsLogger, read_metrics
+    from fsdp_ft.observability.metrics import MetricsLogger, read_metrics
 
     (tmp_path / "metrics.jsonl").write_bytes(ROWS + b'{"step": 3, "lo')
     MetricsLogger(tmp_path, True, 10, progress_bar=False).log({"step": 3, "loss": 1.5})  # a resumed run's row
@@ -271,7 +271,7 @@ def test_metrics_logger_after_a_cut_row_starts_a_new_line(tmp_path, capsys):
 
 
 def test_report_of_a_run_killed_mid_row(tmp_path):
-    from fsdp_ft.report import render_run
+    from fsdp_ft.observability.report import render_run
 
     (tmp_path / "metrics.jsonl").write_bytes(ROWS + b'{"step": 3, "lo')
     page = render_run(tmp_path)  # today: JSONDecodeError

@@ -51,7 +51,7 @@ def test_peer_sharding_gives_each_rank_the_micro_batches_of_fsdp_ft(tiny_workloa
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler, SequentialSampler
 
-    from fsdp_ft.data import BatchPlan
+    from fsdp_ft.data.splits import BatchPlan
 
     w, _ = tiny_workload
     n = w.steps * w.global_batch

@@ -1,4 +1,4 @@
-"""Block discovery (fsdp_ft/parallel.py find_blocks) beyond `_no_split_modules`: a model that does not list its
+"""Block discovery (fsdp_ft/parallel/fsdp.py find_blocks) beyond `_no_split_modules`: a model that does not list its
 blocks gets the longest ModuleList whose items share one class; model.block_classes overrides discovery, and
 what is found is what FSDP shards (checked on a real 1-process run)."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from conftest import ASSETS, FAST, TINY
-from fsdp_ft import parallel
 from fsdp_ft.errors import ConfigError
+from fsdp_ft.parallel import fsdp
 
 
 class Block(nn.Module):
@@ -40,7 +40,7 @@ def _same(got: list[nn.Module], want) -> bool:
 def test_fallback_is_the_longest_single_class_module_list():
     model = Toy()
     assert not hasattr(model, "_no_split_modules")
-    assert _same(parallel.find_blocks(model), model.layers)
+    assert _same(fsdp.find_blocks(model), model.layers)
 
 
 def test_a_listed_class_wins_over_the_longest_list():
@@ -48,14 +48,14 @@ def test_a_listed_class_wins_over_the_longest_list():
     ModuleList, even a shorter one."""
     model = Toy()
     model._no_split_modules = ["Linear"]
-    assert _same(parallel.find_blocks(model), [*model.heads, *[m for m in model.mixed if type(m) is nn.Linear],
+    assert _same(fsdp.find_blocks(model), [*model.heads, *[m for m in model.mixed if type(m) is nn.Linear],
                                                *[e for b in model.layers for e in b.experts]])
 
 
 def test_no_repeated_module_list_asks_for_block_classes():
     model = nn.Sequential(nn.Linear(4, 4), nn.ModuleList([nn.Linear(4, 4), nn.ReLU()]))
     with pytest.raises(ConfigError, match="model.block_classes"):
-        parallel.find_blocks(model)
+        fsdp.find_blocks(model)
 
 
 def _hf_model(folder: str):
@@ -74,18 +74,18 @@ def test_hf_models_without_no_split_modules_fall_back_to_their_layers(folder, la
     give (the model's own decoder / encoder layer list, in order)."""
     model = _hf_model(folder)
     want = model.get_submodule(layers)
-    assert _same(parallel.find_blocks(model), want)  # through _no_split_modules
+    assert _same(fsdp.find_blocks(model), want)  # through _no_split_modules
     model._no_split_modules = None
-    assert _same(parallel.find_blocks(model), want)
+    assert _same(fsdp.find_blocks(model), want)
 
 
 def test_block_classes_override_picks_exactly_those_modules():
     model = _hf_model("tiny-llama")
-    assert _same(parallel.find_blocks(model, ["LlamaMLP"]), [layer.mlp for layer in model.model.layers])
-    assert _same(parallel.find_blocks(model, ["LlamaMLP", "LlamaAttention"]),
+    assert _same(fsdp.find_blocks(model, ["LlamaMLP"]), [layer.mlp for layer in model.model.layers])
+    assert _same(fsdp.find_blocks(model, ["LlamaMLP", "LlamaAttention"]),
                  [m for layer in model.model.layers for m in (layer.self_attn, layer.mlp)])
     with pytest.raises(ConfigError, match="model.block_classes.*NoSuchBlock"):
-        parallel.find_blocks(model, ["NoSuchBlock"])
+        fsdp.find_blocks(model, ["NoSuchBlock"])
 
 
 def _sharded(model) -> list[str]:
@@ -100,9 +100,9 @@ def test_found_blocks_are_what_a_run_shards(tmp_path, monkeypatch, how):
     model.block_classes=[LlamaMLP] shards each MLP instead (the setup row says so as well)."""
     from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
-    from fsdp_ft.metrics import read_metrics
+    from fsdp_ft.observability.metrics import read_metrics
 
     if how == "fallback":
         # the class that lists the blocks (post_init also collects the list from the children, so the model's

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from cls_helpers import train_here
 from conftest import ASSETS, eval_rows, losses
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 
 DATA = ASSETS / "data"
 TOKENIZER = ASSETS / "tiny-llama"
@@ -54,7 +54,7 @@ def jsonl_run(tmp_path_factory):
 def test_each_format_loads_the_same_rows_and_trains_like_jsonl(jsonl_run, tmp_path, suffix):
     """The file's rows, read back by the loader, are the .jsonl rows in the same order (texts with commas and
     quotes included), and a run on them logs the .jsonl run's losses bit for bit, at every step and at eval."""
-    from fsdp_ft.data import load_table
+    from fsdp_ft.data.splits import load_table
 
     train_rows, eval_rows_ = _read(DATA / "tiny_text_train.jsonl"), _read(DATA / "tiny_text_eval.jsonl")
     assert any('"' in r["text"] for r in train_rows) and any("," in r["text"] for r in train_rows)  # CSV quoting
@@ -88,8 +88,8 @@ def test_text_pair_column_feeds_both_texts(tmp_path):
     collated first micro-batch against the HF tokenizer called directly); both texts are in the ids; and the run's
     losses differ from the same file trained on the first text alone."""
     from fsdp_ft.config import load_config
-    from fsdp_ft.data import BatchPlan, load_splits
-    from fsdp_ft.model import load_tokenizer, resolve_model_dir
+    from fsdp_ft.data.splits import BatchPlan, load_splits
+    from fsdp_ft.model.build import load_tokenizer, resolve_model_dir
     from fsdp_ft.tasks import get_task
 
     train = write_rows(_pair_rows(DATA / "tiny_cls_train.jsonl", 7), tmp_path / "pairs_train.jsonl")
@@ -139,7 +139,7 @@ def test_last_partial_global_batch_of_each_epoch_is_dropped(tmp_path):
     """11 rows, global batch 2 x 2 = 4, 2 epochs: floor(11/4) = 2 steps per epoch (not 3), 4 steps in all; each
     step's logged tokens are exactly its 4 rows' tokens (rows of the epoch's shuffle, 4 at a time, the last 3 rows
     of each shuffle never seen), so no step trains on a partial batch or on rows of the next epoch."""
-    from fsdp_ft.data import BatchPlan
+    from fsdp_ft.data.splits import BatchPlan
 
     hf = AutoTokenizer.from_pretrained(TOKENIZER)
     rows = [r for r in _read(DATA / "tiny_cls_train.jsonl")

@@ -15,7 +15,7 @@ from conftest import ASSETS, FAST, REPO, TINY, assert_losses_close, cli, losses,
 
 
 def test_debug_run_dumps_the_first_batch_and_trains_like_a_normal_run(tmp_path):
-    from fsdp_ft.debug import MARKER
+    from fsdp_ft.training.debug import MARKER
 
     out = tmp_path / "debug"
     out.mkdir()
@@ -61,8 +61,8 @@ def test_debug_refuses_a_debug_folder_it_did_not_make(tmp_path):
 
 
 def test_debug_setup_is_deterministic_with_anomaly_detection_and_wipes_the_previous_run(tmp_path):
-    from fsdp_ft import debug
     from fsdp_ft.config import load_config
+    from fsdp_ft.training import debug
 
     flags = torch.are_deterministic_algorithms_enabled(), torch.is_anomaly_enabled()
     try:

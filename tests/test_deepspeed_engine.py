@@ -21,7 +21,7 @@ from conftest import (FAST, REPO, TINY, assert_losses_close, cli, eval_rows, fre
 from launch_helpers import assert_stays_dead, kill9_job
 from test_resume import _wait_for_step
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (pip install 'fsdp_ft[deepspeed]')")
@@ -120,8 +120,8 @@ def _eval_loss_of(model_dir, run_dir) -> float:
     from transformers import AutoModelForCausalLM
 
     from fsdp_ft.config import load_config
-    from fsdp_ft.data import load_splits
-    from fsdp_ft.model import load_tokenizer
+    from fsdp_ft.data.splits import load_splits
+    from fsdp_ft.model.build import load_tokenizer
     from fsdp_ft.tasks import get_task
 
     cfg = load_config(run_dir / "config.yaml")
@@ -200,19 +200,19 @@ def test_kill9_then_resume_continues_exactly(runs, session_tmp, method):
 @pytest.mark.distributed
 def test_checkpoint_of_one_engine_is_not_resumed_by_the_other(runs):
     """A DeepSpeed checkpoint fails with one line under the FSDP engine or another world size, and vice versa."""
-    from fsdp_ft import checkpoint, ds_checkpoint
-    from fsdp_ft.distributed import DistEnv
+    from fsdp_ft.checkpoint import dcp_checkpoint, deepspeed_checkpoint
     from fsdp_ft.errors import CheckpointError
+    from fsdp_ft.runtime.distributed import DistEnv
 
     one_rank = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
     ds_ckpt = runs("deepspeed", 3, "full", 2) / "checkpoints" / "step-10"
     fsdp_ckpt = runs("fsdp", None, "full", 1) / "checkpoints" / "step-10"
     with pytest.raises(CheckpointError, match="written by engine deepspeed; resume it with engine=deepspeed"):
-        checkpoint.load_checkpoint(ds_ckpt, None, None, one_rank)
+        dcp_checkpoint.load_checkpoint(ds_ckpt, None, None, one_rank)
     with pytest.raises(CheckpointError, match="ZeRO partitions for 2 ranks; resume it with 2 ranks, not 1"):
-        ds_checkpoint.load(ds_ckpt, None, one_rank)
+        deepspeed_checkpoint.load(ds_ckpt, None, one_rank)
     with pytest.raises(CheckpointError, match="written by engine fsdp"):
-        ds_checkpoint.load(fsdp_ckpt, None, one_rank)
+        deepspeed_checkpoint.load(fsdp_ckpt, None, one_rank)
 
 
 @needs_deepspeed
@@ -238,7 +238,7 @@ def _cfg(tmp_path, *overrides):
 
 
 def _ds(tmp_path, *overrides, world: int = 2, user: dict | None = None) -> dict:
-    from fsdp_ft.ds_config import build_ds_config
+    from fsdp_ft.training.deepspeed_config import build_ds_config
 
     if user is not None:
         (tmp_path / "ds.json").write_text(json.dumps(user))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ASSETS, assert_losses_close, eval_rows, losses, train_1proc, train_nproc
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -241,12 +241,13 @@ def test_fsdp_keys_reach_every_fsdp_parameter(tmp_path):
     and reduces in the dtypes set apart from fsdp.mixed_precision and from each other. A forward then computes in
     the param dtype."""
     from conftest import TINY
-    from fsdp_ft import distributed, engine
     from fsdp_ft.config import load_config
+    from fsdp_ft.runtime import distributed
+    from fsdp_ft.training import fsdp_engine
 
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "fsdp.cpu_offload=true", "fsdp.mixed_precision=fp32",
                              "fsdp.param_dtype=bf16", "fsdp.reduce_dtype=fp16"])
-    model, tokenizer, _, _, info = engine.build(cfg, distributed.init_distributed())
+    model, tokenizer, _, _, info = fsdp_engine.build(cfg, distributed.init_distributed())
     groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if hasattr(m, "_get_fsdp_state")]
     assert len(groups) == info["blocks"] + 1 == 5
     params = [fp for g in groups for fp in g.fsdp_params]
@@ -354,23 +355,24 @@ def test_auto_keeps_a_small_lora_model_whole_on_every_rank(reference, session_tm
 ])
 def test_shard_frozen_auto_decision(tmp_path, method, memory, want_sharded):
     from conftest import TINY
-    from fsdp_ft import distributed, parallel
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import build_meta
-    from fsdp_ft.model import load_tokenizer, resolve_model_dir
+    from fsdp_ft.model.build import load_tokenizer, resolve_model_dir
+    from fsdp_ft.parallel import fsdp
+    from fsdp_ft.runtime import distributed
+    from fsdp_ft.training.run_setup import build_meta
 
     cfg = load_config(TINY, [f"output_dir={tmp_path}", f"finetune.method={method}"])
     assert cfg.fsdp.shard_frozen is None
     model_dir = resolve_model_dir(cfg)
     env = distributed.DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="fake")
     model, _ = build_meta(cfg, env, model_dir, load_tokenizer(cfg, model_dir), None)  # meta: no process group
-    sharded, why = parallel.decide_shard_frozen(model, cfg, 2, "cpu", memory)
+    sharded, why = fsdp.decide_shard_frozen(model, cfg, 2, "cpu", memory)
     assert sharded is want_sharded, why
     frozen = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
     if method == "lora":  # the reason states the whole frozen size, in GiB
         assert f"({frozen / 2**30:.2f} GiB whole)" in why
     # hybrid_replicas=null follows: every weight whole only where the base is
-    replicas, why = parallel.decide_replicas(model, cfg, 2, "cpu", memory)
+    replicas, why = fsdp.decide_replicas(model, cfg, 2, "cpu", memory)
     assert replicas == (1 if want_sharded else 2), why
 
 
@@ -383,10 +385,11 @@ def test_shard_frozen_auto_decision(tmp_path, method, memory, want_sharded):
 def test_replicas_auto_decision(tmp_path, overrides, memory, want):
     """The 5% bound on trainable state: 16 bytes per trainable parameter against the device memory."""
     from conftest import TINY
-    from fsdp_ft import distributed, parallel
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import build_meta
-    from fsdp_ft.model import load_tokenizer, resolve_model_dir
+    from fsdp_ft.model.build import load_tokenizer, resolve_model_dir
+    from fsdp_ft.parallel import fsdp
+    from fsdp_ft.runtime import distributed
+    from fsdp_ft.training.run_setup import build_meta
 
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "finetune.method=lora", *overrides])
     model_dir = resolve_model_dir(cfg)
@@ -394,10 +397,10 @@ def test_replicas_auto_decision(tmp_path, overrides, memory, want):
     model, _ = build_meta(cfg, env, model_dir, load_tokenizer(cfg, model_dir), None)
     state = 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
     if memory is None:  # just below and just above 20x the trainable state
-        assert parallel.decide_replicas(model, cfg, 2, "cpu", 20 * state)[0] == 2
-        assert parallel.decide_replicas(model, cfg, 2, "cpu", 20 * state - 1)[0] == 1
+        assert fsdp.decide_replicas(model, cfg, 2, "cpu", 20 * state)[0] == 2
+        assert fsdp.decide_replicas(model, cfg, 2, "cpu", 20 * state - 1)[0] == 1
         return
-    replicas, why = parallel.decide_replicas(model, cfg, 2, "cpu", memory)
+    replicas, why = fsdp.decide_replicas(model, cfg, 2, "cpu", memory)
     assert replicas == want, why
 
 
@@ -410,10 +413,10 @@ def test_replicas_auto_decision(tmp_path, overrides, memory, want):
 ])
 def test_replicas_decided_without_a_model(overrides, world, want):
     from conftest import TINY
-    from fsdp_ft import parallel
     from fsdp_ft.config import load_config
+    from fsdp_ft.parallel import fsdp
 
-    decided = parallel.replicas_without_model(load_config(TINY, ["output_dir=/tmp/x", *overrides]), world)
+    decided = fsdp.replicas_without_model(load_config(TINY, ["output_dir=/tmp/x", *overrides]), world)
     assert (decided and decided[0]) == want, decided
 
 

@@ -197,7 +197,7 @@ def test_resolved_config_in_run_dir_loads_back_equal(results, files):
 
     run = files["dir"] / "finished"
     assert results["finished_run"].returncode == 0, results["finished_run"].stderr[-3000:]
-    from fsdp_ft.precision import resolve_precision
+    from fsdp_ft.runtime.precision import resolve_precision
 
     # config.yaml records what fsdp.mixed_precision=auto resolved to on this CPU run (fp32)
     want = resolve_precision(load_config(REPO / TINY, [*QUICK, f"output_dir={run}"]), "cpu")

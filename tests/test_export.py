@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import ASSETS, FAST, TINY, cli, eval_rows
+from fsdp_ft.api import train
+from fsdp_ft.checkpoint.dcp_checkpoint import list_checkpoints
+from fsdp_ft.checkpoint.export import export_checkpoint
 from fsdp_ft.config import load_config
-from fsdp_ft.engine import train
-from fsdp_ft.export import export_checkpoint
-from fsdp_ft.checkpoint import list_checkpoints
 
 SAMPLE = ["Create a new directory and all missing parents.", "Send the data to the socket."]
 
@@ -29,8 +29,9 @@ def test_final_export_reproduces_trained_logits(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["model_type"] == "llama"
     # the export is the trained model, not the initial one: the same seeded build, untrained, gives other logits
-    from fsdp_ft import distributed, engine
-    initial_model = engine.build(cfg, distributed.init_distributed())[0].eval()
+    from fsdp_ft.runtime import distributed
+    from fsdp_ft.training import fsdp_engine
+    initial_model = fsdp_engine.build(cfg, distributed.init_distributed())[0].eval()
     with torch.no_grad():
         initial = initial_model(**batch, use_cache=False).logits
     assert (got - initial).abs().max() > 1e-3

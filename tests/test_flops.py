@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import ASSETS, FAST, train_1proc
-from fsdp_ft import flops
-from fsdp_ft.flops import FlopCounts, batch_flops, count_flops
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability import flops
+from fsdp_ft.observability.flops import FlopCounts, batch_flops, count_flops
+from fsdp_ft.observability.metrics import read_metrics
 
 CFG = json.loads((ASSETS / "tiny-llama" / "config.json").read_text())
 R = 4  # LoRA rank in these tests

@@ -1,4 +1,4 @@
-"""A frozen quantized weight's linear (fsdp_ft/frozen_matmul.py) keeps only the quantized weight for backward,
+"""A frozen quantized weight's linear (fsdp_ft/quant/frozen_matmul.py) keeps only the quantized weight for backward,
 in eager mode and under torch.compile, and compiled it computes what eager does.
 
 Before these custom ops a compiled block merged forward's and backward's dequantization and saved the dense
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsdp_ft import quantize
-from fsdp_ft.int8_weight import Int8Weight
+from fsdp_ft.quant import quantize
+from fsdp_ft.quant.int8_weight import Int8Weight
 
 SHAPE = (256, 128)
 

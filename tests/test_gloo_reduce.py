@@ -1,4 +1,4 @@
-"""fsdp_ft's gloo gradient reduction (fsdp_ft/gloo_reduce.py) gives FSDP2 exactly torch's gradients.
+"""fsdp_ft's gloo gradient reduction (fsdp_ft/parallel/gloo_reduce.py) gives FSDP2 exactly torch's gradients.
 
 Two real gloo ranks under torchrun: sharded gradients are bit-equal to torch's own reduce-scatter, at most
 MAX_IN_FLIGHT reductions are ever pending, the buffers are reused from step to step, 2 ranks exchange bf16
@@ -15,8 +15,8 @@ import sys
 import pytest
 
 from conftest import REPO, free_port, losses, train_nproc
-from fsdp_ft.gloo_reduce import MAX_IN_FLIGHT
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
+from fsdp_ft.parallel.gloo_reduce import MAX_IN_FLIGHT
 
 pytestmark = pytest.mark.distributed
 
@@ -83,7 +83,7 @@ def test_training_run_equals_torch_reduce_scatter(session_tmp):
 def test_widening_sum_equals_one_fp32_add(numel):
     import torch
 
-    from fsdp_ft.gloo_reduce import widening_sum
+    from fsdp_ft.parallel.gloo_reduce import widening_sum
 
     gen = torch.Generator().manual_seed(numel)
     a, b = (torch.randn(numel, generator=gen).bfloat16() for _ in range(2))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ASSETS, FAST, REPO, TINY, assert_losses_close, cli, losses
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 
 pytestmark = pytest.mark.gpu
 
@@ -95,9 +95,10 @@ def test_prefetching_builds_pinned_batches_in_the_worker(tmp_path, monkeypatch, 
     asynchronous copy); with false every batch is built on the main thread."""
     import threading
 
-    from fsdp_ft import step_batches, tf32
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
+    from fsdp_ft.runtime import tf32
+    from fsdp_ft.training import step_batches
 
     built = []
     real = step_batches.StepBatches._host
@@ -158,7 +159,7 @@ def test_nf4_on_cuda_equals_the_cpu_and_bitsandbytes_cuda_kernels():
     but where a value sits on a boundary between two (torchao and bitsandbytes round those apart: 0.01% of
     codes, one step off, on the CPU as well)."""
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the reference for this check")
-    from fsdp_ft import nf4_linear, quantize
+    from fsdp_ft.quant import nf4_linear, quantize
 
     torch.manual_seed(0)
     weight = torch.randn(512, 256) * 0.02
@@ -188,7 +189,7 @@ def test_quantizing_on_cuda_is_bit_identical_to_the_cpu(quant, dtype):
     """B5: the base is quantized on the rank's GPU (seconds, not minutes per 8B on a CPU thread), and every stored
     tensor (codes, int8 scales, their factors and mean, the code book) equals the CPU's bit for bit, so a run's
     weights do not depend on the device that quantized them."""
-    from fsdp_ft import quantize
+    from fsdp_ft.quant import quantize
 
     torch.manual_seed(0)
     weight = (torch.randn(1024, 512) * 0.02).to(dtype)
@@ -236,10 +237,15 @@ def test_two_rank_quantized_shards_stay_where_fsdp_wants_them(quant):
     GPU, which FSDP2's lazy init refuses: "FSDP parameters should be materialized on CPU"), on the GPU without."""
     from torch.distributed.tensor import DTensor
 
-    from fsdp_ft import distributed, memsim, parallel, placement, quantize
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import build_meta
-    from fsdp_ft.model import load_tokenizer, materialize, resolve_model_dir
+    from fsdp_ft.model import placement
+    from fsdp_ft.model.build import load_tokenizer, resolve_model_dir
+    from fsdp_ft.model.materialize import materialize
+    from fsdp_ft.parallel import fsdp
+    from fsdp_ft.planner import memsim
+    from fsdp_ft.quant import quantize
+    from fsdp_ft.runtime import distributed
+    from fsdp_ft.training.run_setup import build_meta
 
     device = torch.device("cuda", torch.cuda.current_device())
     for offload in (True, False):
@@ -249,7 +255,7 @@ def test_two_rank_quantized_shards_stay_where_fsdp_wants_them(quant):
             model_dir = resolve_model_dir(cfg)
             env = distributed.DistEnv(rank=0, world_size=2, local_rank=0, device=device, backend="fake")
             model, _ = build_meta(cfg, env, model_dir, load_tokenizer(cfg, model_dir), None)
-            parallel.parallelize(model, cfg, distributed.build_mesh(env, 1))
+            fsdp.parallelize(model, cfg, distributed.build_mesh(env, 1))
             materialize(model, None, 0, device, offload=offload)
             bases = [p for p in model.parameters() if quantize.is_quantized(p)]
             assert bases and all(isinstance(p, DTensor) for p in bases)
@@ -274,7 +280,8 @@ def test_chunked_head_loss_on_cuda_equals_the_plain_logits(dtype):
     plain bf16 path is."""
     import torch.nn.functional as F
 
-    from fsdp_ft import head_loss, tf32
+    from fsdp_ft.runtime import tf32
+    from fsdp_ft.tasks import head_loss
 
     tf32_was = tf32.enabled()
     tf32.set_tf32(False)  # in-process training runs of other tests switched TF32 on
@@ -351,7 +358,7 @@ def test_tf32_switches_cublas_and_leaves_legacy_reads_working():
     """B10: train.tf32 on a CUDA rank really moves cuBLAS's fp32 matmuls to TF32 (and back), while the legacy
     reads inductor's max-autotune and flex attention make keep working (they raised after the per-backend
     switch; tests/test_tf32.py checks the reads without a GPU)."""
-    from fsdp_ft import tf32
+    from fsdp_ft.runtime import tf32
 
     was = tf32.enabled()
     device = torch.device("cuda", torch.cuda.current_device())
@@ -377,7 +384,7 @@ def test_auto_precision_is_recorded_as_what_the_gpu_ran(tmp_path):
 
     import yaml
 
-    from fsdp_ft import precision
+    from fsdp_ft.runtime import precision
 
     out = train_on_gpu(tmp_path / "auto", "fsdp.mixed_precision=auto", "train.max_steps=2")
     want = "bf16" if precision.bf16_native("cuda") else "fp32"
@@ -391,9 +398,9 @@ def test_eval_on_the_gpu_loads_the_runs_dtype_onto_the_device(tmp_path, capsys):
     loss of the run's own eval row (bf16 on both sides; GPU kernels may sum in another order)."""
     import json
 
-    from fsdp_ft import tf32
     from fsdp_ft.cli import main
-    from fsdp_ft.inference import load_model
+    from fsdp_ft.inference.loading import load_model
+    from fsdp_ft.runtime import tf32
 
     out = train_on_gpu(tmp_path / "bf16", "fsdp.mixed_precision=bf16", "train.max_steps=4")
     was = tf32.enabled()

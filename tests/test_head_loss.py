@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import transformers
 
 from conftest import ASSETS, FAST, TINY, losses
-from fsdp_ft import head_loss
 from fsdp_ft.config import Config
+from fsdp_ft.tasks import head_loss
 from fsdp_ft.tasks.causal_lm import IGNORE, CausalLMTask, shift
 
 
@@ -129,8 +129,8 @@ def test_training_with_and_without_chunked_head_loss_gives_the_same_losses(tmp_p
     """The whole trainer path (collate's host-made positions, FSDP's gathered head, LoRA) on one process, in this
     process so that the model's forwards can be watched: with train.chunked_head_loss=true every forward runs
     inside head_loss (and returns no logits), with false none does (full logits), and the losses agree."""
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
 
     seen: list[tuple[bool, int]] = []  # per forward: inside head_loss?, width of the logits it returned
     inside = []

@@ -1,9 +1,9 @@
-"""fsdp_ft.host_buffers.BufferPool hands a buffer out again only once nothing holds its memory."""
+"""fsdp_ft.parallel.host_buffers.BufferPool hands a buffer out again only once nothing holds its memory."""
 from __future__ import annotations
 
 import torch
 
-from fsdp_ft.host_buffers import BufferPool
+from fsdp_ft.parallel.host_buffers import BufferPool
 
 
 def test_a_buffer_comes_back_only_when_every_view_of_it_is_gone():

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 # second round (a 4 KiB page each: 512 per tensor if the memory went back to the OS)
 SCRIPT = """
 import json, resource, sys, torch
-from fsdp_ft import host_malloc
+from fsdp_ft.runtime import host_malloc
 done = host_malloc.tune() if sys.argv[1] == "tuned" else "default"
 def step():
     ts = [torch.empty(512 * 1024).fill_(1.0) for _ in range(150)]
@@ -42,7 +42,7 @@ def test_tuned_malloc_reuses_freed_memory_where_glibc_defaults_fault_it_in_again
 # loading: whole weights read and dropped between small tensors that stay; the holes stay resident until trimmed
 RELEASE = """
 import json, sys, torch
-from fsdp_ft import host_malloc
+from fsdp_ft.runtime import host_malloc
 host_malloc.tune()
 def anon():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon:")) // 1024
@@ -69,10 +69,10 @@ def test_training_tunes_malloc_unless_told_not_to(tmp_path, monkeypatch):
     tests above measure) and its setup row says what it applied; a run with train.tune_host_malloc=false never
     calls it and its row says so. Two 1-step runs in this process (no interpreter start-up)."""
     from conftest import FAST, TINY
-    from fsdp_ft import host_malloc
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
-    from fsdp_ft.metrics import read_metrics
+    from fsdp_ft.observability.metrics import read_metrics
+    from fsdp_ft.runtime import host_malloc
 
     calls = []
     real = host_malloc.tune

@@ -14,7 +14,7 @@ from cls_helpers import (EVAL_FILE, EVAL_ROWS, SEQ_LEN, classifier_run, eval_fil
                          train_here)
 from conftest import ASSETS, eval_rows
 from fsdp_ft.cli import main
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 
 PROMPTS = ["Return the lowest index in the string", "Create a socket object and"]
 
@@ -316,7 +316,7 @@ def bf16_run(session_tmp):
 def test_eval_of_a_bf16_run_computes_in_bf16_as_its_eval_rows(bf16_run, capsys):
     """`fsdp-ft eval` loads the run in its compute dtype, so it gives the run's own (bf16) eval numbers; the same
     weights evaluated in fp32 differ by far more than the tolerance, so the comparison tells the two apart."""
-    from fsdp_ft.inference import load_model
+    from fsdp_ft.inference.loading import load_model
 
     assert load_model(str(bf16_run)).model.dtype == torch.bfloat16
     assert load_model(str(bf16_run), ["fsdp.mixed_precision=fp32"]).model.dtype == torch.float32
@@ -336,7 +336,7 @@ def test_eval_of_a_bf16_run_computes_in_bf16_as_its_eval_rows(bf16_run, capsys):
 
 
 def test_fp32_runs_and_bare_folders_stay_fp32_on_the_cpu(run, lm_folder):
-    from fsdp_ft.inference import load_model
+    from fsdp_ft.inference.loading import load_model
 
     assert load_model(str(run)).model.dtype == torch.float32  # the classifier run: default precision, fp32
     assert load_model(str(lm_folder)).model.dtype == torch.float32

@@ -108,7 +108,7 @@ def test_sigterm_checkpoints_and_the_rerun_continues_the_same_curve(tmp_path, re
         os.kill(slow, signal.SIGCONT)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out
-    from fsdp_ft.checkpoint import list_checkpoints
+    from fsdp_ft.checkpoint.dcp_checkpoint import list_checkpoints
     (stopped_at, _), = list_checkpoints(tmp_path)
     assert f"stopped by signal 15 after step {stopped_at}; checkpoint saved" in out  # the stop step's checkpoint
     assert 1 <= stopped_at < 24
@@ -145,7 +145,7 @@ def test_a_killed_rank_stops_the_run_with_its_exit_code(tmp_path):
 def test_sigusr2_stops_the_run_like_sigterm(tmp_path):
     """SIGUSR2, SLURM's time-limit warning (`#SBATCH --signal=USR2@S` in launch/sbatch_template.sh, which requeues on
     exit 140), reaches the ranks through `fsdp-ft run`: they save and the launcher exits 128 + 12."""
-    from fsdp_ft.checkpoint import list_checkpoints
+    from fsdp_ft.checkpoint.dcp_checkpoint import list_checkpoints
 
     proc, _ = _start_at_step_1(tmp_path, sys.executable, "-m", "fsdp_ft.cli", "run", "--nproc-per-node", "2",
                                "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
@@ -165,8 +165,8 @@ def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step_and_flushes_the_l
     file in checkpoints/step-N, the only checkpoint) and the launcher exits 128 + 10. With train.log_every=20 the
     stop falls inside the first logging window, whose steps 1..N are flushed as one row at step N: its `tokens`
     and token-weighted loss are those of steps 1..N of the uninterrupted log_every=1 reference run."""
-    from fsdp_ft.checkpoint import list_checkpoints
-    from fsdp_ft.metrics import read_metrics
+    from fsdp_ft.checkpoint.dcp_checkpoint import list_checkpoints
+    from fsdp_ft.observability.metrics import read_metrics
 
     # eval rows every step show the run's progress while no training row is written (evaluation changes no
     # training number: no dropout, no RNG drawn, the same batches)
@@ -229,7 +229,7 @@ LAUNCHER = "import sys; from fsdp_ft import launcher; sys.exit(launcher.run(sys.
 
 
 def test_every_stop_and_quit_signal_reaches_every_rank_and_sets_the_exit_code(tmp_path):
-    """The launcher (fsdp_ft.launcher.run, what `fsdp-ft run` and launch/torchrun.sh run) forwards each of SIGTERM,
+    """The launcher (fsdp_ft.launchers.torchrun.run, what `fsdp-ft run` and launch/torchrun.sh run) forwards each of SIGTERM,
     SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to both ranks and exits 128 + S. Stand-in ranks (a few lines, no
     torch) keep it to a few seconds for all six at once. Real ranks: TERM and USR2 through the launcher in the tests
     above, USR1 in test_sigusr1_to_one_rank_...; a real rank does not catch INT/HUP/QUIT (Python's defaults end it),
@@ -289,7 +289,7 @@ def test_a_rank_dying_during_the_stop_fails_the_run(tmp_path):
 def test_a_rank_still_busy_after_the_shutdown_grace_is_killed(tmp_path):
     """launch/torchrun.sh with SHUTDOWN_GRACE_S=3 (`fsdp-ft run --shutdown-grace-s 3`): a rank that has not stopped
     3 s after SIGTERM (here: paused) is killed then, not after torchrun's fixed 30 s, and the run fails (137)."""
-    from fsdp_ft.checkpoint import list_checkpoints
+    from fsdp_ft.checkpoint.dcp_checkpoint import list_checkpoints
 
     env = {**_env(), "NPROC": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "FSDP_FT": FSDP_FT,
            "SHUTDOWN_GRACE_S": "3"}
@@ -368,9 +368,9 @@ def test_run_without_endpoint_picks_a_free_port(tmp_path):
 
 
 def test_rank_env_defaults_leave_the_users_own_settings():
-    """What the launchers add to a rank's environment (fsdp_ft.rank_env.rank_env_defaults): nothing the user set,
+    """What the launchers add to a rank's environment (fsdp_ft.runtime.rank_env.rank_env_defaults): nothing the user set,
     under either the old or the new name of a variable; GLOO_SOCKET_IFNAME only across machines."""
-    from fsdp_ft.rank_env import interface_to, rank_env_defaults
+    from fsdp_ft.runtime.rank_env import interface_to, rank_env_defaults
 
     cores = len(os.sched_getaffinity(0))
     got = rank_env_defaults("/r/logs", 1, "127.0.0.1", 2, environ={})

@@ -34,16 +34,17 @@ def qwen_base(tmp_path_factory):
 
 
 def _meta_model(qwen_base, *overrides: str):
-    """The PEFT-wrapped meta model exactly as training builds it (engine.build_meta), before sharding."""
-    from fsdp_ft import distributed, engine
+    """The PEFT-wrapped meta model exactly as training builds it (run_setup.build_meta), before sharding."""
     from fsdp_ft.config import load_config
-    from fsdp_ft.model import load_tokenizer, resolve_model_dir
+    from fsdp_ft.model.build import load_tokenizer, resolve_model_dir
+    from fsdp_ft.runtime import distributed
+    from fsdp_ft.training import run_setup
 
     cfg = load_config(TINY, ["output_dir=/nonexistent", f"model.path={qwen_base}", "model.random_init=false",
                              "finetune.method=lora", *overrides])
     model_dir = resolve_model_dir(cfg)
     env = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
-    return engine.build_meta(cfg, env, model_dir, load_tokenizer(cfg, model_dir), None)[0]
+    return run_setup.build_meta(cfg, env, model_dir, load_tokenizer(cfg, model_dir), None)[0]
 
 
 def _lora_layers(model):
@@ -114,9 +115,9 @@ def test_run_with_every_option_exports_what_trained(qwen_base, tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
     from transformers import AutoModelForCausalLM
 
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
-    from fsdp_ft.metrics import read_metrics
+    from fsdp_ft.observability.metrics import read_metrics
 
     options = ["finetune.lora.r=4", "finetune.lora.alpha=32", "finetune.lora.rslora=true", "finetune.lora.dropout=0.1",
                "finetune.lora.bias=all", "finetune.lora.modules_to_save=[lm_head]",

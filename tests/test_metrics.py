@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ASSETS, FAST, TINY
+from fsdp_ft import train
 from fsdp_ft.config import load_config
-from fsdp_ft.engine import train
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 
 ROWS = 24  # 3 steps per epoch: micro-batch 4 x accumulation 2 (configs/tiny.yaml) = 8 rows a step
 SEQ = 64   # train.seq_len in FAST
@@ -60,7 +60,7 @@ def tokens_of_one_epoch(path: Path) -> int:
 
 
 def test_lr_factor_by_hand():
-    from fsdp_ft.optim import lr_factor
+    from fsdp_ft.training.optim import lr_factor
 
     for schedule, want in FACTORS.items():
         cfg = load_config(TINY, ["output_dir=/tmp/x", "optim.warmup_steps=2", f"optim.schedule={schedule}"])

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from conftest import ASSETS, TINY
-from fsdp_ft import distributed, engine, parallel
 from fsdp_ft.config import load_config
-from fsdp_ft.model import build_meta_model, load_hf_config, load_tokenizer, resolve_model_dir
+from fsdp_ft.model.build import build_meta_model, load_hf_config, load_tokenizer, resolve_model_dir
+from fsdp_ft.parallel import fsdp
+from fsdp_ft.runtime import distributed
+from fsdp_ft.training import fsdp_engine
 
 SAMPLE = ["Return a new list containing all items from the iterable in ascending order.",
           "Open file and return a stream. Raise OSError upon failure."]
@@ -37,7 +39,7 @@ def _meta_model(tmp_path, folder: str, task: str = "causal_lm"):
 ])
 def test_block_discovery(tmp_path, folder, task, block):
     model = _meta_model(tmp_path, folder, task)
-    blocks = parallel.find_blocks(model)
+    blocks = fsdp.find_blocks(model)
     assert [type(b).__name__ for b in blocks] == [block] * 4
 
 
@@ -45,9 +47,9 @@ def test_block_override_and_error(tmp_path):
     from fsdp_ft.errors import ConfigError
 
     model = _meta_model(tmp_path, "tiny-llama")
-    assert len(parallel.find_blocks(model, ["LlamaMLP"])) == 4
+    assert len(fsdp.find_blocks(model, ["LlamaMLP"])) == 4
     with pytest.raises(ConfigError, match="model.block_classes"):
-        parallel.find_blocks(model, ["NoSuchBlock"])
+        fsdp.find_blocks(model, ["NoSuchBlock"])
 
 
 def _save_pretrained(tmp_path, folder: str, auto_cls, seed: int = 7):
@@ -67,7 +69,7 @@ def _save_pretrained(tmp_path, folder: str, auto_cls, seed: int = 7):
 
 def _built(cfg):
     env = distributed.init_distributed()
-    model, tok, task, splits, info = engine.build(cfg, env)
+    model, tok, task, splits, info = fsdp_engine.build(cfg, env)
     return model.eval(), tok, info
 
 

@@ -1,4 +1,4 @@
-"""fsdp_ft's 4-bit linear layer (fsdp_ft/nf4_linear.py) computes exactly what torchao's does: dequantized weights
+"""fsdp_ft's 4-bit linear layer (fsdp_ft/quant/nf4_linear.py) computes exactly what torchao's does: dequantized weights
 bit-equal to `NF4Tensor.get_original_weight().to(dtype)`, and forward and backward of `F.linear` bit-equal to
 torchao's own `LinearNF4`."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsdp_ft import nf4_linear, quantize
+from fsdp_ft.quant import nf4_linear, quantize
 
 SHAPES = [((1536, 576), 256), ((64, 64), 64), ((192, 576), 64)]  # (weight shape, scaler block size)
 

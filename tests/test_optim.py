@@ -1,4 +1,4 @@
-"""The optimizer's state made at set-up (fsdp_ft.optim.init_state) trains exactly as the lazily made one."""
+"""The optimizer's state made at set-up (fsdp_ft.training.optim.init_state) trains exactly as the lazily made one."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fsdp_ft.config import load_config
-from fsdp_ft.optim import build_optimizer, init_state
+from fsdp_ft.training.optim import build_optimizer, init_state
 from conftest import TINY
 
 
@@ -96,7 +96,7 @@ SCHEDULES = {
 
 @pytest.mark.parametrize("schedule,min_ratio", sorted(SCHEDULES))
 def test_schedule_multipliers_by_hand(tmp_path, schedule, min_ratio):
-    from fsdp_ft.optim import build_scheduler
+    from fsdp_ft.training.optim import build_scheduler
 
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "optim.lr=1.0", "optim.warmup_steps=2",
                              f"optim.schedule={schedule}", f"optim.min_lr_ratio={min_ratio}"])

@@ -10,8 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ASSETS, FAST, TINY, assert_losses_close, cli, free_port, losses, train_1proc, train_nproc
 from fsdp_ft.config import load_config
-from fsdp_ft.data import load_splits
-from fsdp_ft.packing import PackedRows, TokenRows, plan_packs
+from fsdp_ft.data.packing import PackedRows, TokenRows, plan_packs
+from fsdp_ft.data.splits import load_splits
 from fsdp_ft.tasks.causal_lm import IGNORE, CausalLMTask
 from launch_helpers import assert_stays_dead, kill9_job
 from test_resume import RUN, _launch, _wait_for_step

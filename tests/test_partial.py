@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import ASSETS, TINY
-from fsdp_ft import distributed
 from fsdp_ft.config import load_config
-from fsdp_ft.engine import build_meta
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.model import load_tokenizer, resolve_model_dir
+from fsdp_ft.model.build import load_tokenizer, resolve_model_dir
+from fsdp_ft.runtime import distributed
+from fsdp_ft.training.run_setup import build_meta
 
 LABELS = ["a", "b", "c"]
 BLOCKS = range(4)  # every tiny asset has 4 blocks

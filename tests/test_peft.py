@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import FAST, TINY, assert_losses_close, cli, losses, train_1proc, train_nproc
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 
 ONE_PROC = ["train.micro_batch_size=2", "train.grad_accum=2"]
 TWO_RANKS = ["train.micro_batch_size=2", "train.grad_accum=1"]
@@ -111,14 +111,15 @@ def test_lora_checkpoint_holds_only_the_adapters(peft_runs, ranks):
 
 
 def test_optimizer_holds_only_adapters(tmp_path, pretrained_q256):
-    from fsdp_ft import distributed, engine
     from fsdp_ft.config import load_config
-    from fsdp_ft.optim import build_optimizer
+    from fsdp_ft.runtime import distributed
+    from fsdp_ft.training import fsdp_engine
+    from fsdp_ft.training.optim import build_optimizer
 
     cfg = load_config(TINY, [f"output_dir={tmp_path}", f"model.path={pretrained_q256}", "model.random_init=false",
                              "finetune.method=qlora"])
     env = distributed.init_distributed()
-    model, *_ = engine.build(cfg, env)
+    model, *_ = fsdp_engine.build(cfg, env)
     opt = build_optimizer(model, cfg, env.device)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     names = [n for n, p in model.named_parameters() if id(p) in in_opt]
@@ -128,8 +129,8 @@ def test_optimizer_holds_only_adapters(tmp_path, pretrained_q256):
 
 
 def _trained(tmp_path, pretrained, method):
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
 
     cfg = load_config(TINY, [f"output_dir={tmp_path / method}", *FAST, "train.max_steps=4", "optim.lr=1e-2",
                              f"model.path={pretrained}", "model.random_init=false", f"finetune.method={method}"])
@@ -149,7 +150,7 @@ def test_adapter_export_and_merge_reproduce_logits(tmp_path, pretrained_q256, me
     from transformers import AutoModelForCausalLM
 
     from fsdp_ft.config import load_config
-    from fsdp_ft.quantize import round_trip_base
+    from fsdp_ft.quant.quantize import round_trip_base
 
     result, batch, want = _trained(tmp_path, pretrained_q256, method)
     final = result.output_dir / "final"
@@ -196,9 +197,10 @@ def test_other_peft_methods_under_fsdp(session_tmp, pretrained_q256, method):
     from torch.distributed.checkpoint import FileSystemReader
     from transformers import AutoModelForCausalLM
 
-    from fsdp_ft import distributed, engine
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
+    from fsdp_ft.runtime import distributed
+    from fsdp_ft.training import fsdp_engine
 
     args = [f"model.path={pretrained_q256}", "model.random_init=false", f"finetune.method={method}",
             "train.max_steps=4", "finetune.prompt.num_virtual_tokens=4", "optim.lr=1e-2"]
@@ -218,7 +220,7 @@ def test_other_peft_methods_under_fsdp(session_tmp, pretrained_q256, method):
     result.model.eval()
     with torch.no_grad():
         trained = result.model(**batch, use_cache=False).logits
-        initial_model = engine.build(cfg, distributed.init_distributed())[0].eval()  # same seed, not trained
+        initial_model = fsdp_engine.build(cfg, distributed.init_distributed())[0].eval()  # same seed, not trained
         initial = initial_model(**batch, use_cache=False).logits
     assert (trained - initial).abs().max() > 1e-3, "the adapters did not move in 4 steps of lr 1e-2"
 
@@ -236,7 +238,7 @@ def test_scaler_block_size_must_fit_every_row_shard():
 
     from fsdp_ft.config import load_config
     from fsdp_ft.errors import ConfigError
-    from fsdp_ft.quantize import check_block_sizes
+    from fsdp_ft.quant.quantize import check_block_sizes
 
     layers = [("q_proj", nn.Linear(576, 576, device="meta")), ("k_proj", nn.Linear(576, 192, device="meta"))]
     for size in (256, 64):

@@ -1,4 +1,4 @@
-"""Every tensor where it belongs (fsdp_ft/placement.py) and the set-up that puts it there.
+"""Every tensor where it belongs (fsdp_ft/model/placement.py) and the set-up that puts it there.
 
 The audit itself: it flags a parameter, a buffer, a quantized weight's inner tensor (NF4 and int8) and peft's
 prompt ids planted on the wrong device, and passes real tiny models built by `fsdp-ft train` (full, LoRA, QLoRA
@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from conftest import ASSETS, REPO, TINY, free_port, losses, train_1proc, train_nproc
-from fsdp_ft import placement, quantize
-from fsdp_ft.int8_weight import Int8Weight
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.model import placement
+from fsdp_ft.observability.metrics import read_metrics
+from fsdp_ft.quant import quantize
+from fsdp_ft.quant.int8_weight import Int8Weight
 
 META, CPU = torch.device("meta"), torch.device("cpu")
 
@@ -99,10 +100,11 @@ def test_audit_flags_everything_on_the_host_when_the_device_is_elsewhere():
 def _sharded(overrides: list[str], device: torch.device, path=TINY):
     """The model as engine.build shards it on 2 ranks (torch's fake process group: rank 0 of 2, in this process),
     for a rank whose device is `device`."""
-    from fsdp_ft import distributed, parallel
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import build_meta
-    from fsdp_ft.model import load_tokenizer, resolve_model_dir
+    from fsdp_ft.model.build import load_tokenizer, resolve_model_dir
+    from fsdp_ft.parallel import fsdp
+    from fsdp_ft.runtime import distributed
+    from fsdp_ft.training.run_setup import build_meta
 
     cfg = load_config(path, ["output_dir=/tmp/unused", "fsdp.mixed_precision=fp32", *overrides])
     model_dir = resolve_model_dir(cfg)
@@ -110,7 +112,7 @@ def _sharded(overrides: list[str], device: torch.device, path=TINY):
     env = distributed.DistEnv(rank=0, world_size=2, local_rank=0, device=device, backend="fake")
     model, _ = build_meta(cfg, env, model_dir, load_tokenizer(cfg, model_dir), labels)
     mesh = distributed.build_mesh(distributed.DistEnv(0, 2, 0, CPU, "fake"), 1)  # a CPU mesh: meta has none
-    info = parallel.parallelize(model, cfg, mesh)
+    info = fsdp.parallelize(model, cfg, mesh)
     return cfg, model, info
 
 
@@ -128,8 +130,8 @@ def test_offload_puts_shards_on_the_host_and_the_rest_on_the_device(overrides):
     parameters it ignores, and the forward reads them on the GPU. The meta device stands in for the GPU."""
     from torch.distributed.tensor import DTensor
 
-    from fsdp_ft import memsim
-    from fsdp_ft.model import materialize
+    from fsdp_ft.model.materialize import materialize
+    from fsdp_ft.planner import memsim
 
     with memsim.fake_world(2):
         cfg, model, _ = _sharded([*overrides, "fsdp.cpu_offload=true"], META)
@@ -158,8 +160,8 @@ def test_each_rank_stores_only_its_shard_of_the_quantized_base(quant):
     view, its inner tensors would hold the whole base's storage on every rank. The code book stays FP4's."""
     from torch.distributed.tensor import DTensor
 
-    from fsdp_ft import memsim
-    from fsdp_ft.model import materialize
+    from fsdp_ft.model.materialize import materialize
+    from fsdp_ft.planner import memsim
 
     with memsim.fake_world(2):
         _, model, _ = _sharded([*QUANT, f"finetune.quant.type={quant}"], CPU)
@@ -177,12 +179,12 @@ def test_each_rank_stores_only_its_shard_of_the_quantized_base(quant):
 def test_offload_keeps_the_frozen_base_sharded():
     """B2: a PEFT base under fsdp.cpu_offload is sharded in host memory, however small; set to false it stays
     whole (and materialize then puts it on the device, test above)."""
-    from fsdp_ft import parallel
     from fsdp_ft.config import load_config
+    from fsdp_ft.parallel import fsdp
 
     def decide(*overrides):
         cfg = load_config(TINY, ["output_dir=/tmp/unused", "finetune.method=lora", *overrides])
-        return parallel.shard_frozen_without_model(cfg, 2)
+        return fsdp.shard_frozen_without_model(cfg, 2)
 
     assert decide() is None  # without offload: it depends on the model's size
     why = "auto: fsdp.cpu_offload keeps the frozen base sharded in host memory"
@@ -196,11 +198,15 @@ import torch.distributed as dist
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 os.environ["LOCAL_WORLD_SIZE"] = str(rank + 1)   # rank 1 sees half the host memory per rank that rank 0 sees
-from fsdp_ft import parallel
-out = {"agreed": parallel.device_memory_per_rank("cpu"),
+from fsdp_ft.parallel import fsdp
+out = {"agreed": fsdp.device_memory_per_rank("cpu"),
        "own": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (rank + 1)}
 open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w").write(json.dumps(out))
+dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)  # no interpreter finalization: gloo's teardown aborted here once ("terminate called without an active
+             # exception"), as in tests/scripts/gloo_reduce_worker.py; this worker tests the budget, not teardown
 """
 
 
@@ -226,9 +232,9 @@ def expected_count(overrides: list[str]) -> int:
     """Tensors the audit must visit, counted on the meta model before sharding: each parameter once (a quantized
     one by its inner tensors), each buffer."""
     from fsdp_ft.config import load_config
-    from fsdp_ft.distributed import DistEnv
-    from fsdp_ft.engine import build_meta
-    from fsdp_ft.model import load_tokenizer, resolve_model_dir
+    from fsdp_ft.model.build import load_tokenizer, resolve_model_dir
+    from fsdp_ft.runtime.distributed import DistEnv
+    from fsdp_ft.training.run_setup import build_meta
 
     cfg = load_config(TINY, ["output_dir=/tmp/unused", "fsdp.mixed_precision=fp32", *overrides])
     model_dir = resolve_model_dir(cfg)

@@ -25,7 +25,7 @@ import sys
 import pytest
 
 from conftest import ASSETS, REPO, TINY, cli, free_port
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 
 SEQ = 128
 # predicted / measured peak within 3%: every case measures 1.001-1.011 (docs/performance.md). A case that cannot
@@ -87,8 +87,8 @@ def _check(name, nproc, extra, data, tmp_path) -> dict:
 def test_plan_full_one_rank_and_its_advice(full_width_data, tmp_path):
     """Full fine-tuning on 1 rank within the bound; and, for a memory size that the config misses (60% of the
     measured peak), the advice: candidates tried cheapest first, stopping at the first that fits the headroom."""
-    from fsdp_ft import plan
     from fsdp_ft.config import load_config
+    from fsdp_ft.planner import plan
 
     overrides = [*RUN, f"data.train={full_width_data}"]
     measured_peak = max(measure(tmp_path / "run", 1, overrides))
@@ -180,7 +180,7 @@ def test_auto_shard_frozen_follows_the_planned_memory(tmp_path):
 
 
 def test_cpu_plan_counts_the_pooled_gradient_buffers_in_forward(tmp_path):
-    """On 2 gloo ranks the sharded gradients are the reduce-scatter's pooled outputs (fsdp_ft.host_buffers), held
+    """On 2 gloo ranks the sharded gradients are the reduce-scatter's pooled outputs (fsdp_ft.parallel.host_buffers), held
     through the next forward (the simulation installs the pool and fills it with a first micro-step): the
     forward/backward phase carries them at their optimizer-step size; with torch's own reduce
     (fsdp.gloo_async_reduce=false) it does not."""
@@ -246,12 +246,12 @@ def predict_here(ranks: int, overrides: list[str], model_dir=None, exact: bool =
     """The planner's Prediction, computed in this process (no CLI start-up per case)."""
     import torch.distributed as dist
 
-    from fsdp_ft import memsim, plan
+    from fsdp_ft.planner import memsim, plan
 
     if dist.is_initialized():  # a world-size-1 group an earlier test file left in this worker process
         dist.destroy_process_group()
     from fsdp_ft.config import load_config
-    from fsdp_ft.model import load_hf_config, load_tokenizer, resolve_model_dir
+    from fsdp_ft.model.build import load_hf_config, load_tokenizer, resolve_model_dir
 
     extra = [f"model.path={model_dir}"] if model_dir else []
     cfg = load_config(TINY, ["output_dir=/nonexistent", "train.seq_len=16", "train.micro_batch_size=1",
@@ -317,9 +317,12 @@ def measure_rss_growth(config: str, overrides: list[str]) -> dict:
     of a 1-block copy has run every code path once (imports, thread pools, allocator arenas: ~2 MB otherwise)."""
     import gc
 
-    from fsdp_ft import distributed, engine, host_malloc, memsim, parallel
     from fsdp_ft.config import load_config
-    from fsdp_ft.model import load_tokenizer, materialize, resolve_model_dir
+    from fsdp_ft.model.build import load_tokenizer, materialize, resolve_model_dir
+    from fsdp_ft.parallel import fsdp
+    from fsdp_ft.planner import memsim
+    from fsdp_ft.runtime import distributed, host_malloc
+    from fsdp_ft.training import run_setup
 
     def rss() -> int:
         gc.collect()
@@ -333,9 +336,9 @@ def measure_rss_growth(config: str, overrides: list[str]) -> dict:
     tokenizer = load_tokenizer(cfg, model_dir)
 
     def build(hf_config=None):
-        model, hf_config = engine.build_meta(cfg, env, model_dir, tokenizer, None, hf_config=hf_config)
-        replicas, _ = parallel.decide_replicas(model, cfg, env.world_size, env.device.type)
-        parallel.parallelize(model, cfg, distributed.build_mesh(env, replicas))
+        model, hf_config = run_setup.build_meta(cfg, env, model_dir, tokenizer, None, hf_config=hf_config)
+        replicas, _ = fsdp.decide_replicas(model, cfg, env.world_size, env.device.type)
+        fsdp.parallelize(model, cfg, distributed.build_mesh(env, replicas))
         return model, hf_config
 
     _, hf_config = build()
@@ -389,7 +392,7 @@ def test_colab_qlora_plan_holds_the_4bit_base_and_fits_16gb(tmp_path):
     base of its 6.48 B block weights is in it, to the byte of the hand count (3.11 GiB). Its peak also covers the
     weights that must be there by hand: the NF4 base, the fp32 embedding and head, and the LoRA adapters with their
     gradients and two AdamW moments (4 x 4 bytes each)."""
-    from fsdp_ft import plan
+    from fsdp_ft.planner import plan
 
     shape = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,

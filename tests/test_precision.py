@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from conftest import FAST, TINY, cli
-from fsdp_ft import precision
 from fsdp_ft.config import Config, help_text, load_config
+from fsdp_ft.runtime import precision
 
 
 def _cfg(value: str, **fsdp) -> Config:
@@ -58,7 +58,7 @@ def test_config_accepts_auto_and_help_says_what_it_means(tmp_path):
 
 
 def test_deepspeed_config_resolves_auto_for_its_device(tmp_path):
-    from fsdp_ft.ds_config import build_ds_config
+    from fsdp_ft.training.deepspeed_config import build_ds_config
 
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "fsdp.mixed_precision=auto", "engine=deepspeed"])
     assert build_ds_config(cfg, 1, cuda=False)["bf16"]["enabled"] is False

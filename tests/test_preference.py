@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ASSETS, FAST, REPO, TINY, assert_losses_close, cli, eval_rows, free_port, losses
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 from launch_helpers import assert_stays_dead, kill9_job
 
 LOG2 = math.log(2)
@@ -68,9 +68,9 @@ def _args(data: dict[str, Path], task: str, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(session_tmp, pref_data):
     """Each run made once for the tests below: get(task, ranks, *overrides) -> run dir. One-process runs train
-    in this process (`engine.train`, what `fsdp-ft train` calls) to save the start-up of another interpreter."""
+    in this process (`fsdp_ft.api.train`, what `fsdp-ft train` calls) to save the start-up of another interpreter."""
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
 
     cache: dict = {}
 
@@ -134,8 +134,8 @@ def test_qlora_dpo_starts_at_log2(runs):
 def test_dpo_resume_continues_exactly(runs, session_tmp, pref_data, method):
     """Resumed from the step-4 checkpoint, steps 5 and 6 equal the uninterrupted run bit for bit: the reference
     (LoRA: the base with adapters off; full: the frozen copy) comes back from model.path, not the checkpoint."""
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
 
     want = losses(runs("dpo", 1, f"finetune.method={method}"))
     out = session_tmp / f"pref-dpo-resumed-{method}"
@@ -256,11 +256,12 @@ def test_reference_forward_leaves_adapters_trainable_and_checkpointed(tmp_path, 
     leave what trains, and what a checkpoint holds, as it was."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from fsdp_ft import distributed, engine
+    from fsdp_ft.runtime import distributed
+    from fsdp_ft.training import fsdp_engine
 
     cfg = _config(tmp_path, "dpo", pref_data["train"], "finetune.method=lora", "fsdp.reshard_after_forward=false",
                   "train.seq_len=64")
-    model, _tok, task, splits, _info = engine.build(cfg, distributed.init_distributed())
+    model, _tok, task, splits, _info = fsdp_engine.build(cfg, distributed.init_distributed())
     batch = task.collate([task.encode(splits.train[i]) for i in range(2)])
 
     def saved() -> set[str]:
@@ -292,21 +293,23 @@ def test_reward_model_learns_toy_preference_and_exports_hf_classifier(tmp_path, 
     AutoModelForSequenceClassification with one output whose scores equal the trained model's."""
     from transformers import AutoModelForSequenceClassification
 
-    from fsdp_ft import distributed, engine
+    from fsdp_ft import api
     from fsdp_ft.config import load_config
+    from fsdp_ft.runtime import distributed
+    from fsdp_ft.training import fsdp_engine
 
     cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", *FAST, "task=reward", "train.max_steps=8",
                              f"data.train={pref_data['easy_train']}", f"data.eval={pref_data['easy_eval']}",
                              "data.max_eval_samples=32", "train.micro_batch_size=8", "train.grad_accum=1",
                              "optim.lr=3e-3", "optim.warmup_steps=2", "train.eval_batch_size=16"])
     env = distributed.init_distributed()
-    model, _tok, task, splits, _info = engine.build(cfg, env)
+    model, _tok, task, splits, _info = fsdp_engine.build(cfg, env)
     eval_batch = task.collate([task.encode(r) for r in splits.eval])
     with torch.no_grad():
         before = task.metrics({k: v.item() for k, v in task.loss_sums(model.eval(), eval_batch).items()})
     del model
 
-    result = engine.train(cfg)
+    result = api.train(cfg)
     after = eval_rows(result.output_dir)[-1]
     assert after["accuracy"] >= 0.9 and after["accuracy"] >= before["accuracy"] + 0.3, (before, after)
     assert after["reward_margin"] > before["reward_margin"]
@@ -333,7 +336,7 @@ def test_chat_pairs_render_with_template_and_only_the_last_assistant_turn_carrie
     """Chat-list rows: shared turns plus differing final assistant turns. Token by token: the prompt is the
     rendered conversation up to the generation prompt and carries no loss; every response token carries its own
     id as label; chosen and rejected share the prompt tokens."""
-    from fsdp_ft.data import load_splits
+    from fsdp_ft.data.splits import load_splits
     from fsdp_ft.tasks.causal_lm import IGNORE
 
     shared = [{"role": "system", "content": "Answer briefly."},
@@ -396,7 +399,7 @@ BAD_ROWS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_ROWS))
 def test_bad_rows_fail_naming_file_and_row(tmp_path, case):
-    from fsdp_ft.data import load_splits
+    from fsdp_ft.data.splits import load_splits
     from fsdp_ft.errors import DataError
 
     bad, message = BAD_ROWS[case]
@@ -412,7 +415,7 @@ def test_bad_rows_fail_naming_file_and_row(tmp_path, case):
 
 
 def test_missing_column_names_the_preference_key(tmp_path):
-    from fsdp_ft.data import load_splits
+    from fsdp_ft.data.splits import load_splits
     from fsdp_ft.errors import DataError
 
     data = _write(tmp_path / "nocol.jsonl", [{"prompt": "p", "chosen": "c", "worse": "r"}])

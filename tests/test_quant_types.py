@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import FAST, TINY, assert_losses_close, losses, train_nproc
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 from test_peft import ONE_PROC, SAMPLE, STEPS, TWO_RANKS
 
 QUANT_RTOL = 1e-6  # 2 ranks vs 1 process in fp32; see test_two_ranks_equal_one_process_fp32
@@ -38,7 +38,7 @@ def test_fp4_codes_equal_bitsandbytes(weight):
     codes dequantize to exactly its `dequantize_fp4`. Only the scales' own 8-bit format differs (torchao's linear
     one here, bitsandbytes' dynamic map there), so the two dequantized weights differ by a scale rounding only."""
     F = _bnb().functional
-    from fsdp_ft.quantize import dequantize, quantize_weight
+    from fsdp_ft.quant.quantize import dequantize, quantize_weight
 
     ours = quantize_weight(weight, "fp4", 64, 256)
     packed, state = F.quantize_fp4(weight, blocksize=64, compress_statistics=True)
@@ -57,7 +57,7 @@ def test_fp4_codes_equal_bitsandbytes(weight):
 
 def test_fp4_survives_the_ops_fsdp_and_modules_use(weight):
     """detach, to(), row chunks (FSDP's sharding), cat of chunks, copy_ and the linear keep the FP4 code book."""
-    from fsdp_ft.quantize import FP4_VALUES, dequantize, quantize_weight
+    from fsdp_ft.quant.quantize import FP4_VALUES, dequantize, quantize_weight
 
     fp4 = quantize_weight(weight, "fp4", 64, 256)
     table = torch.tensor(FP4_VALUES) / 12
@@ -78,7 +78,7 @@ def test_int8_equals_bitsandbytes_linear8bitlt(weight):
     """Codes and row absmax equal bitsandbytes' `Int8Params` (CB, SCB); forward and input gradient equal its
     `Linear8bitLt` in training mode on CPU, bit for bit."""
     bnb = _bnb()
-    from fsdp_ft.int8_weight import Int8Weight
+    from fsdp_ft.quant.int8_weight import Int8Weight
 
     layer = bnb.nn.Linear8bitLt(256, 512, bias=False, has_fp16_weights=False)
     layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
@@ -97,7 +97,7 @@ def test_int8_equals_bitsandbytes_linear8bitlt(weight):
 
 
 def test_int8_survives_the_ops_fsdp_uses(weight):
-    from fsdp_ft.int8_weight import Int8Weight
+    from fsdp_ft.quant.int8_weight import Int8Weight
 
     w = Int8Weight.from_float(weight)
     want = w.dequantize()
@@ -119,7 +119,7 @@ def test_int8_rows_must_divide_over_ranks():
 
     from fsdp_ft.config import load_config
     from fsdp_ft.errors import ConfigError
-    from fsdp_ft.quantize import check_block_sizes
+    from fsdp_ft.quant.quantize import check_block_sizes
 
     layers = [("q_proj", nn.Linear(256, 256, device="meta")), ("k_proj", nn.Linear(256, 6, device="meta"))]
     cfg = load_config(TINY, ["output_dir=/tmp/x", "finetune.method=qlora", "finetune.quant.type=int8"])
@@ -135,7 +135,7 @@ def test_scales_made_from_block_maxima_on_the_host_equal_torchao(dtype):
     of zeros, outliers and a scale block of its own sizes included. (tests/test_gpu.py compares CUDA with CPU.)"""
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
 
-    from fsdp_ft.quantize import double_quantize_scalers
+    from fsdp_ft.quant.quantize import double_quantize_scalers
 
     torch.manual_seed(1)
     w = (torch.randn(384, 256) * 0.02).to(dtype)
@@ -156,8 +156,8 @@ def test_scales_made_from_block_maxima_on_the_host_equal_torchao(dtype):
 def quant_runs(session_tmp, pretrained_q256):
     """Per type: the 1-process run (in this process, so the export test can use the trained model) and the
     2-rank run (through the launcher)."""
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
 
     cache = {}
 
@@ -224,10 +224,10 @@ def test_adapter_export_and_merge_reproduce_logits(quant_runs, tmp_path, pretrai
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from fsdp_ft.checkpoint.export import export_run
     from fsdp_ft.config import load_config
-    from fsdp_ft.export import export_run
-    from fsdp_ft.int8_weight import Int8Weight
-    from fsdp_ft.quantize import FP4_VALUES, quantized_linears, round_trip_base
+    from fsdp_ft.quant.int8_weight import Int8Weight
+    from fsdp_ft.quant.quantize import FP4_VALUES, quantized_linears, round_trip_base
 
     result = quant_runs(quant, 1)
     bases = [linear.weight for _, linear in quantized_linears(result.model)]

@@ -1,4 +1,4 @@
-"""Per-rank logs (fsdp_ft.ranklog) copy file descriptors 1 and 2, not only Python's streams: what C/C++ code writes
+"""Per-rank logs (fsdp_ft.runtime.ranklog) copy file descriptors 1 and 2, not only Python's streams: what C/C++ code writes
 (NCCL warnings, the c10d watchdog's timeout report before its abort(), faulthandler) reaches output_dir/logs/rank-N.log
 and still reaches the console. Each test runs a small rank process (no torch: a fraction of a second)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import REPO
 
 RANK = textwrap.dedent("""
     import os, signal, subprocess, sys, time
-    from fsdp_ft import ranklog
+    from fsdp_ft.runtime import ranklog
     ranklog.start(sys.argv[1])
     print("python print", flush=True)
     os.write(2, b"raw write to fd 2, as C++ does\\n")

@@ -45,7 +45,7 @@ def run_fsdp_ft(out: Path, model_dir: Path, r: Recipe, *extra: str) -> list[dict
 
 
 def train_rows(out: Path) -> list[dict]:
-    from fsdp_ft.metrics import read_metrics
+    from fsdp_ft.observability.metrics import read_metrics
 
     rows = {r["step"]: r for r in read_metrics(out) if "split" not in r and "loss" in r}
     return [rows[s] for s in sorted(rows)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli, train_1proc
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 
 INSTALL = REPO / "tests" / "report" / "install_chromium.sh"
 CHARTS = ["Loss", "Eval perplexity", "Learning rate", "Throughput", "Model FLOPs utilisation",
@@ -125,7 +125,7 @@ def test_chromium_renders_the_page(page, tmp_path):
 
 
 def test_comparison_page_overlays_runs(run_dir, tmp_path):
-    from fsdp_ft.report import Run, compare_page
+    from fsdp_ft.observability.report import Run, compare_page
 
     text = compare_page([Run(run_dir, "first"), Run(run_dir, "second")], "two runs")
     assert text.count('data-series="first"') >= 3 and text.count('data-series="second"') >= 3

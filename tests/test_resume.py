@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import ASSETS, FAST, REPO, TINY, cli, free_port, losses, train_nproc
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 from launch_helpers import assert_stays_dead, kill9_job
 
 pytestmark = pytest.mark.distributed

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from conftest import ASSETS, FAST, REPO, TINY, cli, losses
-from fsdp_ft import checkpoint, run_identity
+from fsdp_ft.checkpoint import dcp_checkpoint, run_identity
 from fsdp_ft.config import load_config
 from fsdp_ft.errors import CheckpointError, ConfigError
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.observability.metrics import read_metrics
 
 RUN = [*FAST, "train.save_every=2", "train.keep_last=4"]  # 8 steps: checkpoints 2, 4, 6, 8
 
@@ -112,7 +112,7 @@ def test_overwrite_moves_the_old_run_aside(run):
     moved = [p for p in run.parent.iterdir() if p.name.startswith("run.replaced-")]
     assert len(moved) == 1 and snapshot(moved[0]) == before
     assert json.loads((run / "run.json").read_text())["run_id"] != old_id
-    assert [s for s, _ in checkpoint.list_checkpoints(run)] == [2]
+    assert [s for s, _ in dcp_checkpoint.list_checkpoints(run)] == [2]
 
 
 # ---------------------------------------------------------------- damaged checkpoints
@@ -137,12 +137,12 @@ def _damage(ckpt: Path, how: str) -> None:
                                  "unfinished folder"])
 def test_damaged_checkpoint_is_detected(run, how):
     _damage(run / "checkpoints" / "step-8", how)
-    found = checkpoint.problems(run / "checkpoints" / "step-8")
+    found = dcp_checkpoint.problems(run / "checkpoints" / "step-8")
     assert found and all("\n" not in p for p in found)
-    path, notes = checkpoint.newest_valid(run)
+    path, notes = dcp_checkpoint.newest_valid(run)
     assert path == run / "checkpoints" / "step-6" and "step-8" in notes[0]
     with pytest.raises(CheckpointError, match="step-8' is damaged"):
-        checkpoint.resolve_explicit(str(run / "checkpoints" / "step-8"))
+        dcp_checkpoint.resolve_explicit(str(run / "checkpoints" / "step-8"))
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint_and_continues_exactly(run):
@@ -162,7 +162,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_continues_exactly(run):
     assert sorted(got) == [5, 6, 7, 8]
     assert all(got[s] == want[s] for s in got), (got, want)
     assert {name: snapshot(ckpts / name) for name in older} == older
-    assert [s for s, _ in checkpoint.list_checkpoints(run)] == [2, 4, 6, 8]
+    assert [s for s, _ in dcp_checkpoint.list_checkpoints(run)] == [2, 4, 6, 8]
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-2", "step-4", "step-6", "step-8"]
 
 
@@ -215,7 +215,7 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale_on_cpu(tmp_path):
     """An initial loss scale of 2**100 overflows every step's gradients: each step must be skipped (AdamW never
     steps: its moments stay zero, its step count 0) and the scale halve. Before, the CPU scaler switched itself
     off: scale 1.0 logged, the overflowing steps applied."""
-    from fsdp_ft.weights_io import iter_dcp_tensors
+    from fsdp_ft.storage.weights_io import iter_dcp_tensors
 
     out = tmp_path / "fp16"
     cli("train", str(TINY), f"output_dir={out}", *FAST, "train.max_steps=3", "fsdp.mixed_precision=fp16",
@@ -257,9 +257,9 @@ def test_kill9_during_saves_never_leaves_an_unresumable_folder(tmp_path):
                 break
             time.sleep(0.001)
         proc.wait()
-        path, notes = checkpoint.newest_valid(out)
+        path, notes = dcp_checkpoint.newest_valid(out)
         assert not notes, notes  # no step-N that looks finished and is not (None: killed in the first save)
-        newest = checkpoint.read_state(path)["step"] if path else 0
+        newest = dcp_checkpoint.read_state(path)["step"] if path else 0
         assert newest >= reached, (newest, reached)  # a kill never costs a checkpoint that was complete
         reached = newest
     assert kills >= 3 and reached > 0

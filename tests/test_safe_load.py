@@ -19,10 +19,10 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from cls_helpers import classifier_run
 from conftest import ASSETS, train_1proc
-from fsdp_ft import safe_dcp
-from fsdp_ft.checkpoint import list_checkpoints
+from fsdp_ft.checkpoint.dcp_checkpoint import list_checkpoints
 from fsdp_ft.cli import main
 from fsdp_ft.errors import CheckpointError
+from fsdp_ft.storage import safe_dcp
 
 SHORT = ["train.max_steps=2"]
 
@@ -183,7 +183,7 @@ def test_real_full_and_lora_checkpoints_read_as_torch_reads_them(full_run, lora_
 def test_export_gives_the_checkpoints_tensors(full_run, tmp_path):
     from safetensors.torch import load_file
 
-    from fsdp_ft.export import export_run
+    from fsdp_ft.checkpoint.export import export_run
 
     ckpt = list_checkpoints(full_run)[-1][1]
     want = empty_state(dcp.FileSystemReader(str(ckpt)).read_metadata())
@@ -261,7 +261,7 @@ def remote_code_run(full_run, tmp_path):
 
 
 def test_run_config_alone_does_not_switch_on_remote_code(remote_code_run, capsys, tmp_path):
-    from fsdp_ft.inference import load_model
+    from fsdp_ft.inference.loading import load_model
 
     run, marker = remote_code_run
     with pytest.raises(CheckpointError, match="--trust-remote-code") as info:
@@ -300,7 +300,7 @@ def test_model_folder_with_custom_code_needs_the_flag(tmp_path, capsys):
 # ---------------------------------------------------------------- exported files' modes
 
 def test_exported_files_are_readable_by_others_under_umask_022(full_run, tmp_path):
-    from fsdp_ft.export import export_run
+    from fsdp_ft.checkpoint.export import export_run
 
     old = os.umask(0o022)
     try:

@@ -10,8 +10,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cls_helpers import CLS, EVAL_ROWS, classifier_run, eval_file_rows, export_step, hand_metrics, train_here
 from conftest import FAST, TINY, cli, eval_rows
-from fsdp_ft.checkpoint import list_checkpoints
-from fsdp_ft.metrics import read_metrics
+from fsdp_ft.checkpoint.dcp_checkpoint import list_checkpoints
+from fsdp_ft.observability.metrics import read_metrics
 from fsdp_ft.tasks.seq_cls import SeqClsTask, classification_metrics, confusion_from_sums
 
 SAMPLE = ["Open the file and return a stream.", "Send the data to the socket.", "Split the string at commas."]

@@ -12,10 +12,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ASSETS, FAST, TINY, assert_losses_close, losses, train_nproc
-from fsdp_ft import formats, vocab
 from fsdp_ft.config import load_config
-from fsdp_ft.data import load_splits
+from fsdp_ft.data import formats
+from fsdp_ft.data.splits import load_splits
 from fsdp_ft.errors import DataError
+from fsdp_ft.model import vocab
 from fsdp_ft.tasks.causal_lm import IGNORE, CausalLMTask
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
@@ -231,7 +232,7 @@ def test_unknown_eval_label_is_dropped_and_counted(tmp_path):
 
 def test_chatml_tokens_and_mean_rows(tmp_path):
     """ChatML is added as two new tokens; the grown source serves pretrained rows as they are, new rows as the mean."""
-    from fsdp_ft.weights_io import SafetensorsReader
+    from fsdp_ft.storage.weights_io import SafetensorsReader
 
     base = template_less_base(tmp_path / "base")
     tok = AutoTokenizer.from_pretrained(base)
@@ -252,7 +253,7 @@ def test_chatml_tokens_and_mean_rows(tmp_path):
 def grown_runs(tmp_path_factory):
     """LoRA SFT on chat data with a template-less base: one process in this process (its model gives the trained
     logits), two ranks through the launcher."""
-    from fsdp_ft.engine import train
+    from fsdp_ft.api import train
 
     d = tmp_path_factory.mktemp("grown")
     base = template_less_base(d / "base")
@@ -346,8 +347,8 @@ def test_new_rows_train_under_full_finetuning(tmp_path):
 
 def test_frozen_new_rows_are_refused(tmp_path):
     """New chat tokens whose rows could not train (frozen embeddings, IA3 / prompt learning) stop the run."""
-    from fsdp_ft import adapters
     from fsdp_ft.errors import ConfigError
+    from fsdp_ft.model import adapters
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ASSETS / "tiny-llama"))

@@ -219,7 +219,7 @@ def test_wait_ignores_an_older_job_with_the_same_id(slurm_cluster, tmp_path):
     # since the submission (time.time() here, less the clock-skew margin of 300 s)
     from submitit.slurm.slurm import SlurmInfoWatcher
 
-    from fsdp_ft.slurm import _sacct_since
+    from fsdp_ft.launchers.slurm import _sacct_since
 
     theirs, ours = SlurmInfoWatcher(delay_s=60), _sacct_since(time.time())
     assert all(theirs.is_done(str(i), mode="force") for i in upcoming)  # accounting calls the next ids done
@@ -300,7 +300,7 @@ cpu|64|256000|(null)
     (dict(tasks_per_node=2, partition="cpu"), (32, "0")),        # CPU nodes: their cores over the ranks
 ])
 def test_default_cpus_and_memory_from_sinfo(opts, want):
-    from fsdp_ft.slurm import SubmitOptions, parse_sinfo, resources
+    from fsdp_ft.launchers.slurm import SubmitOptions, parse_sinfo, resources
 
     opts = SubmitOptions(**opts)
     assert resources(opts, parse_sinfo(SINFO, opts.partition))[:2] == want
@@ -317,9 +317,9 @@ def test_sweep_dry_run_is_one_job_array(tmp_path):
 def test_sweep_submits_each_combination_into_output_dir_key_value(tmp_path, monkeypatch, capsys):
     """--sweep A=a1,a2 --sweep B=b1,b2: one array of 4 tasks, each task's config the base config with its own
     values, in output_dir/A=a_B=b (what submitit would pickle; sbatch itself is replaced here)."""
-    from fsdp_ft import slurm
     from fsdp_ft.cli import main
     from fsdp_ft.config import load_config
+    from fsdp_ft.launchers import slurm
 
     submitted, arrays = [], []
 
@@ -437,14 +437,14 @@ class _LaggingJob:
 
 @pytest.mark.parametrize("state", ["COMPLETED", "RUNNING", "PENDING", "REQUEUED", "UNKNOWN"])
 def test_results_are_read_again_while_the_job_lives_or_completed(state):
-    from fsdp_ft.slurm import _results
+    from fsdp_ft.launchers.slurm import _results
 
     job = _LaggingJob(state, lag=2)
     assert _results(job, patience_s=30, poll_s=0) == ["done"] and job.reads == 3
 
 
 def test_a_live_job_is_waited_for_past_the_patience():
-    from fsdp_ft.slurm import _results
+    from fsdp_ft.launchers.slurm import _results
 
     job = _LaggingJob("RUNNING", lag=3)
     assert _results(job, patience_s=0, poll_s=0) == ["done"] and job.reads == 4
@@ -454,7 +454,7 @@ def test_a_live_job_is_waited_for_past_the_patience():
 def test_results_of_a_failed_job_or_after_the_patience_raise(state, patience):
     from submitit.core.utils import UncompletedJobError
 
-    from fsdp_ft.slurm import _results
+    from fsdp_ft.launchers.slurm import _results
 
     job = _LaggingJob(state, lag=100)
     with pytest.raises(UncompletedJobError):

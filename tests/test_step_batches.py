@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import ASSETS, FAST, losses, TINY
-from fsdp_ft.metrics import read_metrics
-from fsdp_ft.step_batches import StepBatches, enabled
+from fsdp_ft.observability.metrics import read_metrics
+from fsdp_ft.training.step_batches import StepBatches, enabled
 
 
 class Builder:
@@ -88,9 +88,9 @@ def test_prefetching_changes_no_number(tmp_path, monkeypatch, task):
     one that decides who builds: with train.prefetch_batches=true every step after the first is built by the
     worker thread, with false every step is built on the main thread. (Runs in this process, so the trainer's
     batch builder can be watched.)"""
+    from fsdp_ft.api import train
     from fsdp_ft.config import load_config
-    from fsdp_ft.engine import train
-    from fsdp_ft.trainer import Trainer
+    from fsdp_ft.training.trainer import Trainer
 
     built: list[tuple[tuple[int, int], str]] = []
     real = Trainer._host_step_batches

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsdp_ft import tf32
 from fsdp_ft.config import Config
+from fsdp_ft.runtime import tf32
 
 NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 

@@ -1,4 +1,4 @@
-"""Tests for fsdp_ft.weights_io: streamed safetensors/DCP I/O and per-rank row ranges."""
+"""Tests for fsdp_ft.storage.weights_io: streamed safetensors/DCP I/O and per-rank row ranges."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from torch.distributed.tensor import Replicate, Shard
 
-from fsdp_ft.weights_io import (
+from fsdp_ft.storage.weights_io import (
     SafetensorsReader,
     atomic_dir,
     dcp_tensor_keys,

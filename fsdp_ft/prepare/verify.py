@@ -25,8 +25,8 @@ def verify_loader(model_dir: Path, tol: float = 1e-5) -> float:
     from transformers.utils import logging as hf_logging
 
     from fsdp_ft.config import load_config
-    from fsdp_ft.model import (build_meta_model, load_hf_config, load_tokenizer, materialize,
-                               open_weight_source)
+    from fsdp_ft.model.build import build_meta_model, load_hf_config, load_tokenizer
+    from fsdp_ft.model.materialize import materialize, open_weight_source
 
     cfg = load_config(None, [f"model.path={model_dir}", "task=seq_cls", "data.train=unused.jsonl",
                              "output_dir=unused", "model.attn_implementation=eager"])
@@ -37,7 +37,7 @@ def verify_loader(model_dir: Path, tol: float = 1e-5) -> float:
     unexpected = [n for n in mat["initialised"] if n in saved and not n.startswith("classifier.")]
     if unexpected:
         raise LoaderMismatch(f"'{model_dir}': these tensors were not found in the checkpoint: {unexpected[:5]} "
-                             "(checkpoint names differ from the model's; see _source_key in fsdp_ft/model.py)")
+                             "(checkpoint names differ from the model's; see _source_key in fsdp_ft/model/build.py)")
     hf_logging.disable_progress_bar()
     ref = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
     ours.eval()

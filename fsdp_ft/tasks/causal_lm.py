@@ -1,7 +1,7 @@
 """Causal language modelling and SFT: next-token loss on the completion tokens (or on every token).
 
-Rows of any `data.format` (see `fsdp_ft.formats`) are tokenized once at load time, truncated by
-`data.truncation`, and, with `data.packing`, packed into rows of train.seq_len (see `fsdp_ft.packing`).
+Rows of any `data.format` (see `fsdp_ft.data.formats`) are tokenized once at load time, truncated by
+`data.truncation`, and, with `data.packing`, packed into rows of train.seq_len (see `fsdp_ft.data.packing`).
 
 Attention: a batch without padding reaches the model with no mask at all (`UNPADDED`, decided by collate on
 the host), so SDPA runs causal attention with `is_causal` (flash, native GQA) and transformers' mask code never
@@ -17,12 +17,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fsdp_ft import formats, head_loss, vocab
 from fsdp_ft.config import Config
-from fsdp_ft.data import BadRow, Drops
+from fsdp_ft.data import formats
+from fsdp_ft.data.packing import PackedRows, TokenRows
+from fsdp_ft.data.splits import BadRow, Drops
 from fsdp_ft.errors import DataError
-from fsdp_ft.head_loss import IGNORE
-from fsdp_ft.packing import PackedRows, TokenRows
+from fsdp_ft.model import vocab
+from fsdp_ft.tasks import head_loss
+from fsdp_ft.tasks.head_loss import IGNORE
 
 PADDING = {"labels": IGNORE, "attention_mask": 0, "position_ids": 0}
 # batch key present (an empty tensor, so it pins and moves with the batch at no cost) when no row is padded

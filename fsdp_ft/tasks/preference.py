@@ -23,9 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fsdp_ft import parallel
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
+from fsdp_ft.parallel import fsdp
 from fsdp_ft.tasks.pairs import PAIR_METRICS, PairTask, pair_count, pair_metrics, sequence_logps
 
 
@@ -79,7 +79,7 @@ class DPOTask(PairTask):
     def reference_logps(self, model, batch: dict) -> torch.Tensor:
         if self.reference is not None:
             logits = lm_logits(self.reference, batch)
-            parallel.reshard_all(self.reference)  # a forward-only model: free what its forward gathered
+            fsdp.reshard_all(self.reference)  # a forward-only model: free what its forward gathered
         else:
             if not hasattr(model, "disable_adapter"):
                 raise ConfigError("task 'dpo' needs its reference model: a PEFT model's is itself with adapters "

@@ -10,10 +10,10 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 py="$repo/.venv/bin/python"
 declare -A MODULE=(
-  [finetune]=fsdp_ft/finetune.py        # what trains
-  [optim]=fsdp_ft/optim.py              # decay groups, schedule, kernel choice
-  [trainer]=fsdp_ft/trainer.py          # loss normalisation, accumulation, clipping, the loop
-  [checkpoint]=fsdp_ft/checkpoint.py    # save, verify, resume, RNG restore
+  [finetune]=fsdp_ft/model/trainable.py        # what trains
+  [optim]=fsdp_ft/training/optim.py              # decay groups, schedule, kernel choice
+  [trainer]=fsdp_ft/training/trainer.py          # loss normalisation, accumulation, clipping, the loop
+  [checkpoint]=fsdp_ft/checkpoint/dcp_checkpoint.py    # save, verify, resume, RNG restore
 )
 declare -A TESTS=(
   [finetune]="tests/test_partial.py"

@@ -18,11 +18,12 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from fsdp_ft import distributed, parallel
 from fsdp_ft.config import load_config
-from fsdp_ft.engine import _grad_scaler
-from fsdp_ft.optim import build_optimizer
-from fsdp_ft.trainer import Trainer
+from fsdp_ft.parallel import fsdp
+from fsdp_ft.runtime import distributed
+from fsdp_ft.training.fsdp_engine import _grad_scaler
+from fsdp_ft.training.optim import build_optimizer
+from fsdp_ft.training.trainer import Trainer
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
@@ -40,7 +41,7 @@ def main():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
     mesh = init_device_mesh("cpu", (world,))
-    policy = parallel.mixed_precision_policy(cfg)
+    policy = fsdp.mixed_precision_policy(cfg)
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from fsdp_ft import gloo_reduce, parallel
+from fsdp_ft.parallel import gloo_reduce, fsdp
 
 
 def build(seed: int, param_dtype, stored=torch.float32, blocks_train=True, mesh=None):
@@ -97,7 +97,7 @@ def main():
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         asynchronous, sent = gloo_reduce.install(model, [*model[:5], model], policy, dist.get_world_size())
         if name in ("fp32", "bf16"):  # training's default: the next block's all-gather issued asynchronously
-            parallel.set_prefetch(model, list(model[:5]), 1, "cpu")
+            fsdp.set_prefetch(model, list(model[:5]), 1, "cpu")
         comm = model._get_fsdp_state()._fsdp_param_group._reduce_scatter_comm
         gathers = [m._get_fsdp_state()._fsdp_param_group._all_gather_comm for m in model[:5]]
         pending = comm.pending

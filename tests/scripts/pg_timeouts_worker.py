@@ -1,4 +1,4 @@
-"""Run under torchrun (2 gloo ranks): fsdp_ft.distributed's process-group timeouts, set-up and steps apart.
+"""Run under torchrun (2 gloo ranks): fsdp_ft.runtime.distributed's process-group timeouts, set-up and steps apart.
 
 Set-up timeout 60 s, step timeout STEP_S. Rank 0 prepares the data (main_process_first) for SLOW_S > STEP_S while
 rank 1 waits in the barrier; then, inside step_timeout(), rank 0 is as slow before a barrier, which rank 1 must give
@@ -13,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from fsdp_ft import distributed
+from fsdp_ft.runtime import distributed
 
 STEP_S, SLOW_S = 1.0, 2.0
 

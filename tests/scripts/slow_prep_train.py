@@ -9,11 +9,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from fsdp_ft import cli, engine, trainer
+from fsdp_ft import cli
+from fsdp_ft.training import fsdp_engine, run_setup, trainer
 
 SLOW_S = float(os.environ["SLOW_PREP_S"])
 seen = {}
-load_splits, fit, export_final = engine.load_splits, trainer.Trainer.fit, engine.export_final
+load_splits, fit, export_final = run_setup.load_splits, trainer.Trainer.fit, fsdp_engine.export_final
 
 
 def timeouts() -> list[float]:
@@ -44,5 +45,6 @@ def recording_export_final(out, tokenizer):
     return export_final(out, tokenizer)
 
 
-engine.load_splits, trainer.Trainer.fit, engine.export_final = slow_load_splits, recording_fit, recording_export_final
+run_setup.load_splits, trainer.Trainer.fit = slow_load_splits, recording_fit
+fsdp_engine.export_final = recording_export_final
 sys.exit(cli.main(["train", *sys.argv[1:]]))

@@ -1,0 +1,1 @@
+"""Run-directory checkpoints (DCP, DeepSpeed), run identity, and export to HF or PEFT (final/)."""

@@ -1,0 +1,1 @@
+"""Rows from files or the hub; rows to token ids; packing."""

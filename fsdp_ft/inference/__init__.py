@@ -1,0 +1,1 @@
+"""One process, no FSDP: `fsdp-ft eval`, `generate` and `predict`."""

@@ -1,0 +1,1 @@
+"""`fsdp-ft run` (torchrun) and `fsdp-ft submit` (SLURM through submitit)."""

@@ -1,0 +1,1 @@
+"""Model folder, tokenizer and meta build; PEFT adapters; which parameters train; device placement."""

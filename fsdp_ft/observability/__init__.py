@@ -1,0 +1,1 @@
+"""What a run measures (MFU, memory, traces, metrics.jsonl) and the HTML report."""

@@ -1,0 +1,1 @@
+"""`fsdp-ft plan`: peak memory per rank, simulated on the meta device."""

@@ -1,0 +1,1 @@
+"""The process: ranks and collectives, signals, per-rank logs, malloc, precision and TF32."""

@@ -1,0 +1,244 @@
+"""`engine: deepspeed`: DeepSpeed ZeRO-2/3 behind the same config, data, tasks, loop, metrics, checkpoints and export.
+
+Only the model wrapper differs from the FSDP engine. The batch plan, tasks, AdamW and schedule of optim.*, the
+Trainer's loop (its micro-step, save and memory count swapped for DeepSpeed's), the run directory and the export
+are the FSDP engine's own, so the two engines train the same samples from the same initial weights with the same
+optimizer, and their losses can be compared step by step. For users who bring DeepSpeed set-ups, a DeepSpeed
+JSON (deepspeed.config) is merged over the config built from our keys (see ds_config.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fsdp_ft.checkpoint import deepspeed_checkpoint, run_identity
+from fsdp_ft.checkpoint.export import export_final
+from fsdp_ft.config import Config, dump_config
+from fsdp_ft.model import adapters, placement
+from fsdp_ft.parallel import fsdp
+from fsdp_ft.runtime import distributed, precision, tf32
+from fsdp_ft.runtime.deepspeed_import import import_deepspeed
+from fsdp_ft.runtime.precision import DTYPE
+from fsdp_ft.training.deepspeed_config import build_ds_config, precision_of
+from fsdp_ft.training.run_setup import (TrainResult, build_meta, count_flops_or_none, load_data, log_main, open_run,
+                                       rank_peak_flops, resumed_state)
+from fsdp_ft.errors import ConfigError
+from fsdp_ft.model.build import parameter_counts
+from fsdp_ft.model.materialize import fill_tensors, open_weight_source
+from fsdp_ft.observability.flops import FlopCounts
+from fsdp_ft.observability.metrics import MetricsLogger, peak_host_rss_bytes
+from fsdp_ft.training.optim import build_optimizer, build_scheduler
+from fsdp_ft.training.trainer import Trainer, TrainState
+
+
+# ---------------------------------------------------------------- model
+
+def _allocate(module: nn.Module, storage: dict, device: torch.device) -> None:
+    """Give this module's own meta tensors CPU storage (buffers: `device`), keeping tied tensors tied."""
+    for registry in (module._parameters, module._buffers):
+        for key, t in registry.items():
+            if t is None or not t.is_meta:
+                continue
+            if id(t) not in storage:  # keep the meta tensor alive so its id is not reused
+                where = device if registry is module._buffers else torch.device("cpu")
+                real = torch.empty_like(t, device=where)
+                storage[id(t)] = (t, nn.Parameter(real, requires_grad=t.requires_grad)
+                                  if isinstance(t, nn.Parameter) else real)
+            registry[key] = storage[id(t)][1]
+
+
+def materialize(model: nn.Module, blocks: list[nn.Module], cfg: Config, model_dir, ds: dict, env,
+                deepspeed) -> dict:
+    """Real weights with the FSDP engine's values (checkpoint rows or the same seeded init).
+
+    ZeRO-2 keeps whole parameters on every rank. ZeRO-3 partitions each block as soon as it is filled
+    (`deepspeed.zero.Init(module=...)`), so a rank holds its 1/N share plus one block, never the whole model.
+    """
+    source = open_weight_source(cfg, model_dir, model)
+    stage3 = ds["zero_optimization"]["stage"] == 3
+    precision = precision_of(ds)
+    storage, seen, done = {}, set(), set()
+    result = {"loaded": 0, "initialised": []}
+    for group in (blocks + [model] if stage3 else [model]):
+        members = {id(m) for m in group.modules()} - done
+        modules = [(n, m) for n, m in model.named_modules() if id(m) in members]  # the model's order
+        done |= members
+        for _, m in modules:
+            _allocate(m, storage, env.device)
+        got = fill_tensors(model, modules, source, cfg.train.seed, seen)
+        result["loaded"] += got["loaded"]
+        result["initialised"] += got["initialised"]
+        _init_dora_magnitudes(group)
+        if stage3:
+            _partition(group, ds, precision, deepspeed)
+    if source is not None:
+        source.close()
+    return result
+
+
+@torch.no_grad()
+def _init_dora_magnitudes(group: nn.Module) -> None:
+    """DoRA starts with magnitude = row norm of the base weight (layers of earlier groups are partitioned already)."""
+    for magnitude, base in adapters.dora_magnitude_pairs(group):
+        if not hasattr(magnitude, "ds_id"):
+            magnitude.copy_(torch.linalg.norm(base.weight.float(), dim=1).to(magnitude.dtype))
+
+
+def _partition(group: nn.Module, ds: dict, precision: str, deepspeed) -> None:
+    """ZeRO-3: cast to the training dtype (DeepSpeed expects partitioned weights in it) and partition."""
+    if precision != "fp32":
+        for p in group.parameters():
+            if not hasattr(p, "ds_id") and p.is_floating_point():
+                p.data = p.data.to(DTYPE[precision])
+    deepspeed.zero.Init(module=group, config_dict_or_path=ds)
+
+
+# ---------------------------------------------------------------- loop
+
+class _LossScale:
+    """fp16: the Trainer logs `loss_scale` from DeepSpeed's own dynamic scaler."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def get_scale(self) -> float:
+        return float(getattr(self.engine.optimizer, "cur_scale", getattr(self.engine.optimizer, "loss_scale", 0.0)))
+
+
+class DeepSpeedTrainer(Trainer):
+    """The FSDP engine's loop; `model` is the DeepSpeed engine, `optimizer` the AdamW it wraps."""
+
+    def micro_step(self, batch: dict, count: torch.Tensor, last: bool) -> dict[str, torch.Tensor]:
+        engine = self.model
+        engine.set_gradient_accumulation_boundary(last)
+        sums = self.task.loss_sums(engine, batch)
+        # DeepSpeed averages gradients over ranks, as FSDP does: the same scaling turns that into the global sum;
+        # scale_wrt_gas=False because the global count already covers every micro-batch of the step
+        engine.backward(sums["loss"] * self.env.world_size / count, scale_wrt_gas=False)
+        engine.step()  # reduces, clips and steps AdamW at the boundary (the last micro-batch) only
+        return sums
+
+    def optimizer_step(self) -> tuple[torch.Tensor, float]:
+        """DeepSpeed stepped in the last micro_step; the scheduler has not moved yet, so the lr is this step's."""
+        norm = self.model.get_global_grad_norm()
+        return torch.tensor(float("nan") if norm is None else float(norm)), self.optimizer.param_groups[0]["lr"]
+
+    def write_checkpoint(self, state: dict) -> None:
+        state["scaler"] = None  # DeepSpeed keeps its loss scale in its own files
+        deepspeed_checkpoint.save(self.model, self.cfg.output_dir, self.cfg.train.keep_last, state, self.env,
+                           trainable_only=adapters.is_peft(self.cfg))
+
+    def state_bytes(self) -> int:
+        """This rank's bytes of model weights (its ZeRO-3 partition), fp32 masters and AdamW moments."""
+        total = 0
+        for p in self.model.module.parameters():
+            local = getattr(p, "ds_tensor", p)
+            total += local.numel() * local.element_size()
+        zero = self.model.optimizer  # ZeRO keeps the fp32 masters of this rank's partition itself
+        masters = {id(t): t for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups")
+                   for t in getattr(zero, name, None) or []}
+        total += sum(t.numel() * t.element_size() for t in masters.values())
+        for st in self.optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+        return total
+
+
+# ---------------------------------------------------------------- entry
+
+def _check_precision(ds: dict, deepspeed) -> None:
+    accelerator = deepspeed.get_accelerator()
+    if precision_of(ds) == "fp16" and not accelerator.is_fp16_supported():
+        raise ConfigError(f"config key 'fsdp.mixed_precision': DeepSpeed has no fp16 on this device "
+                          f"({accelerator.device_name()}); use bf16")
+
+
+def build(cfg: Config, env, ds: dict, deepspeed):
+    """Data, tokenizer and the DeepSpeed engine around the materialised (ZeRO-3: partitioned) model."""
+    model_dir, tokenizer, task, splits, plan, steps, labels = load_data(cfg, env)
+    if getattr(task, "needs_reference", False):  # DPO: the reference is the policy with its adapters off
+        if not adapters.is_peft(cfg):
+            raise ConfigError(f"task {cfg.task} with finetune.method={cfg.finetune.method} needs a frozen reference "
+                              "copy, which engine deepspeed does not build; use a PEFT method or engine=fsdp")
+        task.reference = None
+    model, _ = build_meta(cfg, env, model_dir, tokenizer, labels)
+    trainable, total = parameter_counts(model)
+    flop_counts = count_flops_or_none(env, model)  # the FSDP engine's count: what trains is settled, nothing is placed
+    blocks = fsdp.find_blocks(adapters.base_model(model), cfg.model.block_classes)
+    checkpointed = fsdp.apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
+    mat = materialize(model, blocks, cfg, model_dir, ds, env, deepspeed)
+    optimizer = build_optimizer(model, cfg, env.device)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
+    offload_param = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
+    checked = placement.check_deepspeed(engine.module, env.device, offload_param)  # fail fast, as engine fsdp
+    info = {"engine": "deepspeed", "zero_stage": ds["zero_optimization"]["stage"], "precision": precision_of(ds),
+            "trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
+            "blocks": len(blocks), "block_class": type(blocks[0]).__name__, "checkpointed": len(checkpointed),
+            "weights_loaded": mat["loaded"], "weights_initialised": len(mat["initialised"]),
+            "dropped_rows": splits.dropped, "train_rows": len(splits.train),
+            "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": labels,
+            "total_steps": steps, "world_size": env.world_size, "device": str(env.device), "placement_checked": checked,
+            "flop_counts": flop_counts.to_dict() if flop_counts else None,
+            "flops_per_token": flop_counts.per_token_at(cfg.train.seq_len) if flop_counts else None}
+    return engine, optimizer, tokenizer, task, splits, plan, info
+
+
+def train(cfg: Config) -> TrainResult:
+    """engine=deepspeed: set up, build, partition, resume, train, export."""
+    deepspeed = import_deepspeed()
+    # ZeRO-3 gathers the head's weight around its forward and again for its backward; the chunked head loss
+    # makes the weight's gradient inside forward, which that scheme does not expect: plain logits here
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunked_head_loss=False))
+    env = distributed.init_distributed(cfg.dist.setup_timeout_minutes, cfg.dist.timeout_minutes)
+    cfg = precision.resolve_precision(cfg, env.device)  # before the fingerprint and config.yaml record it
+    tf32_on = tf32.apply(cfg.train.tf32, env.device)  # before any matmul, and before the MFU peak is read
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it; a plain process has none
+    deepspeed.init_distributed("nccl" if env.device.type == "cuda" else "gloo")  # adopts our process group
+    torch.manual_seed(cfg.train.seed)
+    out = Path(cfg.output_dir)
+    run = open_run(cfg, env)
+    t0 = time.perf_counter()
+    ds = build_ds_config(cfg, env.world_size, env.device.type == "cuda")
+    _check_precision(ds, deepspeed)
+    engine, optimizer, tokenizer, task, splits, plan, info = build(cfg, env, ds, deepspeed)
+    steps = info["total_steps"]
+    scheduler = build_scheduler(optimizer, steps, cfg)  # on AdamW's groups, which DeepSpeed steps with
+    state = TrainState()
+    torch.manual_seed(cfg.train.seed + env.rank)  # dropout; a resume restores the saved RNG state instead
+    if run.resume_from is not None:
+        saved = deepspeed_checkpoint.load(Path(run.resume_from), engine, env)
+        scheduler.load_state_dict(saved.pop("scheduler"))
+        state = resumed_state(env, run, saved)
+    state.run = run.record()
+    state.extra = {"labels": info["labels"]}
+    if env.is_main:
+        run_identity.record(out, run)
+        dump_config(cfg, out / "config.yaml")
+        (out / "deepspeed_config.json").write_text(json.dumps(ds, indent=1))
+    peak, peak_source = rank_peak_flops(cfg, env)
+    info.update(run_id=run.run_id, resumed_from=run.resume_from, setup_s=time.perf_counter() - t0, peak_flops=peak, tf32=tf32_on, peak_flops_source=peak_source,
+                host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()))
+    log_main(env, f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "
+              f"({100 * info['trainable_share']:.2f}%); DeepSpeed ZeRO-{info['zero_stage']} over {env.world_size} "
+              f"rank(s), {info['precision']}; {steps} steps")
+    logger = MetricsLogger(out, env.is_main, steps, cfg.train.tensorboard, cfg.train.progress_bar, state.step)
+    logger.log({"split": "setup", "step": state.step, **info})
+    scaler = _LossScale(engine) if info["precision"] == "fp16" else None
+    trainer = DeepSpeedTrainer(cfg, env, engine, task, optimizer, scheduler, scaler, splits.train, splits.eval,
+                               logger, state, plan, steps, peak_flops=peak,
+                               flop_counts=FlopCounts(**info["flop_counts"]) if info["flop_counts"] else None)
+    trainer.saved_step = state.step if run.resumes_in_place(out) else None
+    with distributed.step_timeout():  # set-up (above) and the final export (below) wait longer
+        state = trainer.fit()
+        if state.step >= steps:  # resumed at its end from another folder's checkpoint: output_dir gets its own
+            trainer.save()
+    if env.is_main and state.step >= steps:  # a run stopped early by a signal exports when it resumes and ends
+        logger.log({"split": "final", "step": state.step, **export_final(out, tokenizer)})
+    logger.close()
+    distributed.barrier()
+    return TrainResult(model=engine, tokenizer=tokenizer, state=state, output_dir=out)

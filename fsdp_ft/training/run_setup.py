@@ -1,0 +1,140 @@
+"""What both engines do around their own build, load and save: check output_dir and decide what the run is (new
+or resumed), load and check the data before any model is built, build the meta model, count FLOPs and the peak
+for MFU, and log on rank 0."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fsdp_ft.checkpoint import run_identity
+from fsdp_ft.config import Config
+from fsdp_ft.data.splits import BatchPlan, load_splits
+from fsdp_ft.errors import ConfigError, DataError
+from fsdp_ft.model import adapters, vocab
+from fsdp_ft.model.build import build_meta_model, load_hf_config, load_tokenizer, resolve_model_dir
+from fsdp_ft.model.trainable import apply_finetune
+from fsdp_ft.observability.flops import FlopCounts, count_flops, peak_flops
+from fsdp_ft.parallel import fsdp
+from fsdp_ft.quant import quantize
+from fsdp_ft.runtime import distributed, precision
+from fsdp_ft.runtime.precision import DTYPE
+from fsdp_ft.tasks import get_task
+from fsdp_ft.training import best
+from fsdp_ft.training.trainer import TrainState
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    tokenizer: object
+    state: TrainState
+    output_dir: Path
+
+
+def prepare_output_dir(cfg: Config, env: distributed.DistEnv) -> Path:
+    """Create output_dir and check it is writable before any expensive work."""
+    out = Path(cfg.output_dir)
+    if env.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"config key 'output_dir': cannot write to '{out}': {e.strerror or e}") from None
+    distributed.barrier()
+    return out
+
+
+def open_run(cfg: Config, env: distributed.DistEnv) -> run_identity.RunStart:
+    """Check output_dir and decide what this run is (new, or which checkpoint it continues): rank 0 decides, and
+    every rank gets the same decision or raises the same error."""
+    prepare_output_dir(cfg, env)
+    decision = None
+    if env.is_main:
+        try:
+            decision = run_identity.decide(cfg, env.world_size)
+        except Exception as e:  # every rank must leave with it, not wait for a decision that never comes
+            decision = e
+    decision = distributed.broadcast_object(decision)
+    if isinstance(decision, Exception):
+        raise decision
+    for note in decision.notes:
+        log_main(env, f"warning: {note}")
+    return decision
+
+
+def log_main(env, msg: str) -> None:
+    if env.is_main:
+        print(f"[fsdp_ft] {msg}", file=sys.stderr, flush=True)
+
+
+def total_steps(cfg: Config, plan: BatchPlan) -> int:
+    if plan.steps_per_epoch == 0:
+        raise DataError(f"data.train: '{cfg.data.train}' has {plan.num_samples} usable rows, fewer than one global "
+                        f"batch of {plan.global_batch} (train.micro_batch_size={cfg.train.micro_batch_size} x "
+                        f"train.grad_accum={cfg.train.grad_accum} x {plan.world_size} ranks)")
+    return cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
+
+
+def batch_plan(cfg: Config, env: distributed.DistEnv, num_samples: int) -> BatchPlan:
+    return BatchPlan(num_samples, cfg.train.micro_batch_size, cfg.train.grad_accum, env.world_size, env.rank,
+                     cfg.train.seed)
+
+
+def load_data(cfg: Config, env: distributed.DistEnv):
+    """Tokenizer, task, splits, batch plan, step count and labels: all checked before any model is built."""
+    model_dir = resolve_model_dir(cfg)
+    tokenizer = load_tokenizer(cfg, model_dir)
+    task = get_task(cfg, tokenizer)
+    best.check_metric(cfg, task)
+    with distributed.main_process_first(env):
+        splits = load_splits(cfg, task)  # may give the tokenizer ChatML tokens (data.format chat, no template)
+    plan = batch_plan(cfg, env, len(splits.train))
+    steps = total_steps(cfg, plan)  # too little data fails here, before the model is built
+    labels = task.labels(splits.train)
+    return model_dir, tokenizer, task, splits, plan, steps, labels
+
+
+def build_meta(cfg: Config, env: distributed.DistEnv, model_dir, tokenizer, labels, hf_config=None):
+    """The model on the meta device, PEFT-wrapped (QLoRA base quantized) or with its frozen parts marked.
+    `hf_config` replaces model.path's config (`fsdp-ft plan` simulates shorter stacks of blocks)."""
+    hf_config = hf_config if hf_config is not None else load_hf_config(cfg, model_dir)
+    model = build_meta_model(cfg, hf_config, tokenizer, labels)
+    if adapters.is_peft(cfg):
+        model = adapters.wrap(model, cfg, vocab.added_chat_tokens(tokenizer), device=env.device)
+        if cfg.finetune.method == "qlora":
+            replicas, _ = fsdp.replicas_without_model(cfg, env.world_size)  # a QLoRA base is sharded
+            quantize.quantize_meta_model(model, cfg, shards=env.world_size // replicas)
+    else:
+        apply_finetune(model, cfg, fsdp.find_blocks(model, cfg.model.block_classes))
+        vocab.check_rows_train(model, cfg.finetune.method, vocab.added_chat_tokens(tokenizer))
+    return model, hf_config
+
+
+def count_flops_or_none(env, model) -> FlopCounts | None:
+    """FLOPs for MFU; a model whose forward cannot run on fake tensors (data-dependent control flow, as in
+    GPT-2's mask code) trains without an MFU column rather than not at all."""
+    try:
+        return count_flops(model)
+    except Exception as e:  # the tracer's failure is not the user's: say so once and go on
+        log_main(env, f"MFU not reported: counting this model's FLOPs on fake tensors failed ({type(e).__name__})")
+        return None
+
+
+def rank_peak_flops(cfg: Config, env: distributed.DistEnv) -> tuple[float, str]:
+    """One rank's peak FLOP/s in the compute dtype, for MFU: train.peak_flops, the GPU's table entry, or measured."""
+    if cfg.train.peak_flops:
+        return cfg.train.peak_flops, "config: train.peak_flops"
+    return peak_flops(env.device, DTYPE[precision.compute_precision(cfg)])
+
+
+def resumed_state(env: distributed.DistEnv, run: run_identity.RunStart, saved: dict) -> TrainState:
+    """The trainer state a checkpoint recorded (its other entries are the loader's)."""
+    state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
+    log_main(env, f"run {run.run_id}: resumed from {run.resume_from} at step {state.step}")
+    return state

@@ -1,0 +1,126 @@
+"""The package is layered: a module imports only from packages on lower layers (or from its own package), never
+from a sibling on its own layer, and no two modules import each other even indirectly. Imports inside functions
+count too: they are how cycles hid before (docs/architecture.md shows the layers)."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+# bottom to top; packages on one layer are independent of each other
+LAYERS = [
+    {"errors"},
+    {"config", "runtime"},
+    {"storage", "data", "quant", "observability"},
+    {"model"},
+    {"parallel", "checkpoint", "prepare"},
+    {"tasks"},
+    {"training", "inference"},
+    {"api", "planner"},
+    {"launchers"},
+    {"cli"},
+]
+LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+PACKAGE = REPO / "fsdp_ft"
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+
+
+def imports(path: Path) -> set[str]:
+    """Every fsdp_ft module `path` imports, at any depth of the file (a name imported from a package counts as
+    its submodule when there is one)."""
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fsdp_ft"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("fsdp_ft")}
+    return found - {module_name(path), "fsdp_ft"}
+
+
+def unit(module: str) -> str:
+    """The layer unit of a module: its subpackage, or the top-level module itself (cli, api, errors)."""
+    return module.split(".")[1]
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+def test_every_module_sits_on_a_layer():
+    """A new top-level module or package must be given its place in LAYERS (and docs/architecture.md)."""
+    assert not sorted({unit(m) for m in graph() if m != "fsdp_ft"} - set(LAYER))
+
+
+def test_imports_point_down_never_sideways_or_up():
+    wrong = []
+    for module, targets in graph().items():
+        if module == "fsdp_ft":
+            continue
+        for target in targets:
+            a, b = unit(module), unit(target)
+            if a != b and LAYER.get(b, 99) >= LAYER.get(a, -1):
+                kind = "sideways" if LAYER.get(b) == LAYER.get(a) else "up"
+                wrong.append(f"{module} -> {target} ({kind}: layer {LAYER.get(a)} to {LAYER.get(b)})")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_no_import_cycles_between_modules():
+    """Tarjan's strongly connected components over the module graph: every component is a single module."""
+    g = graph()
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in g.get(v, ()):
+            if w not in g:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    """The premise of the two tests above: an import inside a function body is found like one at the top."""
+    source = tmp_path / "probe.py"
+    source.write_text("def f():\n    from fsdp_ft.training import trainer\n    import fsdp_ft.cli\n")
+    assert {"fsdp_ft.training.trainer", "fsdp_ft.cli"} <= {
+        t for node in ast.walk(ast.parse(source.read_text())) if isinstance(node, (ast.Import, ast.ImportFrom))
+        for t in ([f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom)
+                  else [a.name for a in node.names])}
+
+
+def test_config_and_cli_import_without_torch():
+    """Loading and checking a config (and `fsdp-ft --help`) never imports torch: launchers validate before any
+    rank starts, and a typo costs no torch import."""
+    code = ("import sys, fsdp_ft, fsdp_ft.config, fsdp_ft.cli; fsdp_ft.load_config; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
