@@ -115,6 +115,7 @@ def test_schedule_multipliers_by_hand(tmp_path, schedule, min_ratio):
 @pytest.mark.parametrize("overrides,kernel", [
     ([], "fused"), (["optim.implementation=foreach"], "foreach"), (["optim.implementation=for_loop"], None),
     (["fsdp.mixed_precision=fp16"], "foreach"), (["model.dtype=fp16"], "foreach"),
+    (["fsdp.mixed_precision=bf16"], "fused"), (["model.dtype=bf16"], "fused"),  # bf16 needs no loss scaling
 ])
 def test_kernel_choice(tmp_path, overrides, kernel):
     """auto is fused, except under fp16 loss scaling (pytorch#140514), where it is foreach."""
@@ -130,3 +131,38 @@ def test_fused_refused_under_fp16(tmp_path):
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "fsdp.mixed_precision=fp16", "optim.implementation=fused"])
     with pytest.raises(ConfigError, match="optim.implementation"):
         build_optimizer(_model(), cfg, torch.device("cpu"))
+
+
+def test_decay_follows_the_number_of_dimensions(tmp_path):
+    """Decay on every parameter of 2 or more dimensions (convolution kernels of 3 and 4 too), none on scalars and
+    vectors, whatever the module type."""
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "optim.weight_decay=0.1", "finetune.method=full"])
+    model = nn.Module()
+    model.conv1, model.conv2 = nn.Conv1d(2, 3, 3), nn.Conv2d(2, 3, 3)
+    model.scale = nn.Parameter(torch.tensor(1.0))
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: sorted(by_id[id(p)] for p in g["params"]) for g in opt.param_groups}
+    assert groups == {0.1: ["conv1.weight", "conv2.weight"], 0.0: ["conv1.bias", "conv2.bias", "scale"]}
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_schedule_by_hand_with_an_odd_warmup(tmp_path, schedule):
+    """10 steps, warmup 3: steps 0-2 at 1/3, 2/3, 1; then progress (s - 3) / 7 (7 = 10 - 3; a warmup of 2 over 6
+    steps could not tell 6 - 2 from other arithmetic on the two, such as 6 XOR 2)."""
+    import math
+
+    from fsdp_ft.training.optim import build_scheduler
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "optim.lr=1.0", "optim.warmup_steps=3",
+                             f"optim.schedule={schedule}", "optim.min_lr_ratio=0.0"])
+    shape = {"cosine": lambda p: (1 + math.cos(math.pi * p)) / 2, "linear": lambda p: 1 - p}[schedule]
+    want = [1 / 3, 2 / 3, 1.0] + [shape((s - 3) / 7) for s in range(3, 10)]
+    opt = build_optimizer(_model(), cfg, torch.device("cpu"))
+    sched = build_scheduler(opt, 10, cfg)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(want, rel=1e-12)

@@ -58,11 +58,7 @@ def init_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
     for p in params:
         p.grad = None
-        step = optimizer.state[p].get("step")
-        if torch.is_tensor(step):
-            step.zero_()
-        elif step is not None:
-            optimizer.state[p]["step"] = 0
+        optimizer.state[p]["step"].zero_()  # torch's AdamW counts steps in a tensor (every implementation)
     for g, lr in zip(optimizer.param_groups, lrs):
         g["lr"] = lr
 
