@@ -188,11 +188,11 @@ def scaler_block_that_fits(model_dir: Path, shards: int, block_size: int = 64, m
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fsdp_ft.quant.quantize import _shard_blocks
+    from fsdp_ft.quant.quantize import shard_blocks
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     counts = [c for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"
-              for c in _shard_blocks(m.weight.shape, block_size, shards)]
+              for c in shard_blocks(m.weight.shape, block_size, shards)]
     common = math.gcd(*counts)
     return max(d for d in range(1, min(common, most) + 1) if common % d == 0)

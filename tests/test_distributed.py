@@ -247,7 +247,8 @@ def test_fsdp_keys_reach_every_fsdp_parameter(tmp_path):
 
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "fsdp.cpu_offload=true", "fsdp.mixed_precision=fp32",
                              "fsdp.param_dtype=bf16", "fsdp.reduce_dtype=fp16"])
-    model, tokenizer, _, _, info = fsdp_engine.build(cfg, distributed.init_distributed())
+    built = fsdp_engine.build(cfg, distributed.init_distributed())
+    model, tokenizer, info = built.model, built.data.tokenizer, built.info
     groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if hasattr(m, "_get_fsdp_state")]
     assert len(groups) == info["blocks"] + 1 == 5
     params = [fp for g in groups for fp in g.fsdp_params]

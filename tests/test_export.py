@@ -31,7 +31,7 @@ def test_final_export_reproduces_trained_logits(tmp_path):
     # the export is the trained model, not the initial one: the same seeded build, untrained, gives other logits
     from fsdp_ft.runtime import distributed
     from fsdp_ft.training import fsdp_engine
-    initial_model = fsdp_engine.build(cfg, distributed.init_distributed())[0].eval()
+    initial_model = fsdp_engine.build(cfg, distributed.init_distributed()).model.eval()
     with torch.no_grad():
         initial = initial_model(**batch, use_cache=False).logits
     assert (got - initial).abs().max() > 1e-3

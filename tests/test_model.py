@@ -69,8 +69,8 @@ def _save_pretrained(tmp_path, folder: str, auto_cls, seed: int = 7):
 
 def _built(cfg):
     env = distributed.init_distributed()
-    model, tok, task, splits, info = fsdp_engine.build(cfg, env)
-    return model.eval(), tok, info
+    built = fsdp_engine.build(cfg, env)
+    return built.model.eval(), built.data.tokenizer, built.info
 
 
 @pytest.mark.parametrize("folder,auto_name", [("tiny-llama", "AutoModelForCausalLM"),

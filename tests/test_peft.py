@@ -119,7 +119,7 @@ def test_optimizer_holds_only_adapters(tmp_path, pretrained_q256):
     cfg = load_config(TINY, [f"output_dir={tmp_path}", f"model.path={pretrained_q256}", "model.random_init=false",
                              "finetune.method=qlora"])
     env = distributed.init_distributed()
-    model, *_ = fsdp_engine.build(cfg, env)
+    model = fsdp_engine.build(cfg, env).model
     opt = build_optimizer(model, cfg, env.device)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     names = [n for n, p in model.named_parameters() if id(p) in in_opt]
@@ -220,7 +220,7 @@ def test_other_peft_methods_under_fsdp(session_tmp, pretrained_q256, method):
     result.model.eval()
     with torch.no_grad():
         trained = result.model(**batch, use_cache=False).logits
-        initial_model = fsdp_engine.build(cfg, distributed.init_distributed())[0].eval()  # same seed, not trained
+        initial_model = fsdp_engine.build(cfg, distributed.init_distributed()).model.eval()  # same seed, not trained
         initial = initial_model(**batch, use_cache=False).logits
     assert (trained - initial).abs().max() > 1e-3, "the adapters did not move in 4 steps of lr 1e-2"
 

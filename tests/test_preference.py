@@ -261,7 +261,8 @@ def test_reference_forward_leaves_adapters_trainable_and_checkpointed(tmp_path, 
 
     cfg = _config(tmp_path, "dpo", pref_data["train"], "finetune.method=lora", "fsdp.reshard_after_forward=false",
                   "train.seq_len=64")
-    model, _tok, task, splits, _info = fsdp_engine.build(cfg, distributed.init_distributed())
+    built = fsdp_engine.build(cfg, distributed.init_distributed())
+    model, task, splits = built.model, built.data.task, built.data.splits
     batch = task.collate([task.encode(splits.train[i]) for i in range(2)])
 
     def saved() -> set[str]:
@@ -303,7 +304,8 @@ def test_reward_model_learns_toy_preference_and_exports_hf_classifier(tmp_path, 
                              "data.max_eval_samples=32", "train.micro_batch_size=8", "train.grad_accum=1",
                              "optim.lr=3e-3", "optim.warmup_steps=2", "train.eval_batch_size=16"])
     env = distributed.init_distributed()
-    model, _tok, task, splits, _info = fsdp_engine.build(cfg, env)
+    built = fsdp_engine.build(cfg, env)
+    model, task, splits = built.model, built.data.task, built.data.splits
     eval_batch = task.collate([task.encode(r) for r in splits.eval])
     with torch.no_grad():
         before = task.metrics({k: v.item() for k, v in task.loss_sums(model.eval(), eval_batch).items()})

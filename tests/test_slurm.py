@@ -437,28 +437,28 @@ class _LaggingJob:
 
 @pytest.mark.parametrize("state", ["COMPLETED", "RUNNING", "PENDING", "REQUEUED", "UNKNOWN"])
 def test_results_are_read_again_while_the_job_lives_or_completed(state):
-    from fsdp_ft.launchers.slurm import _results
+    from fsdp_ft.launchers.slurm import results_when_ready
 
     job = _LaggingJob(state, lag=2)
-    assert _results(job, patience_s=30, poll_s=0) == ["done"] and job.reads == 3
+    assert results_when_ready(job, patience_s=30, poll_s=0) == ["done"] and job.reads == 3
 
 
 def test_a_live_job_is_waited_for_past_the_patience():
-    from fsdp_ft.launchers.slurm import _results
+    from fsdp_ft.launchers.slurm import results_when_ready
 
     job = _LaggingJob("RUNNING", lag=3)
-    assert _results(job, patience_s=0, poll_s=0) == ["done"] and job.reads == 4
+    assert results_when_ready(job, patience_s=0, poll_s=0) == ["done"] and job.reads == 4
 
 
 @pytest.mark.parametrize("state,patience", [("FAILED", 30), ("COMPLETED", 0), ("CANCELLED by 0", 30)])
 def test_results_of_a_failed_job_or_after_the_patience_raise(state, patience):
     from submitit.core.utils import UncompletedJobError
 
-    from fsdp_ft.launchers.slurm import _results
+    from fsdp_ft.launchers.slurm import results_when_ready
 
     job = _LaggingJob(state, lag=100)
     with pytest.raises(UncompletedJobError):
-        _results(job, patience_s=patience, poll_s=0)
+        results_when_ready(job, patience_s=patience, poll_s=0)
     assert job.reads == 1
 
 

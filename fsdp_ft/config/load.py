@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from fsdp_ft.config import strict_yaml
-from fsdp_ft.config.schema import DATA_SUFFIXES, Config, _fields, _hints, all_keys
+from fsdp_ft.config.schema import DATA_SUFFIXES, Config, all_keys, fields_of, hints_of
 from fsdp_ft.config.validate import validate
 from fsdp_ft.errors import ConfigError
 
@@ -87,7 +87,7 @@ def _unknown(key: str, valid: list[str]) -> ConfigError:
 def _build(cls, data: dict, prefix: str, valid: list[str]):
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
-    fields, hints, kwargs = _fields(cls), _hints(cls), {}
+    fields, hints, kwargs = fields_of(cls), hints_of(cls), {}
     for name, value in data.items():
         key = prefix + str(name)
         if name not in fields:

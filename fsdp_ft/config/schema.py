@@ -259,19 +259,19 @@ class Config:
 
 # ---------------------------------------------------------------- schema walking
 
-def _fields(cls) -> dict[str, dataclasses.Field]:
+def fields_of(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _hints(cls) -> dict[str, Any]:
+def hints_of(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
 def all_keys(cls=Config, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field, Any]]:
     """Every leaf key as (dotted name, type, field, default) in declaration order."""
     out = []
-    hints = _hints(cls)
-    for name, f in _fields(cls).items():
+    hints = hints_of(cls)
+    for name, f in fields_of(cls).items():
         t = hints[name]
         if dataclasses.is_dataclass(t):
             out += all_keys(t, f"{prefix}{name}.")

@@ -221,7 +221,7 @@ class Drops:
 
 
 @dataclass
-class _Source:
+class Source:
     """Where a split's rows come from: the config key, the file, and each row's 0-based row in that file."""
     key: str
     path: str
@@ -255,7 +255,7 @@ def _label_known(v, known: set, num_labels: int | None) -> bool:
     return str(v) in known or in_range
 
 
-def _checked(rows, drops: Drops, total: int, source: _Source, split: str, cfg: Config) -> dict[str, int]:
+def _checked(rows, drops: Drops, total: int, source: Source, split: str, cfg: Config) -> dict[str, int]:
     """Fail when more than data.max_drop_share of a split would be dropped; else the counts for the setup row."""
     share = cfg.data.max_drop_share
     if total and (drops.total > share * total or drops.total == total):
@@ -270,7 +270,7 @@ def _checked(rows, drops: Drops, total: int, source: _Source, split: str, cfg: C
     return {f"{split}_{reason}": n for reason, n in drops.counts.items()}
 
 
-def _prepared(task, table, split: str, source: _Source, cfg: Config, columns: list[str], known_labels=None):
+def prepare_rows(task, table, split: str, source: Source, cfg: Config, columns: list[str], known_labels=None):
     """The task's rows for one split (its own `prepare`, or the default drops), with the drop counts checked."""
     prepare = getattr(task, "prepare", None)
     try:
@@ -311,23 +311,23 @@ def load_splits(cfg: Config, task, check_rows=None) -> Splits:
     check_columns(train, columns, "data.train", d.train, cfg)
     if check_rows is not None:
         check_rows(train, f"data.train: file '{d.train}'")
-    train_source, evaluation, eval_source = _Source("data.train", d.train), None, None
+    train_source, evaluation, eval_source = Source("data.train", d.train), None, None
     if d.eval:
         evaluation = load_table(d.eval, d.eval_split, "data.eval")
         check_columns(evaluation, columns, "data.eval", d.eval, cfg)
         if check_rows is not None:
             check_rows(evaluation, f"data.eval: file '{d.eval}'")
-        eval_source = _Source("data.eval", d.eval)
+        eval_source = Source("data.eval", d.eval)
     elif d.eval_share > 0:
         train, evaluation, train_rows, eval_rows = _carve(train, d.eval_share, cfg.train.seed)
-        train_source = _Source("data.train", d.train, train_rows)
-        eval_source = _Source("data.eval_share (rows held out of data.train)", d.train, eval_rows)
-    train, dropped = _prepared(task, train, "train", train_source, cfg, columns)
+        train_source = Source("data.train", d.train, train_rows)
+        eval_source = Source("data.eval_share (rows held out of data.train)", d.train, eval_rows)
+    train, dropped = prepare_rows(task, train, "train", train_source, cfg, columns)
     if evaluation is not None:
         known = None
         if cfg.task == "seq_cls":  # a label training never shows has no class id
             known = {str(v) for v in train[d.label_column]}
-        evaluation, dropped_eval = _prepared(task, evaluation, "eval", eval_source, cfg, columns, known)
+        evaluation, dropped_eval = prepare_rows(task, evaluation, "eval", eval_source, cfg, columns, known)
         dropped.update(dropped_eval)
         if d.max_eval_samples:
             evaluation = evaluation.select(range(min(d.max_eval_samples, len(evaluation))))

@@ -1,7 +1,7 @@
 """`fsdp-ft eval`: the task's eval metrics of a trained model on a data file, in one process.
 
 Rows go through the same code as the Trainer's evaluation: the task's row preparation and drop rules
-(`splits._prepared`, as for splits.eval), batches of train.eval_batch_size or train.micro_batch_size, the task's
+(`splits.prepare_rows`, as for splits.eval), batches of train.eval_batch_size or train.micro_batch_size, the task's
 sums and metrics. So a run's eval file gives the numbers its eval row logged for the same model.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _rows(task, cfg, path: str):
         task.check_rows(table, f"--data: file '{path}'")
     if cfg.task == "seq_cls":
         _check_labels(table, cfg.data.label_column, task.label2id, path)
-    return splits._prepared(task, table, "eval", splits._Source("--data", path), cfg, columns)
+    return splits.prepare_rows(task, table, "eval", splits.Source("--data", path), cfg, columns)
 
 
 @torch.no_grad()

@@ -351,7 +351,7 @@ def _wait(jobs) -> int:
     code = 0
     for job in jobs:
         try:
-            _results(job)
+            results_when_ready(job)
             print(f"job {job.job_id} finished", flush=True)
         except Exception as e:
             last = (str(e).strip().splitlines() or [""])[-1][:300]
@@ -361,7 +361,7 @@ def _wait(jobs) -> int:
     return code
 
 
-def _results(job, patience_s: float = RESULT_PATIENCE_S, poll_s: float = 3.0):
+def results_when_ready(job, patience_s: float = RESULT_PATIENCE_S, poll_s: float = 3.0):
     """`job.results()`, asked again while SLURM calls the job COMPLETED: a task's result file can appear after
     the job's state does (a loaded node, a slow shared filesystem), and submitit gives up after 15 s.
     Also asked again while a fresh sacct call says the job is still alive: submitit's own check of the state is

@@ -16,6 +16,7 @@ import yaml
 from fsdp_ft.errors import UserError
 from fsdp_ft.observability.metrics import read_metrics_file
 from fsdp_ft.observability.svgplot import Series, line_chart, page, table_html
+from fsdp_ft.observability.units import fmt_bytes
 
 _line_chart = line_chart
 
@@ -24,13 +25,6 @@ CONFIG_FACTS = ("model.path", "task", "engine", "finetune.method", "model.dtype"
                 "activation_checkpointing", "fsdp.reshard_after_forward", "fsdp.cpu_offload", "train.seq_len",
                 "train.micro_batch_size", "train.grad_accum", "optim.lr", "train.max_steps")
 SETUP_SKIP = {"split", "labels", "flop_counts", "step"}
-
-
-def fmt_bytes(v: float) -> str:
-    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(v) >= size:
-            return f"{v / size:.3g} {unit}"
-    return f"{v:.0f} B"
 
 
 def fmt_percent(v: float) -> str:

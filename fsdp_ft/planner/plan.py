@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fsdp_ft.config import Config, load_config
 from fsdp_ft.errors import ConfigError
+from fsdp_ft.observability.units import fmt_bytes
 from fsdp_ft.planner import memsim
 from fsdp_ft.runtime import precision
 
@@ -174,13 +175,6 @@ def advise(config_path: str, overrides: list[str], model_dir, hf_config, tokeniz
 
 
 # ---------------------------------------------------------------- output
-
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
 
 def table(pred: Prediction) -> str:
     """The breakdown at both phases, the peak, and where it occurs."""

@@ -66,7 +66,7 @@ def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return out
 
 
-def _shard_blocks(shape: torch.Size, block_size: int, shards: int) -> list[int]:
+def shard_blocks(shape: torch.Size, block_size: int, shards: int) -> list[int]:
     """4-bit blocks in each row shard FSDP makes of a weight (torch.chunk of the rows)."""
     rows, per_row = shape[0], shape.numel() // shape[0]
     step = -(-rows // shards)
@@ -90,7 +90,7 @@ def check_block_sizes(layers: list[tuple[str, nn.Linear]], cfg: Config, shards: 
         if shape.numel() % q.block_size:
             raise ConfigError(f"finetune.method=qlora: weight '{name}' {tuple(shape)} is not a multiple of "
                               f"finetune.quant.block_size={q.block_size}; exclude it via finetune.lora.target_modules")
-        counts += _shard_blocks(shape, q.block_size, shards)
+        counts += shard_blocks(shape, q.block_size, shards)
     bad = [c for c in counts if c % q.scaler_block_size]
     if bad:
         common = math.gcd(*counts)

@@ -4,37 +4,35 @@ Only the model wrapper differs from the FSDP engine. The batch plan, tasks, Adam
 Trainer's loop (its micro-step, save and memory count swapped for DeepSpeed's), the run directory and the export
 are the FSDP engine's own, so the two engines train the same samples from the same initial weights with the same
 optimizer, and their losses can be compared step by step. For users who bring DeepSpeed set-ups, a DeepSpeed
-JSON (deepspeed.config) is merged over the config built from our keys (see ds_config.py).
+JSON (deepspeed.config) is merged over the config built from our keys (see deepspeed_config.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fsdp_ft.checkpoint import deepspeed_checkpoint, run_identity
-from fsdp_ft.checkpoint.export import export_final
-from fsdp_ft.config import Config, dump_config
+from fsdp_ft.checkpoint import deepspeed_checkpoint
+from fsdp_ft.config import Config
+from fsdp_ft.errors import ConfigError
 from fsdp_ft.model import adapters, placement
+from fsdp_ft.model.build import parameter_counts
+from fsdp_ft.model.materialize import fill_tensors, open_weight_source
 from fsdp_ft.parallel import fsdp
 from fsdp_ft.runtime import distributed, precision, tf32
 from fsdp_ft.runtime.deepspeed_import import import_deepspeed
+from fsdp_ft.runtime.distributed import DistEnv
 from fsdp_ft.runtime.precision import DTYPE
+from fsdp_ft.training import scaffold
 from fsdp_ft.training.deepspeed_config import build_ds_config, precision_of
-from fsdp_ft.training.run_setup import (TrainResult, build_meta, count_flops_or_none, load_data, log_main, open_run,
-                                       rank_peak_flops, resumed_state)
-from fsdp_ft.errors import ConfigError
-from fsdp_ft.model.build import parameter_counts
-from fsdp_ft.model.materialize import fill_tensors, open_weight_source
-from fsdp_ft.observability.flops import FlopCounts
-from fsdp_ft.observability.metrics import MetricsLogger, peak_host_rss_bytes
-from fsdp_ft.training.optim import build_optimizer, build_scheduler
-from fsdp_ft.training.trainer import Trainer, TrainState
+from fsdp_ft.training.optim import build_optimizer
+from fsdp_ft.training.run_setup import build_meta, count_flops_or_none, load_data
+from fsdp_ft.training.scaffold import Built, TrainResult
+from fsdp_ft.training.trainer import Trainer
 
 
 # ---------------------------------------------------------------- model
@@ -158,87 +156,73 @@ def _check_precision(ds: dict, deepspeed) -> None:
                           f"({accelerator.device_name()}); use bf16")
 
 
-def build(cfg: Config, env, ds: dict, deepspeed):
+def build(cfg: Config, env, ds: dict, deepspeed) -> Built:
     """Data, tokenizer and the DeepSpeed engine around the materialised (ZeRO-3: partitioned) model."""
-    model_dir, tokenizer, task, splits, plan, steps, labels = load_data(cfg, env)
-    if getattr(task, "needs_reference", False):  # DPO: the reference is the policy with its adapters off
+    data = load_data(cfg, env)
+    if getattr(data.task, "needs_reference", False):  # DPO: the reference is the policy with its adapters off
         if not adapters.is_peft(cfg):
             raise ConfigError(f"task {cfg.task} with finetune.method={cfg.finetune.method} needs a frozen reference "
                               "copy, which engine deepspeed does not build; use a PEFT method or engine=fsdp")
-        task.reference = None
-    model, _ = build_meta(cfg, env, model_dir, tokenizer, labels)
+        data.task.reference = None
+    model, _ = build_meta(cfg, env, data.model_dir, data.tokenizer, data.labels)
     trainable, total = parameter_counts(model)
-    flop_counts = count_flops_or_none(env, model)  # the FSDP engine's count: what trains is settled, nothing is placed
+    flop_counts = count_flops_or_none(env, model)  # the FSDP engine's count: what trains is settled, nothing placed
     blocks = fsdp.find_blocks(adapters.base_model(model), cfg.model.block_classes)
     checkpointed = fsdp.apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
-    mat = materialize(model, blocks, cfg, model_dir, ds, env, deepspeed)
+    mat = materialize(model, blocks, cfg, data.model_dir, ds, env, deepspeed)
     optimizer = build_optimizer(model, cfg, env.device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
     offload_param = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
     checked = placement.check_deepspeed(engine.module, env.device, offload_param)  # fail fast, as engine fsdp
+    splits = data.splits
     info = {"engine": "deepspeed", "zero_stage": ds["zero_optimization"]["stage"], "precision": precision_of(ds),
             "trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
             "blocks": len(blocks), "block_class": type(blocks[0]).__name__, "checkpointed": len(checkpointed),
             "weights_loaded": mat["loaded"], "weights_initialised": len(mat["initialised"]),
             "dropped_rows": splits.dropped, "train_rows": len(splits.train),
-            "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": labels,
-            "total_steps": steps, "world_size": env.world_size, "device": str(env.device), "placement_checked": checked,
+            "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": data.labels,
+            "total_steps": data.steps, "world_size": env.world_size, "device": str(env.device),
+            "placement_checked": checked,
             "flop_counts": flop_counts.to_dict() if flop_counts else None,
             "flops_per_token": flop_counts.per_token_at(cfg.train.seq_len) if flop_counts else None}
-    return engine, optimizer, tokenizer, task, splits, plan, info
+    summary = (f"{trainable:,} of {total:,} parameters train ({100 * info['trainable_share']:.2f}%); DeepSpeed "
+               f"ZeRO-{info['zero_stage']} over {env.world_size} rank(s), {info['precision']}; {data.steps} steps")
+    return Built(model=engine, optimizer=optimizer, scaler=_LossScale(engine) if info["precision"] == "fp16" else None,
+                 data=data, info=info, summary=summary, extra_state={"labels": data.labels},
+                 files={"deepspeed_config.json": json.dumps(ds, indent=1)})
+
+
+class DeepSpeedEngine:
+    """engine=deepspeed for `scaffold.run`."""
+    trainer_class, tracks_memory = DeepSpeedTrainer, False
+
+    def __init__(self):
+        self.deepspeed = import_deepspeed()
+        self.ds: dict = {}
+
+    def start(self, cfg: Config) -> tuple[Config, DistEnv, bool]:
+        # ZeRO-3 gathers the head's weight around its forward and again for its backward; the chunked head loss
+        # makes the weight's gradient inside forward, which that scheme does not expect: plain logits here
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunked_head_loss=False))
+        env = distributed.init_distributed(cfg.dist.setup_timeout_minutes, cfg.dist.timeout_minutes)
+        cfg = precision.resolve_precision(cfg, env.device)
+        tf32_on = tf32.apply(cfg.train.tf32, env.device)  # before any matmul and the MFU peak
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it; a plain process has none
+        self.deepspeed.init_distributed("nccl" if env.device.type == "cuda" else "gloo")  # adopts our group
+        return cfg, env, tf32_on
+
+    def build(self, cfg: Config, env: DistEnv) -> Built:
+        self.ds = build_ds_config(cfg, env.world_size, env.device.type == "cuda")
+        _check_precision(self.ds, self.deepspeed)
+        return build(cfg, env, self.ds, self.deepspeed)
+
+    def load(self, path: Path, built: Built, env: DistEnv) -> dict:
+        return deepspeed_checkpoint.load(path, built.model, env)
+
+    def after_setup(self, cfg: Config, env: DistEnv, built: Built) -> dict:
+        return {}
 
 
 def train(cfg: Config) -> TrainResult:
     """engine=deepspeed: set up, build, partition, resume, train, export."""
-    deepspeed = import_deepspeed()
-    # ZeRO-3 gathers the head's weight around its forward and again for its backward; the chunked head loss
-    # makes the weight's gradient inside forward, which that scheme does not expect: plain logits here
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunked_head_loss=False))
-    env = distributed.init_distributed(cfg.dist.setup_timeout_minutes, cfg.dist.timeout_minutes)
-    cfg = precision.resolve_precision(cfg, env.device)  # before the fingerprint and config.yaml record it
-    tf32_on = tf32.apply(cfg.train.tf32, env.device)  # before any matmul, and before the MFU peak is read
-    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it; a plain process has none
-    deepspeed.init_distributed("nccl" if env.device.type == "cuda" else "gloo")  # adopts our process group
-    torch.manual_seed(cfg.train.seed)
-    out = Path(cfg.output_dir)
-    run = open_run(cfg, env)
-    t0 = time.perf_counter()
-    ds = build_ds_config(cfg, env.world_size, env.device.type == "cuda")
-    _check_precision(ds, deepspeed)
-    engine, optimizer, tokenizer, task, splits, plan, info = build(cfg, env, ds, deepspeed)
-    steps = info["total_steps"]
-    scheduler = build_scheduler(optimizer, steps, cfg)  # on AdamW's groups, which DeepSpeed steps with
-    state = TrainState()
-    torch.manual_seed(cfg.train.seed + env.rank)  # dropout; a resume restores the saved RNG state instead
-    if run.resume_from is not None:
-        saved = deepspeed_checkpoint.load(Path(run.resume_from), engine, env)
-        scheduler.load_state_dict(saved.pop("scheduler"))
-        state = resumed_state(env, run, saved)
-    state.run = run.record()
-    state.extra = {"labels": info["labels"]}
-    if env.is_main:
-        run_identity.record(out, run)
-        dump_config(cfg, out / "config.yaml")
-        (out / "deepspeed_config.json").write_text(json.dumps(ds, indent=1))
-    peak, peak_source = rank_peak_flops(cfg, env)
-    info.update(run_id=run.run_id, resumed_from=run.resume_from, setup_s=time.perf_counter() - t0, peak_flops=peak, tf32=tf32_on, peak_flops_source=peak_source,
-                host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()))
-    log_main(env, f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "
-              f"({100 * info['trainable_share']:.2f}%); DeepSpeed ZeRO-{info['zero_stage']} over {env.world_size} "
-              f"rank(s), {info['precision']}; {steps} steps")
-    logger = MetricsLogger(out, env.is_main, steps, cfg.train.tensorboard, cfg.train.progress_bar, state.step)
-    logger.log({"split": "setup", "step": state.step, **info})
-    scaler = _LossScale(engine) if info["precision"] == "fp16" else None
-    trainer = DeepSpeedTrainer(cfg, env, engine, task, optimizer, scheduler, scaler, splits.train, splits.eval,
-                               logger, state, plan, steps, peak_flops=peak,
-                               flop_counts=FlopCounts(**info["flop_counts"]) if info["flop_counts"] else None)
-    trainer.saved_step = state.step if run.resumes_in_place(out) else None
-    with distributed.step_timeout():  # set-up (above) and the final export (below) wait longer
-        state = trainer.fit()
-        if state.step >= steps:  # resumed at its end from another folder's checkpoint: output_dir gets its own
-            trainer.save()
-    if env.is_main and state.step >= steps:  # a run stopped early by a signal exports when it resumes and ends
-        logger.log({"split": "final", "step": state.step, **export_final(out, tokenizer)})
-    logger.close()
-    distributed.barrier()
-    return TrainResult(model=engine, tokenizer=tokenizer, state=state, output_dir=out)
+    return scaffold.run(cfg, DeepSpeedEngine())

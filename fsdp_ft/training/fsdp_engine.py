@@ -2,55 +2,59 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
 
-from fsdp_ft.checkpoint import dcp_checkpoint, run_identity
-from fsdp_ft.checkpoint.export import export_final
-from fsdp_ft.config import Config, dump_config
+from fsdp_ft.checkpoint import dcp_checkpoint
+from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.model import adapters, placement, vocab
 from fsdp_ft.model.build import build_meta_model, parameter_counts
 from fsdp_ft.model.materialize import materialize, open_weight_source
-from fsdp_ft.observability import memtrack
-from fsdp_ft.observability.flops import FlopCounts
-from fsdp_ft.observability.metrics import MetricsLogger, peak_host_rss_bytes
 from fsdp_ft.parallel import fsdp
 from fsdp_ft.quant import quantize
 from fsdp_ft.runtime import distributed, precision, tf32
-from fsdp_ft.training.optim import build_optimizer, build_scheduler, init_state, needs_loss_scaling
-from fsdp_ft.training.run_setup import (TrainResult, build_meta, count_flops_or_none, load_data, log_main, open_run,
-                                       rank_peak_flops, resumed_state)
-from fsdp_ft.training.trainer import Trainer, TrainState
+from fsdp_ft.training import scaffold
+from fsdp_ft.training.optim import build_optimizer, init_state, needs_loss_scaling
+from fsdp_ft.training.run_setup import build_meta, count_flops_or_none, load_data, log_main
+from fsdp_ft.training.scaffold import Built, TrainResult
+from fsdp_ft.training.trainer import Trainer
 
 
-def build(cfg: Config, env: distributed.DistEnv):
-    """Data, tokenizer and the sharded, materialised model."""
-    model_dir, tokenizer, task, splits, plan, steps, labels = load_data(cfg, env)
-    model, hf_config = build_meta(cfg, env, model_dir, tokenizer, labels)
+def build(cfg: Config, env: distributed.DistEnv) -> Built:
+    """Data, tokenizer, the sharded and materialised model (and DPO's reference), and the optimizer."""
+    data = load_data(cfg, env)
+    model, hf_config = build_meta(cfg, env, data.model_dir, data.tokenizer, data.labels)
     flop_counts = count_flops_or_none(env, model)  # what trains is settled; traced on fake tensors before sharding
     trainable, total = parameter_counts(model)
     replicas, replicas_why = fsdp.decide_replicas(model, cfg, env.world_size, env.device.type)
     mesh = distributed.build_mesh(env, replicas)
     shard_info = {**fsdp.parallelize(model, cfg, mesh), "replicas": replicas, "replicas_why": replicas_why}
-    source = open_weight_source(cfg, model_dir, model)
+    source = open_weight_source(cfg, data.model_dir, model)
     mat = materialize(model, source, cfg.train.seed, env.device, offload=cfg.fsdp.cpu_offload)
+    splits = data.splits
     info = {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
             **shard_info, "weights_loaded": mat["loaded"], "weights_initialised": len(mat["initialised"]),
             "dropped_rows": splits.dropped, "train_rows": len(splits.train),
-            "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": labels,
-            "total_steps": steps, "plan": plan,
+            "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": data.labels,
+            "total_steps": data.steps,
             "flop_counts": flop_counts.to_dict() if flop_counts else None,
             "flops_per_token": flop_counts.per_token_at(cfg.train.seq_len) if flop_counts else None}
     if hasattr(splits.train, "packs"):  # data.packing: train_rows counts packed rows
         info["packing"] = {"samples": len(splits.train.rows), "fill": splits.train.fill(cfg.train.seq_len)}
-    if getattr(task, "needs_reference", False):  # DPO
-        info["reference"] = _attach_reference(task, cfg, env, mesh, model_dir, hf_config, tokenizer, labels)
+    if getattr(data.task, "needs_reference", False):  # DPO
+        info["reference"] = _attach_reference(data.task, cfg, env, mesh, data.model_dir, hf_config, data.tokenizer,
+                                              data.labels)
     if mat["initialised"] and source is not None:
         log_main(env, f"initialised (not in checkpoint): {', '.join(mat['initialised'][:8])}")
-    return model, tokenizer, task, splits, info
+    optimizer = build_optimizer(model, cfg, env.device)
+    init_state(optimizer)
+    summary = (f"{trainable:,} of {total:,} parameters train ({100 * info['trainable_share']:.2f}%); "
+               f"{info['blocks']} x {info['block_class']} sharded over {env.world_size} rank(s); {data.steps} steps")
+    return Built(model=model, optimizer=optimizer, scaler=_grad_scaler(cfg, env), data=data, info=info,
+                 summary=summary,
+                 extra_state={"labels": data.labels, "chat_tokens": vocab.added_chat_tokens(data.tokenizer)})
 
 
 def _attach_reference(task, cfg: Config, env: distributed.DistEnv, mesh, model_dir, hf_config, tokenizer,
@@ -70,62 +74,33 @@ def _attach_reference(task, cfg: Config, env: distributed.DistEnv, mesh, model_d
     return "frozen sharded copy"
 
 
+class FSDPEngine:
+    """engine=fsdp for `scaffold.run`."""
+    trainer_class, tracks_memory = Trainer, True
+
+    def __init__(self, malloc: str):
+        self.malloc = malloc  # the host allocator's tuning, for the set-up row
+
+    def start(self, cfg: Config) -> tuple[Config, distributed.DistEnv, bool]:
+        env = distributed.init_distributed(cfg.dist.setup_timeout_minutes, cfg.dist.timeout_minutes)
+        cfg = precision.resolve_precision(cfg, env.device)
+        return cfg, env, tf32.apply(cfg.train.tf32, env.device)  # before any matmul and the MFU peak
+
+    build = staticmethod(build)
+
+    def load(self, path: Path, built: Built, env: distributed.DistEnv) -> dict:
+        return dcp_checkpoint.load_checkpoint(path, built.model, built.optimizer, env)
+
+    def after_setup(self, cfg: Config, env: distributed.DistEnv, built: Built) -> dict:
+        return {"placement_checked": _check_placement(cfg, env, built.model, built.data.task),
+                "host_malloc": self.malloc,
+                "quantized_bytes_per_rank": distributed.all_gather_object(quantize.quantized_bytes(built.model))}
+
+
 def train(cfg: Config, malloc: str) -> TrainResult:
     """engine=fsdp: set up, build, shard, load, resume, train, export. `malloc` is the host allocator's tuning,
     for the set-up row (`fsdp_ft.api.train` applies it before any engine starts)."""
-    env = distributed.init_distributed(cfg.dist.setup_timeout_minutes, cfg.dist.timeout_minutes)
-    cfg = precision.resolve_precision(cfg, env.device)  # before the fingerprint and config.yaml record it
-    torch.manual_seed(cfg.train.seed)
-    tf32_on = tf32.apply(cfg.train.tf32, env.device)  # before any matmul, and before the MFU peak is read
-    out = Path(cfg.output_dir)
-    run = open_run(cfg, env)
-    t0 = time.perf_counter()
-    model, tokenizer, task, splits, info = build(cfg, env)
-    plan, steps = info.pop("plan"), info["total_steps"]
-    optimizer = build_optimizer(model, cfg, env.device)
-    init_state(optimizer)
-    scheduler = build_scheduler(optimizer, steps, cfg)
-    scaler = _grad_scaler(cfg, env)
-    state = TrainState()
-    torch.manual_seed(cfg.train.seed + env.rank)  # dropout; a resume restores the saved RNG state instead
-    if run.resume_from is not None:
-        saved = dcp_checkpoint.load_checkpoint(Path(run.resume_from), model, optimizer, env)
-        scheduler.load_state_dict(saved.pop("scheduler"))
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        saved.pop("scaler", None)
-        state = resumed_state(env, run, saved)
-    info["placement_checked"] = _check_placement(cfg, env, model, task)
-    state.run = run.record()
-    state.extra = {"labels": info["labels"], "chat_tokens": vocab.added_chat_tokens(tokenizer)}
-    if env.is_main:
-        run_identity.record(out, run)
-        dump_config(cfg, out / "config.yaml")
-    peak, peak_source = rank_peak_flops(cfg, env)
-    info.update(run_id=run.run_id, resumed_from=run.resume_from,
-                setup_s=time.perf_counter() - t0, world_size=env.world_size, device=str(env.device),
-                peak_flops=peak, tf32=tf32_on, peak_flops_source=peak_source, host_malloc=malloc,
-                host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()),
-                quantized_bytes_per_rank=distributed.all_gather_object(quantize.quantized_bytes(model)))
-    log_main(env, f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "
-              f"({100 * info['trainable_share']:.2f}%); {info['blocks']} x {info['block_class']} sharded over "
-              f"{env.world_size} rank(s); {steps} steps")
-    logger = MetricsLogger(out, env.is_main, steps, cfg.train.tensorboard, cfg.train.progress_bar, state.step)
-    logger.log({"split": "setup", "step": state.step, **info})
-    trainer = Trainer(cfg, env, model, task, optimizer, scheduler, scaler, splits.train, splits.eval, logger,
-                      state, plan, steps, peak_flops=peak,
-                      flop_counts=FlopCounts(**info["flop_counts"]) if info["flop_counts"] else None)
-    trainer.saved_step = state.step if run.resumes_in_place(out) else None
-    with memtrack.tracking(cfg.train.track_memory, model, optimizer) as trainer.mem_tracker, \
-            distributed.step_timeout():  # set-up (above) and the final export (below) wait longer
-        state = trainer.fit()
-        if state.step >= steps:  # resumed at its end from another folder's checkpoint: output_dir gets its own
-            trainer.save()
-    if env.is_main and state.step >= steps:  # a run stopped early by a signal exports when it resumes and ends
-        logger.log({"split": "final", "step": state.step, **export_final(out, tokenizer)})
-    logger.close()
-    distributed.barrier()
-    return TrainResult(model=model, tokenizer=tokenizer, state=state, output_dir=out)
+    return scaffold.run(cfg, FSDPEngine(malloc))
 
 
 def _check_placement(cfg: Config, env: distributed.DistEnv, model, task) -> int:

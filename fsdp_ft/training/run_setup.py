@@ -1,6 +1,6 @@
-"""What both engines do around their own build, load and save: check output_dir and decide what the run is (new
-or resumed), load and check the data before any model is built, build the meta model, count FLOPs and the peak
-for MFU, and log on rank 0."""
+"""The parts of set-up both engines use: check output_dir and decide what the run is (new or resumed), load and
+check the data before any model is built, build the meta model, count FLOPs and the peak for MFU, log on rank 0.
+`scaffold.run` puts them in order around each engine's own build and load."""
 from __future__ import annotations
 
 import os
@@ -8,11 +8,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from fsdp_ft.checkpoint import run_identity
 from fsdp_ft.config import Config
-from fsdp_ft.data.splits import BatchPlan, load_splits
+from fsdp_ft.data.splits import BatchPlan, Splits, load_splits
 from fsdp_ft.errors import ConfigError, DataError
 from fsdp_ft.model import adapters, vocab
 from fsdp_ft.model.build import build_meta_model, load_hf_config, load_tokenizer, resolve_model_dir
@@ -28,11 +27,15 @@ from fsdp_ft.training.trainer import TrainState
 
 
 @dataclass
-class TrainResult:
-    model: torch.nn.Module
+class RunData:
+    """The data side of a run, checked before any model is built."""
+    model_dir: Path
     tokenizer: object
-    state: TrainState
-    output_dir: Path
+    task: object
+    splits: Splits
+    plan: BatchPlan
+    steps: int                  # optimizer steps of the whole run
+    labels: list[str] | None    # classification labels, else None
 
 
 def prepare_output_dir(cfg: Config, env: distributed.DistEnv) -> Path:
@@ -86,7 +89,7 @@ def batch_plan(cfg: Config, env: distributed.DistEnv, num_samples: int) -> Batch
                      cfg.train.seed)
 
 
-def load_data(cfg: Config, env: distributed.DistEnv):
+def load_data(cfg: Config, env: distributed.DistEnv) -> RunData:
     """Tokenizer, task, splits, batch plan, step count and labels: all checked before any model is built."""
     model_dir = resolve_model_dir(cfg)
     tokenizer = load_tokenizer(cfg, model_dir)
@@ -97,7 +100,7 @@ def load_data(cfg: Config, env: distributed.DistEnv):
     plan = batch_plan(cfg, env, len(splits.train))
     steps = total_steps(cfg, plan)  # too little data fails here, before the model is built
     labels = task.labels(splits.train)
-    return model_dir, tokenizer, task, splits, plan, steps, labels
+    return RunData(model_dir, tokenizer, task, splits, plan, steps, labels)
 
 
 def build_meta(cfg: Config, env: distributed.DistEnv, model_dir, tokenizer, labels, hf_config=None):
