@@ -225,7 +225,7 @@ for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal
 open(os.path.join(out, f"ready-{rank}"), "w").close()
 time.sleep(60)  # a signal never forwarded: the rank ends normally, the launcher exits 0
 """
-LAUNCHER = "import sys; from fsdp_ft import launcher; sys.exit(launcher.run(sys.argv[2:], sys.argv[1], 30))"
+LAUNCHER = "import sys; from fsdp_ft.launchers import torchrun; sys.exit(torchrun.run(sys.argv[2:], sys.argv[1], 30))"
 
 
 def test_every_stop_and_quit_signal_reaches_every_rank_and_sets_the_exit_code(tmp_path):

@@ -124,3 +124,62 @@ def test_config_and_cli_import_without_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def _fsdp_ft_imports(tree: ast.AST):
+    """(line, module, names) of every `from fsdp_ft... import` in `tree`, also inside code strings (the snippets
+    tests and launchers hand to `python -c`)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fsdp_ft"):
+            yield node.lineno, node.module, [(a.name, a.asname) for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("fsdp_ft"):
+                    yield node.lineno, a.name, []
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value \
+                and "fsdp_ft" in node.value:
+            try:
+                yield from _fsdp_ft_imports(ast.parse(node.value))
+            except SyntaxError:
+                pass
+
+
+def _repo_python_files() -> list[Path]:
+    return [p for d in ("fsdp_ft", "tests", "benchmarks", "launch") for p in (REPO / d).rglob("*.py")]
+
+
+def test_every_import_of_fsdp_ft_resolves():
+    """Every module and name imported from fsdp_ft anywhere in the repository exists, and every attribute read from
+    an imported fsdp_ft module exists: a moved or renamed name fails here, not in a subprocess of a slow test."""
+    import importlib
+
+    def resolve(module: str, name: str | None = None):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            return None
+        if name is None or hasattr(mod, name):
+            return getattr(mod, name) if name else mod
+        try:
+            return importlib.import_module(f"{module}.{name}")
+        except ImportError:
+            return None
+
+    missing = []
+    for path in _repo_python_files():
+        tree = ast.parse(path.read_text())
+        modules = {}  # local name -> imported fsdp_ft module
+        for line, module, names in _fsdp_ft_imports(tree):
+            if resolve(module) is None:
+                missing.append(f"{path.relative_to(REPO)}:{line}: {module}")
+            for name, alias in names:
+                value = resolve(module, name)
+                if value is None:
+                    missing.append(f"{path.relative_to(REPO)}:{line}: {module}.{name}")
+                elif type(value).__name__ == "module":
+                    modules[alias or name] = value
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+                    and not hasattr(modules[node.value.id], node.attr):
+                missing.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not missing, "\n".join(missing)

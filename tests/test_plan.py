@@ -318,7 +318,8 @@ def measure_rss_growth(config: str, overrides: list[str]) -> dict:
     import gc
 
     from fsdp_ft.config import load_config
-    from fsdp_ft.model.build import load_tokenizer, materialize, resolve_model_dir
+    from fsdp_ft.model.build import load_tokenizer, resolve_model_dir
+    from fsdp_ft.model.materialize import materialize
     from fsdp_ft.parallel import fsdp
     from fsdp_ft.planner import memsim
     from fsdp_ft.runtime import distributed, host_malloc

@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 
 from fsdp_ft import cli
-from fsdp_ft.training import fsdp_engine, run_setup, trainer
+from fsdp_ft.training import run_setup, scaffold, trainer
 
 SLOW_S = float(os.environ["SLOW_PREP_S"])
 seen = {}
-load_splits, fit, export_final = run_setup.load_splits, trainer.Trainer.fit, fsdp_engine.export_final
+load_splits, fit, export_final = run_setup.load_splits, trainer.Trainer.fit, scaffold.export_final
 
 
 def timeouts() -> list[float]:
@@ -46,5 +46,5 @@ def recording_export_final(out, tokenizer):
 
 
 run_setup.load_splits, trainer.Trainer.fit = slow_load_splits, recording_fit
-fsdp_engine.export_final = recording_export_final
+scaffold.export_final = recording_export_final
 sys.exit(cli.main(["train", *sys.argv[1:]]))
