@@ -95,6 +95,7 @@ def test_run_one_rank_with_nccl(tmp_path):
     out = train_nproc(1, tmp_path)
     setup = [json.loads(line) for line in (out / "metrics.jsonl").open()][0]
     assert setup["device"] == "cuda:0" and len(losses(out)) == 8
+    assert setup["backend"] == "cpu:gloo,cuda:nccl"  # NCCL for the GPU's tensors (gloo only for offloaded ones)
 
 
 def test_colab_qlora_recipe_parses():

@@ -83,6 +83,7 @@ def test_two_ranks_equal_one_process_fp32(reference, session_tmp, method, ac, re
                       f"activation_checkpointing={ac}", f"fsdp.reshard_after_forward={reshard}")
     assert_losses_close(losses(out), losses(ref), FP32_RTOL)
     assert len(losses(ref)) == 8
+    assert setup_row(out)["world_size"] == 2 and setup_row(out)["backend"] == "gloo"  # CPU ranks talk over gloo
     # evaluation sums over ranks: the same eval loss as one process
     assert eval_rows(out)[-1]["loss"] == pytest.approx(eval_rows(ref)[-1]["loss"], rel=FP32_RTOL)
     if method == "partial":  # and both froze what PARTIAL names (which names: tests/test_partial.py)

@@ -183,3 +183,17 @@ def test_every_import_of_fsdp_ft_resolves():
                     and not hasattr(modules[node.value.id], node.attr):
                 missing.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not missing, "\n".join(missing)
+
+
+def test_no_private_name_crosses_a_package():
+    """A name with a leading underscore is its package's own: another package importing it shows a boundary in
+    the wrong place (make it public, or move the code)."""
+    crossing = []
+    for path in PACKAGE.rglob("*.py"):
+        module = module_name(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fsdp_ft."):
+                for alias in node.names:
+                    if alias.name.startswith("_") and unit(node.module) != unit(module):
+                        crossing.append(f"{module} imports {node.module}.{alias.name}")
+    assert not crossing, crossing

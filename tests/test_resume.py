@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ASSETS, FAST, REPO, TINY, cli, free_port, losses, train_nproc
 from fsdp_ft.observability.metrics import read_metrics
@@ -95,3 +96,34 @@ def test_resume_with_other_world_size_reshards(session_tmp, method):
     assert sorted(got) == [7, 8]
     for step in (7, 8):
         assert got[step] == pytest.approx(losses(ref)[step], rel=1e-5)
+
+
+# made by the code before the package move (commit 18d7d10), with
+#   fsdp-ft train configs/tiny.yaml output_dir=... <UPGRADE_RUN>
+# keeping run.json, config.yaml, metrics.jsonl and checkpoints/step-2 (LoRA, so the folder is under 1 MB)
+UPGRADE_RUN = ["finetune.method=lora", "train.log_every=1", "train.seq_len=64", "train.eval_every=0",
+               "train.save_every=2", "train.progress_bar=false", "data.eval=null"]
+
+
+def test_a_run_folder_from_before_the_package_move_resumes(tmp_path):
+    """Nothing in a run directory names a module, so a checkpoint written before fsdp_ft's modules moved into
+    packages resumes after it: its 2 steps are the 2 steps today's code trains (the move changed no number), and
+    resumed to step 4 it gives the losses and adapters of today's own 2-step checkpoint resumed to 4."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from cls_helpers import train_here
+
+    old = tmp_path / "old"
+    shutil.copytree(ASSETS / "run_before_layout", old)
+    new = tmp_path / "new"
+    train_here(new, *UPGRADE_RUN, "train.max_steps=2")
+    assert losses(new) == losses(old)  # step 1 and 2 of 2, as the old code logged them
+    for out in (old, new):
+        train_here(out, *UPGRADE_RUN, "train.max_steps=4", "resume=auto")
+    resumed = [r for r in read_metrics(old) if r.get("split") == "setup"][-1]
+    assert resumed["resumed_from"] == str(old / "checkpoints" / "step-2")
+    assert sorted(losses(old)) == [1, 2, 3, 4] and losses(old) == losses(new)
+    a, b = (load_file(out / "final" / "adapter_model.safetensors") for out in (old, new))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -88,8 +88,8 @@ def run(cfg: Config, engine: Engine) -> TrainResult:
             (out / name).write_text(text)
     peak, peak_source = rank_peak_flops(cfg, env)
     info.update(run_id=started.run_id, resumed_from=started.resume_from, setup_s=time.perf_counter() - t0,
-                world_size=env.world_size, device=str(env.device), peak_flops=peak, tf32=tf32_on,
-                peak_flops_source=peak_source,
+                world_size=env.world_size, device=str(env.device), backend=env.backend, peak_flops=peak,
+                tf32=tf32_on, peak_flops_source=peak_source,
                 host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()))
     log_main(env, built.summary)
     logger = MetricsLogger(out, env.is_main, data.steps, cfg.train.tensorboard, cfg.train.progress_bar, state.step)

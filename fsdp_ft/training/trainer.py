@@ -104,7 +104,7 @@ class Trainer:
 
     def micro_step(self, batch: dict, count: torch.Tensor, last: bool) -> dict[str, torch.Tensor]:
         """Forward and backward of one micro-batch; gradients are reduced over ranks after the last one only.
-        (engine_deepspeed.py overrides this and optimizer_step: the rest of the loop is shared.)"""
+        (deepspeed_engine.py overrides this and optimizer_step: the rest of the loop is shared.)"""
         fsdp.start_micro_step(self.model, self.cfg, last)
         sums = self.task.loss_sums(self.model, batch)
         # FSDP averages gradients over ranks; scaling by world size turns that average into the global sum
