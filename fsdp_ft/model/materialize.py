@@ -150,7 +150,7 @@ def materialize(model: nn.Module, source, seed: int, device: torch.device, offlo
     result = fill_tensors(model, model.named_modules(), source, seed, compute_device=device)
     if source is not None:
         source.close()
-    _init_dora_magnitudes(model)
+    _init_sharded_dora_magnitudes(model)
     return result
 
 
@@ -232,7 +232,7 @@ def dense_weight(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _init_dora_magnitudes(model: nn.Module) -> None:
+def _init_sharded_dora_magnitudes(model: nn.Module) -> None:
     """DoRA starts with magnitude = row norm of the base weight. The magnitude's shard holds rows start..stop;
     the base holds the same rows when sharded alike, or all of them when kept whole (fsdp.shard_frozen)."""
     for magnitude, base in adapters.dora_magnitude_pairs(model):

@@ -51,8 +51,8 @@ def _allocate(module: nn.Module, storage: dict, device: torch.device) -> None:
             registry[key] = storage[id(t)][1]
 
 
-def materialize(model: nn.Module, blocks: list[nn.Module], cfg: Config, model_dir, ds: dict, env,
-                deepspeed) -> dict:
+def materialize_for_zero(model: nn.Module, blocks: list[nn.Module], cfg: Config, model_dir, ds: dict, env,
+                         deepspeed) -> dict:
     """Real weights with the FSDP engine's values (checkpoint rows or the same seeded init).
 
     ZeRO-2 keeps whole parameters on every rank. ZeRO-3 partitions each block as soon as it is filled
@@ -72,7 +72,7 @@ def materialize(model: nn.Module, blocks: list[nn.Module], cfg: Config, model_di
         got = fill_tensors(model, modules, source, cfg.train.seed, seen)
         result["loaded"] += got["loaded"]
         result["initialised"] += got["initialised"]
-        _init_dora_magnitudes(group)
+        _init_unpartitioned_dora_magnitudes(group)
         if stage3:
             _partition(group, ds, precision, deepspeed)
     if source is not None:
@@ -81,7 +81,7 @@ def materialize(model: nn.Module, blocks: list[nn.Module], cfg: Config, model_di
 
 
 @torch.no_grad()
-def _init_dora_magnitudes(group: nn.Module) -> None:
+def _init_unpartitioned_dora_magnitudes(group: nn.Module) -> None:
     """DoRA starts with magnitude = row norm of the base weight (layers of earlier groups are partitioned already)."""
     for magnitude, base in adapters.dora_magnitude_pairs(group):
         if not hasattr(magnitude, "ds_id"):
@@ -169,7 +169,7 @@ def build(cfg: Config, env, ds: dict, deepspeed) -> Built:
     flop_counts = count_flops_or_none(env, model)  # the FSDP engine's count: what trains is settled, nothing placed
     blocks = fsdp.find_blocks(adapters.base_model(model), cfg.model.block_classes)
     checkpointed = fsdp.apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
-    mat = materialize(model, blocks, cfg, data.model_dir, ds, env, deepspeed)
+    mat = materialize_for_zero(model, blocks, cfg, data.model_dir, ds, env, deepspeed)
     optimizer = build_optimizer(model, cfg, env.device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
     offload_param = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
