@@ -94,22 +94,27 @@ SCHEDULES = {
 }
 
 
-@pytest.mark.parametrize("schedule,min_ratio", sorted(SCHEDULES))
-def test_schedule_multipliers_by_hand(tmp_path, schedule, min_ratio):
+def _lrs(cfg, steps: int) -> tuple[list[float], float]:
+    """The lr of each of `steps` optimizer steps under cfg's schedule (optim.lr=1: the multipliers), and after."""
     from fsdp_ft.training.optim import build_scheduler
 
-    cfg = load_config(TINY, [f"output_dir={tmp_path}", "optim.lr=1.0", "optim.warmup_steps=2",
-                             f"optim.schedule={schedule}", f"optim.min_lr_ratio={min_ratio}"])
-    model = _model()
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
-    sched = build_scheduler(opt, 6, cfg)
+    opt = build_optimizer(_model(), cfg, torch.device("cpu"))
+    sched = build_scheduler(opt, steps, cfg)
     seen = []
-    for _ in range(6):
+    for _ in range(steps):
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return seen, opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("schedule,min_ratio", sorted(SCHEDULES))
+def test_schedule_multipliers_by_hand(tmp_path, schedule, min_ratio):
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "optim.lr=1.0", "optim.warmup_steps=2",
+                             f"optim.schedule={schedule}", f"optim.min_lr_ratio={min_ratio}"])
+    seen, after = _lrs(cfg, 6)
     assert seen == pytest.approx(SCHEDULES[(schedule, min_ratio)], rel=1e-12)
-    assert opt.param_groups[0]["lr"] == pytest.approx(min_ratio if schedule != "constant" else 1.0)
+    assert after == pytest.approx(min_ratio if schedule != "constant" else 1.0)
 
 
 @pytest.mark.parametrize("overrides,kernel", [
@@ -152,17 +157,8 @@ def test_schedule_by_hand_with_an_odd_warmup(tmp_path, schedule):
     steps could not tell 6 - 2 from other arithmetic on the two, such as 6 XOR 2)."""
     import math
 
-    from fsdp_ft.training.optim import build_scheduler
-
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "optim.lr=1.0", "optim.warmup_steps=3",
                              f"optim.schedule={schedule}", "optim.min_lr_ratio=0.0"])
     shape = {"cosine": lambda p: (1 + math.cos(math.pi * p)) / 2, "linear": lambda p: 1 - p}[schedule]
     want = [1 / 3, 2 / 3, 1.0] + [shape((s - 3) / 7) for s in range(3, 10)]
-    opt = build_optimizer(_model(), cfg, torch.device("cpu"))
-    sched = build_scheduler(opt, 10, cfg)
-    seen = []
-    for _ in range(10):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert seen == pytest.approx(want, rel=1e-12)
+    assert _lrs(cfg, 10)[0] == pytest.approx(want, rel=1e-12)
