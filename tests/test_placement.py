@@ -193,7 +193,7 @@ def test_offload_keeps_the_frozen_base_sharded():
 
 
 WORKER = """
-import json, os, sys
+import os, sys
 import torch.distributed as dist
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -201,12 +201,8 @@ os.environ["LOCAL_WORLD_SIZE"] = str(rank + 1)   # rank 1 sees half the host mem
 from fsdp_ft.parallel import fsdp
 out = {"agreed": fsdp.device_memory_per_rank("cpu"),
        "own": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (rank + 1)}
-open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w").write(json.dumps(out))
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush(); sys.stderr.flush()
-os._exit(0)  # no interpreter finalization: gloo's teardown aborted here once ("terminate called without an active
-             # exception"), as in tests/scripts/gloo_reduce_worker.py; this worker tests the budget, not teardown
+from worker_exit import write_result_and_exit   # tests/scripts: gloo's teardown aborted here once
+write_result_and_exit(os.path.join(sys.argv[1], f"rank{rank}.json"), out)
 """
 
 
@@ -216,7 +212,7 @@ def test_ranks_agree_on_the_memory_budget(tmp_path):
     smallest budget of all, so they build the same mesh."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "scripts")])}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           f"--master-port={free_port()}", str(script), str(tmp_path)], timeout=120, cwd=REPO,
                          env=env, capture_output=True, text=True, check=False)

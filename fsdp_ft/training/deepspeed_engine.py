@@ -23,14 +23,14 @@ from fsdp_ft.model import adapters, placement
 from fsdp_ft.model.build import parameter_counts
 from fsdp_ft.model.materialize import fill_tensors, open_weight_source
 from fsdp_ft.parallel import fsdp
-from fsdp_ft.runtime import distributed, precision, tf32
 from fsdp_ft.runtime.deepspeed_import import import_deepspeed
 from fsdp_ft.runtime.distributed import DistEnv
 from fsdp_ft.runtime.precision import DTYPE
 from fsdp_ft.training import scaffold
 from fsdp_ft.training.deepspeed_config import build_ds_config, precision_of
 from fsdp_ft.training.optim import build_optimizer
-from fsdp_ft.training.run_setup import build_meta, count_flops_or_none, load_data
+from fsdp_ft.training.run_setup import (build_meta, count_flops_or_none, load_data, setup_info, start_process,
+                                       trains_line)
 from fsdp_ft.training.scaffold import Built, TrainResult
 from fsdp_ft.training.trainer import Trainer
 
@@ -174,19 +174,12 @@ def build(cfg: Config, env, ds: dict, deepspeed) -> Built:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
     offload_param = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
     checked = placement.check_deepspeed(engine.module, env.device, offload_param)  # fail fast, as engine fsdp
-    splits = data.splits
     info = {"engine": "deepspeed", "zero_stage": ds["zero_optimization"]["stage"], "precision": precision_of(ds),
-            "trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
+            **setup_info(cfg, data, trainable, total, mat, flop_counts),
             "blocks": len(blocks), "block_class": type(blocks[0]).__name__, "checkpointed": len(checkpointed),
-            "weights_loaded": mat["loaded"], "weights_initialised": len(mat["initialised"]),
-            "dropped_rows": splits.dropped, "train_rows": len(splits.train),
-            "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": data.labels,
-            "total_steps": data.steps, "world_size": env.world_size, "device": str(env.device),
-            "placement_checked": checked,
-            "flop_counts": flop_counts.to_dict() if flop_counts else None,
-            "flops_per_token": flop_counts.per_token_at(cfg.train.seq_len) if flop_counts else None}
-    summary = (f"{trainable:,} of {total:,} parameters train ({100 * info['trainable_share']:.2f}%); DeepSpeed "
-               f"ZeRO-{info['zero_stage']} over {env.world_size} rank(s), {info['precision']}; {data.steps} steps")
+            "placement_checked": checked}
+    summary = (f"{trains_line(info)}; DeepSpeed ZeRO-{info['zero_stage']} over {env.world_size} rank(s), "
+               f"{info['precision']}; {data.steps} steps")
     return Built(model=engine, optimizer=optimizer, scaler=_LossScale(engine) if info["precision"] == "fp16" else None,
                  data=data, info=info, summary=summary, extra_state={"labels": data.labels},
                  files={"deepspeed_config.json": json.dumps(ds, indent=1)})
@@ -203,10 +196,8 @@ class DeepSpeedEngine:
     def start(self, cfg: Config) -> tuple[Config, DistEnv, bool]:
         # ZeRO-3 gathers the head's weight around its forward and again for its backward; the chunked head loss
         # makes the weight's gradient inside forward, which that scheme does not expect: plain logits here
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunked_head_loss=False))
-        env = distributed.init_distributed(cfg.dist.setup_timeout_minutes, cfg.dist.timeout_minutes)
-        cfg = precision.resolve_precision(cfg, env.device)
-        tf32_on = tf32.apply(cfg.train.tf32, env.device)  # before any matmul and the MFU peak
+        cfg, env, tf32_on = start_process(
+            dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunked_head_loss=False)))
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it; a plain process has none
         self.deepspeed.init_distributed("nccl" if env.device.type == "cuda" else "gloo")  # adopts our group
         return cfg, env, tf32_on

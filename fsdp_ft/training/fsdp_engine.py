@@ -14,10 +14,11 @@ from fsdp_ft.model.build import build_meta_model, parameter_counts
 from fsdp_ft.model.materialize import materialize, open_weight_source
 from fsdp_ft.parallel import fsdp
 from fsdp_ft.quant import quantize
-from fsdp_ft.runtime import distributed, precision, tf32
+from fsdp_ft.runtime import distributed
 from fsdp_ft.training import scaffold
 from fsdp_ft.training.optim import build_optimizer, init_state, needs_loss_scaling
-from fsdp_ft.training.run_setup import build_meta, count_flops_or_none, load_data, log_main
+from fsdp_ft.training.run_setup import (build_meta, count_flops_or_none, load_data, log_main, setup_info,
+                                       start_process, trains_line)
 from fsdp_ft.training.scaffold import Built, TrainResult
 from fsdp_ft.training.trainer import Trainer
 
@@ -34,13 +35,7 @@ def build(cfg: Config, env: distributed.DistEnv) -> Built:
     source = open_weight_source(cfg, data.model_dir, model)
     mat = materialize(model, source, cfg.train.seed, env.device, offload=cfg.fsdp.cpu_offload)
     splits = data.splits
-    info = {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
-            **shard_info, "weights_loaded": mat["loaded"], "weights_initialised": len(mat["initialised"]),
-            "dropped_rows": splits.dropped, "train_rows": len(splits.train),
-            "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": data.labels,
-            "total_steps": data.steps,
-            "flop_counts": flop_counts.to_dict() if flop_counts else None,
-            "flops_per_token": flop_counts.per_token_at(cfg.train.seq_len) if flop_counts else None}
+    info = {**setup_info(cfg, data, trainable, total, mat, flop_counts), **shard_info}
     if hasattr(splits.train, "packs"):  # data.packing: train_rows counts packed rows
         info["packing"] = {"samples": len(splits.train.rows), "fill": splits.train.fill(cfg.train.seq_len)}
     if getattr(data.task, "needs_reference", False):  # DPO
@@ -50,8 +45,8 @@ def build(cfg: Config, env: distributed.DistEnv) -> Built:
         log_main(env, f"initialised (not in checkpoint): {', '.join(mat['initialised'][:8])}")
     optimizer = build_optimizer(model, cfg, env.device)
     init_state(optimizer)
-    summary = (f"{trainable:,} of {total:,} parameters train ({100 * info['trainable_share']:.2f}%); "
-               f"{info['blocks']} x {info['block_class']} sharded over {env.world_size} rank(s); {data.steps} steps")
+    summary = (f"{trains_line(info)}; {info['blocks']} x {info['block_class']} sharded over {env.world_size} "
+               f"rank(s); {data.steps} steps")
     return Built(model=model, optimizer=optimizer, scaler=_grad_scaler(cfg, env), data=data, info=info,
                  summary=summary,
                  extra_state={"labels": data.labels, "chat_tokens": vocab.added_chat_tokens(data.tokenizer)})
@@ -81,12 +76,7 @@ class FSDPEngine:
     def __init__(self, malloc: str):
         self.malloc = malloc  # the host allocator's tuning, for the set-up row
 
-    def start(self, cfg: Config) -> tuple[Config, distributed.DistEnv, bool]:
-        env = distributed.init_distributed(cfg.dist.setup_timeout_minutes, cfg.dist.timeout_minutes)
-        cfg = precision.resolve_precision(cfg, env.device)
-        return cfg, env, tf32.apply(cfg.train.tf32, env.device)  # before any matmul and the MFU peak
-
-    build = staticmethod(build)
+    start, build = staticmethod(start_process), staticmethod(build)
 
     def load(self, path: Path, built: Built, env: distributed.DistEnv) -> dict:
         return dcp_checkpoint.load_checkpoint(path, built.model, built.optimizer, env)

@@ -19,7 +19,7 @@ from fsdp_ft.model.trainable import apply_finetune
 from fsdp_ft.observability.flops import FlopCounts, count_flops, peak_flops
 from fsdp_ft.parallel import fsdp
 from fsdp_ft.quant import quantize
-from fsdp_ft.runtime import distributed, precision
+from fsdp_ft.runtime import distributed, precision, tf32
 from fsdp_ft.runtime.precision import DTYPE
 from fsdp_ft.tasks import get_task
 from fsdp_ft.training import best
@@ -141,3 +141,30 @@ def resumed_state(env: distributed.DistEnv, run: run_identity.RunStart, saved: d
     state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
     log_main(env, f"run {run.run_id}: resumed from {run.resume_from} at step {state.step}")
     return state
+
+
+def start_process(cfg: Config) -> tuple[Config, distributed.DistEnv, bool]:
+    """The process group and this rank's device; `cfg` with fsdp.mixed_precision=auto resolved for that device
+    (before the fingerprint and config.yaml record it); TF32 set before any matmul and the MFU peak."""
+    env = distributed.init_distributed(cfg.dist.setup_timeout_minutes, cfg.dist.timeout_minutes)
+    cfg = precision.resolve_precision(cfg, env.device)
+    return cfg, env, tf32.apply(cfg.train.tf32, env.device)
+
+
+def setup_info(cfg: Config, data: RunData, trainable: int, total: int, materialized: dict,
+               flop_counts: FlopCounts | None) -> dict:
+    """The set-up row's entries both engines log: what trains, the weights loaded, the rows, the steps, FLOPs."""
+    splits = data.splits
+    return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1),
+            "weights_loaded": materialized["loaded"], "weights_initialised": len(materialized["initialised"]),
+            "dropped_rows": splits.dropped, "train_rows": len(splits.train),
+            "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": data.labels,
+            "total_steps": data.steps,
+            "flop_counts": flop_counts.to_dict() if flop_counts else None,
+            "flops_per_token": flop_counts.per_token_at(cfg.train.seq_len) if flop_counts else None}
+
+
+def trains_line(info: dict) -> str:
+    """The start of the line logged before the first step: how much of the model trains."""
+    return (f"{info['trainable_params']:,} of {info['total_params']:,} parameters train "
+            f"({100 * info['trainable_share']:.2f}%)")

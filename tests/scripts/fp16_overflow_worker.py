@@ -7,8 +7,6 @@ alone writes an inf into its shard of one gradient, as an fp16 overflow on that 
 argv[1]/rank<R>.json: the loss scale before and after each step, whether its own gradients were finite, and
 whether each step changed its parameter shards.
 """
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from fsdp_ft.runtime import distributed
 from fsdp_ft.training.fsdp_engine import _grad_scaler
 from fsdp_ft.training.optim import build_optimizer
 from fsdp_ft.training.trainer import Trainer
+from worker_exit import write_result_and_exit
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
@@ -70,13 +69,7 @@ def main():
             "local_grads_finite": finite, "compute_dtype": str(policy.param_dtype).removeprefix("torch."),
             "changed": [not torch.equal(a, b) for a, b in zip(before, after)],
         })
-    with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
-        json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as gloo_reduce_worker.py: skip interpreter finalization with gloo threads around
+    write_result_and_exit(f"{sys.argv[1]}/rank{rank}.json", result)
 
 
 if __name__ == "__main__":

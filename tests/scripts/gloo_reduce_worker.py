@@ -5,8 +5,6 @@ reduce-scatter, the dtype the gradients were exchanged in, the most reductions e
 pending after backward, the buffer pool's bytes after each step, and how many all-gathers were swapped in place;
 under "replicated", the same for weights whole on every rank, against FSDP's own HSDP all-reduce.
 """
-import json
-import os
 import sys
 
 import torch
@@ -16,6 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from fsdp_ft.parallel import gloo_reduce, fsdp
+from worker_exit import write_result_and_exit
 
 
 def build(seed: int, param_dtype, stored=torch.float32, blocks_train=True, mesh=None):
@@ -112,19 +111,7 @@ def main():
             "swapped_all_gathers": sum(g.swaps for g in gathers),
         }
     result["replicated"] = replicated_cases(x, y)
-    with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
-        json.dump(result, f)
-    # every rank past its last reduction before any tears its connections down: without this, a loaded 4-rank
-    # run aborted in teardown ("terminate called without an active exception") after writing correct results
-    dist.barrier()
-    dist.destroy_process_group()
-    # and skip interpreter finalization: a 2-rank CI run still aborted the same way once, despite the barrier (not
-    # reproduced locally). The likely cause is torch-side: gloo threads freeing tensors that hold Python objects while
-    # the interpreter shuts down (pytorch/pytorch#179291 describes that for a group never destroyed). This worker
-    # tests gradients, not teardown; every CLI test still exits normally.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    write_result_and_exit(f"{sys.argv[1]}/rank{rank}.json", result)
 
 
 if __name__ == "__main__":
