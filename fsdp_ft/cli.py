@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
     _add_submit_parser(sub)
+    _add_tune_parser(sub)
 
     e = sub.add_parser("export", help="write a Hugging Face folder from a run's sharded checkpoint")
     e.add_argument("run_dir", help="the run's output_dir")
@@ -79,9 +80,10 @@ def _add_performance_parsers(sub) -> None:
     pl.add_argument("--exact", action="store_true", help="simulate every block (slower) instead of two short "
                     "stacks extrapolated to the model's depth")
 
-    rp = sub.add_parser("report", help="write a self-contained HTML page of a run: loss, eval metrics, lr, "
-                        "tokens/s, MFU and memory over steps, and the set-up facts")
-    rp.add_argument("run_dir", help="the run's output_dir")
+    rp = sub.add_parser("report", help="write a self-contained HTML page of a run (loss, eval metrics, lr, "
+                        "tokens/s, MFU and memory over steps, and the set-up facts) or of a search (`fsdp-ft tune`: "
+                        "trials, best so far, parameters, intermediate values, importances)")
+    rp.add_argument("run_dir", help="the run's output_dir, or the search's")
     rp.add_argument("--out", default=None, help="HTML file to write (default RUN_DIR/report.html)")
 
 
@@ -160,8 +162,54 @@ def _add_submit_parser(sub) -> None:
     s.add_argument("--folder", default=None, help="submitit folder (pickles, SLURM logs); default output_dir/logs/slurm")
     s.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="one array task per combination, each in output_dir/KEY=V (repeat for a grid)")
+    s.add_argument("--tune", action="store_true", help="a hyper-parameter search instead of one run: the study is "
+                   "created here, then a job array of --parallel tasks (one node each) pull trials from it until "
+                   "--trials COMPLETE + PRUNED (docs/tuning.md)")
+    s.add_argument("--parallel", type=int, default=1, help="--tune: array tasks pulling trials at once")
+    s.add_argument("--trials", type=int, default=None, help="--tune: the study's budget (default tune.trials)")
+    s.add_argument("--storage", default=None, help="--tune: study storage URL (default output_dir/study.journal on "
+                   "the shared file system)")
+    s.add_argument("--timeout", type=float, default=None, metavar="S", help="--tune: ask no new trial after S s")
+    s.add_argument("--space", default=None, help="--tune: YAML file holding the tune: section")
+    s.add_argument("--stale-after-s", type=float, default=120.0, metavar="S",
+                   help="--tune: take over a trial whose worker gave no heartbeat for S seconds")
     s.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
     s.add_argument("--wait", action="store_true", help="wait for the job(s) to end; non-zero exit if one failed")
+
+
+def _add_tune_parser(sub) -> None:
+    u = sub.add_parser("tune", help="hyper-parameter search with Optuna over the config's tune: section; each trial "
+                       "an ordinary run (N ranks) in output_dir/trials/NNNN", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=TRAIN_EPILOG + "the search space, objective, sampler and pruner: docs/tuning.md")
+    u.add_argument("config", help="YAML config file with a tune: section (or see --space)")
+    u.add_argument("overrides", nargs="*", help="key.sub=value overrides of the base config")
+    u.add_argument("--trials", type=int, default=None, help="the study's budget: COMPLETE + PRUNED trials over every "
+                   "worker and every re-run (default tune.trials, else 20)")
+    u.add_argument("--parallel", type=int, default=1, help="trials at a time on this machine (each its own CPU "
+                   "cores and GPUs)")
+    u.add_argument("--nproc-per-node", type=int, default=1, help="ranks of each trial")
+    u.add_argument("--storage", default=None, help="study storage URL: journal:PATH (default: output_dir/"
+                   "study.journal), sqlite:///PATH (one worker), postgresql://..., mysql+pymysql://...")
+    u.add_argument("--timeout", type=float, default=None, metavar="S", help="ask no new trial after S seconds")
+    u.add_argument("--space", default=None, help="YAML file holding the tune: section instead of the config")
+    u.add_argument("--resume", action="store_true", help="continue the search in output_dir and refuse to start a "
+                   "new one (a re-run of the same command continues it anyway)")
+    u.add_argument("--stale-after-s", type=float, default=120.0, metavar="S", help="take over a running trial "
+                   "whose worker gave no heartbeat for S seconds (a killed machine or job; default 120)")
+    u.add_argument("--shutdown-grace-s", type=float, default=600.0, metavar="S",
+                   help="as `fsdp-ft run`: seconds a stopped trial's ranks get to save")
+    u.add_argument("--max-failures", type=int, default=5, help="a worker stops after this many failed trials in a "
+                   "row (default 5)")
+
+
+def cmd_tune(args) -> int:
+    from fsdp_ft.tuning.search import TuneOptions, tune
+
+    opts = TuneOptions(trials=args.trials, parallel=args.parallel, nproc_per_node=args.nproc_per_node,
+                       storage=args.storage, timeout_s=args.timeout, space=args.space, resume=args.resume,
+                       stale_after_s=args.stale_after_s, shutdown_grace_s=args.shutdown_grace_s,
+                       max_failures=args.max_failures)
+    return tune(args.config, args.overrides, opts)
 
 
 def cmd_train(args) -> int:
@@ -186,6 +234,8 @@ def cmd_train(args) -> int:
             print(f"fsdp-ft: stopped by signal {preemption.stop_signal()} after step {result.state.step}; "
                   f"checkpoint saved, the same command resumes", file=sys.stderr)
         return 128 + preemption.stop_signal()
+    if result.pruned_at is not None and ranklog.rank_from_env() == 0:
+        print(f"fsdp-ft: the search pruned this trial at step {result.pruned_at}", file=sys.stderr)
     return 0
 
 
@@ -303,6 +353,13 @@ def cmd_plan(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from pathlib import Path
+
+    if (Path(args.run_dir) / "tune.json").is_file():  # a search folder: the study's page
+        from fsdp_ft.tuning.report import write_study_report
+
+        print(f"wrote {write_study_report(args.run_dir, args.out)}")
+        return 0
     from fsdp_ft.observability.report import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out)}")
@@ -345,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(argv[1:])
     args = _parse(argv)
     handler = {"train": cmd_train, "run": cmd_run, "submit": cmd_submit, "export": cmd_export, "eval": cmd_eval,
-               "generate": cmd_generate, "predict": cmd_predict, "plan": cmd_plan, "report": cmd_report}[args.command]
+               "generate": cmd_generate, "predict": cmd_predict, "plan": cmd_plan, "report": cmd_report,
+               "tune": cmd_tune}[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -15,7 +15,7 @@ LAYERS = [
     {"errors"},
     {"config", "runtime"},
     {"storage", "data", "quant", "observability"},
-    {"model"},
+    {"model", "tuning"},
     {"parallel", "checkpoint", "prepare"},
     {"tasks"},
     {"training", "inference"},

@@ -28,7 +28,7 @@ def _type_name(t) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def _show(value) -> str:
+def show_value(value) -> str:
     """A value as one line of YAML (PyYAML ends a bare scalar with a '...' document-end line)."""
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
 
@@ -39,7 +39,7 @@ def help_text() -> str:
     for key, t, f, default in all_keys():
         choices = f.metadata.get("choices")
         extra = f" [{', '.join(str(c) for c in choices if c is not None)}]" if choices else ""
-        lines.append(f"  {key} ({_type_name(t)}, default {_show(default)})"
+        lines.append(f"  {key} ({_type_name(t)}, default {show_value(default)})"
                      f"{extra}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
@@ -151,31 +151,45 @@ def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
     return keys
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply dotted overrides, validate, and resolve relative paths."""
+TUNE_SECTION = "tune"  # a config file's search space; read by `fsdp-ft tune` (fsdp_ft.tuning.space), no run key
+
+
+def read_tree(path: str | os.PathLike) -> dict:
+    """The mapping a YAML config file holds, with one clear line for a missing file or bad YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' " + ("is not a file" if p.exists() else "does not exist"))
+    try:
+        tree = strict_yaml.load(p.read_text(encoding="utf-8")) or {}
+    except strict_yaml.Refused as e:
+        where = f" line {e.line}" if e.line else ""
+        raise ConfigError(f"config file '{path}'{where}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}'{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys")
+    return tree
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), settings: dict | None = None) -> Config:
+    """Read a YAML config, apply dotted overrides (text), then `settings` (dotted key -> value, as a search
+    trial sets them), validate, and resolve relative paths. A top-level `tune:` section is left to `fsdp-ft tune`."""
     tree: dict = {}
     base = Path.cwd()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' " + ("is not a file" if p.exists() else "does not exist"))
-        try:
-            tree = strict_yaml.load(p.read_text(encoding="utf-8")) or {}
-        except strict_yaml.Refused as e:
-            where = f" line {e.line}" if e.line else ""
-            raise ConfigError(f"config file '{path}'{where}: {e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config file '{path}' is not UTF-8 text: {e.reason} at byte {e.start}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file '{path}'{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of keys")
-        base = p.resolve().parent
+        tree = read_tree(path)
+        tree.pop(TUNE_SECTION, None)
+        base = Path(path).resolve().parent
     from_file = _flat_keys(tree)
     for text in overrides:
         key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+        from_file.discard(key)
+    for key, value in (settings or {}).items():
         _set_dotted(tree, key, value)
         from_file.discard(key)
     valid = [k for k, *_ in all_keys()]

@@ -19,6 +19,7 @@ from fsdp_ft.observability.flops import FlopCounts
 from fsdp_ft.observability.metrics import MetricsLogger, peak_host_rss_bytes
 from fsdp_ft.runtime import distributed
 from fsdp_ft.training.optim import build_scheduler
+from fsdp_ft.training import trial_link
 from fsdp_ft.training.run_setup import RunData, log_main, open_run, rank_peak_flops, resumed_state
 from fsdp_ft.training.trainer import Trainer, TrainState
 
@@ -29,6 +30,7 @@ class TrainResult:
     tokenizer: object
     state: TrainState
     output_dir: Path
+    pruned_at: int | None = None  # a trial of a search that its pruner stopped at this step
 
 
 @dataclass
@@ -58,6 +60,15 @@ class Engine(Protocol):
     def load(self, path: Path, built: Built, env: distributed.DistEnv) -> dict: ...
 
     def after_setup(self, cfg: Config, env: distributed.DistEnv, built: Built) -> dict: ...
+
+
+def config_sha256(cfg: Config) -> str:
+    """What this rank trains with, as 16 hex digits: the set-up row lists every rank's, so a job whose ranks read
+    different configs (a node with another file, a search trial's parameters) shows it."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run(cfg: Config, engine: Engine) -> TrainResult:
@@ -90,7 +101,8 @@ def run(cfg: Config, engine: Engine) -> TrainResult:
     info.update(run_id=started.run_id, resumed_from=started.resume_from, setup_s=time.perf_counter() - t0,
                 world_size=env.world_size, device=str(env.device), backend=env.backend, peak_flops=peak,
                 tf32=tf32_on, peak_flops_source=peak_source,
-                host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()))
+                host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()),
+                config_sha256_per_rank=distributed.all_gather_object(config_sha256(cfg)))
     log_main(env, built.summary)
     logger = MetricsLogger(out, env.is_main, data.steps, cfg.train.tensorboard, cfg.train.progress_bar, state.step)
     logger.log({"split": "setup", "step": state.step, **info})
@@ -99,15 +111,17 @@ def run(cfg: Config, engine: Engine) -> TrainResult:
                                    peak_flops=peak,
                                    flop_counts=FlopCounts(**info["flop_counts"]) if info["flop_counts"] else None)
     trainer.saved_step = state.step if started.resumes_in_place(out) else None
+    trainer.trial = trial_link.from_env(env.is_main)
     tracking = (memtrack.tracking(cfg.train.track_memory, built.model, built.optimizer) if engine.tracks_memory
                 else contextlib.nullcontext())
     with tracking as trainer.mem_tracker, distributed.step_timeout():  # set-up and export wait longer
         state = trainer.fit()
         if state.step >= data.steps:  # resumed at its end from another folder's checkpoint: output_dir gets its own
             trainer.save()
-    if env.is_main and state.step >= data.steps:  # a run stopped early by a signal exports when it resumes and ends
+    if env.is_main and state.step >= data.steps:  # a run stopped early (signal) exports when it resumes and ends
         logger.log({"split": "final", "step": state.step, **export_final(out, data.tokenizer)})
     logger.close()
     distributed.barrier()
-    return TrainResult(model=built.model, tokenizer=data.tokenizer, state=state, output_dir=out)
+    return TrainResult(model=built.model, tokenizer=data.tokenizer, state=state, output_dir=out,
+                       pruned_at=trainer.pruned_at)
 

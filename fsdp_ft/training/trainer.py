@@ -53,6 +53,8 @@ class Trainer:
         self.plan = plan
         self._perm_epoch, self._perm = -1, None
         self.saved_step = None  # the step whose checkpoint this process wrote or resumed from
+        self.trial = None  # a trial_link.TrialLink when this run is a trial of a search
+        self.pruned_at = None  # the step at which the search pruned this trial
         self.batches = StepBatches(self._host_step_batches, env.device,
                                    step_batches.enabled(cfg.train.prefetch_batches, env.device))
 
@@ -199,6 +201,9 @@ class Trainer:
             row["is_best"] = best.update(self.state.best, metrics, self.state.step)
             row.update(best_step=self.state.best["step"], best_value=self.state.best["value"])
         self.logger.log(row)
+        last = self.state.step >= self.total_steps  # reported, never pruned: the trial is complete
+        if self.trial is not None and self.trial.should_prune(self.state.step, metrics, last):
+            self.pruned_at = self.state.step
         return best.enabled(self.cfg)
 
     def save(self) -> None:
@@ -249,6 +254,9 @@ class Trainer:
             if (t.save_every and self.state.step % t.save_every == 0) or done or save_for_best:
                 self.save()
             self.logger.advance()
+            if self.pruned_at is not None:  # every rank got the same answer in this step's eval
+                self.logger.log({"split": "pruned", "step": self.state.step})
+                break
             if preemption.should_stop():  # a stop signal reached some rank: all save this same step and return
                 if window is not None:
                     self._log_train(window, started, first)
