@@ -232,6 +232,11 @@ def test_dump_and_reload_round_trip(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.output_dir and cfg.model.path and cfg.data.train
+    if "tune" in yaml.safe_load(path.read_text()):  # a search config: its space passes the same checks as tune's
+        pytest.importorskip("optuna")
+        from fsdp_ft.tuning.space import read_spec
+
+        assert read_spec(str(path), []).dimensions
 
 
 def test_config_error_is_user_error():

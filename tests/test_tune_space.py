@@ -183,3 +183,39 @@ def test_a_second_search_in_the_same_folder_is_refused(tmp_path):
         prepare(other, [], TuneOptions(trials=2))
     with pytest.raises(UserError, match="keeps its study in"):
         prepare(path, [], TuneOptions(trials=2, storage=str(tmp_path / "elsewhere.journal")))
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "cmaes", "random", "grid"])
+def test_every_sampler_draws_from_the_space(tmp_path, sampler):
+    """Each sampler, as the workers build it, proposes values inside the space over a few trials (after its
+    start-up trials for the model-based ones)."""
+    from fsdp_ft.tuning.study import make_sampler
+
+    space = {"optim.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "step": 1.0e-4},
+             "optim.warmup_steps": {"type": "int", "low": 0, "high": 10, "step": 5}}
+    spec = spec_of(tmp_path, space=space, sampler=sampler)
+    study = optuna.create_study(sampler=make_sampler(spec))
+    for i in range(12):
+        trial = study.ask()
+        settings = spec.suggest(trial)
+        assert 1e-4 - 1e-12 <= settings["optim.lr"] <= 1e-3 + 1e-12 and settings["optim.warmup_steps"] in (0, 5, 10)
+        study.tell(trial, (settings["optim.lr"] - 5e-4) ** 2 + settings["optim.warmup_steps"] * 1e-9)
+    if sampler == "grid":  # every point of the 10 x 3 grid is distinct
+        assert len({tuple(t.params.values()) for t in study.trials}) == 12
+
+
+def test_the_median_pruner_follows_its_warmup():
+    """A clearly worse trial is pruned only from the warm-up step on."""
+    from fsdp_ft.tuning.study import make_pruner
+
+    study = optuna.create_study(direction="minimize", pruner=make_pruner("median", warmup_steps=3, startup_trials=1))
+    good = study.ask()
+    for step in range(1, 6):
+        good.report(1.0, step)
+    study.tell(good, 1.0)
+    bad = study.ask()
+    verdicts = []
+    for step in range(1, 6):
+        bad.report(5.0, step)
+        verdicts.append(bad.should_prune())
+    assert verdicts == [False, False, True, True, True]
