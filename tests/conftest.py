@@ -66,6 +66,22 @@ def assert_losses_close(got: dict, want: dict, rtol: float) -> None:
         assert rel <= rtol, f"step {step}: {got[step]} vs {want[step]} (relative {rel:.2e} > {rtol})"
 
 
+@pytest.fixture(autouse=True)
+def _one_slurm_test_at_a_time(request):
+    """Tests on the local SLURM cluster (those that use the `slurm_cluster` fixture) take turns across pytest
+    processes: CI's `-n 2 --dist loadfile` runs test_slurm.py and test_slurm_tune.py side by side on the one cluster,
+    where each file's jobs would wait for the other's nodes past their time-outs and take the job ids that
+    test_wait_ignores_an_older_job_with_the_same_id counts on."""
+    if "slurm_cluster" not in request.fixturenames:
+        yield
+        return
+    import fcntl
+
+    with open(os.environ.get("FSDP_FT_SLURM_DIR", "/tmp/fsdp-ft-slurm") + ".tests.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, after the test
+        yield
+
+
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")

@@ -17,6 +17,7 @@ import time
 import pytest
 import yaml
 
+import test_slurm
 from conftest import REPO
 from tune_helpers import env, rows, start_tune, states, study_of, tune, write_config
 
@@ -122,6 +123,7 @@ def test_two_objectives_give_a_pareto_front_and_a_timeout_ends_the_asking(tmp_pa
 
 
 MYSQL_SOCKET = "/run/mysqld/mysqld.sock"
+slurm_cluster = test_slurm.slurm_cluster  # the session's local cluster (its MariaDB keeps SLURM's accounting)
 
 
 @pytest.fixture(scope="module")

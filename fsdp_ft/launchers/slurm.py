@@ -8,6 +8,13 @@ recorded (`preemption`); ranks agree, save a checkpoint, and then:
   requeues it with `scontrol requeue`;
 - SIGTERM (`scontrol requeue`, preemption with PreemptMode=REQUEUE, scancel) -> SLURM decides; if it requeues,
   the job resumes from that checkpoint.
+
+`--tune` submits a search instead of one run (`TuneJob`): the study is created here, once, then a job array of
+--parallel tasks, each one node and one process, runs `fsdp_ft.tuning.search.tune` there: a worker named after its
+array task that pulls trials from the shared study and trains each with torchrun over its node's GPUs. A stop signal
+reaches the running trial, which saves; the worker releases it and the task is requeued as above. The trial resumes
+from its checkpoint under the same number and parameters: taken up by the requeued worker (same name, its own
+released trials first), or by another task's worker that is free before it comes back.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fsdp_ft.errors import UserError
@@ -51,6 +58,14 @@ class SubmitOptions:
     sweep: list[str] = field(default_factory=list)    # KEY=V1,V2,... -> one array task per combination
     dry_run: bool = False
     wait: bool = False
+    # --tune: a search; a job array of `parallel` one-node tasks pulling trials from one study (fsdp_ft.tuning)
+    tune: bool = False
+    parallel: int = 1
+    trials: int | None = None
+    storage: str | None = None
+    timeout: float | None = None        # seconds; a task asks no new trial after this long
+    space: str | None = None
+    stale_after_s: float = 120.0
 
 
 # ---------------------------------------------------------------- inside the job
@@ -119,6 +134,47 @@ class TrainJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainJob({**self.config, "resume": "auto"}))
+
+
+class TuneJob:
+    """The callable of each array task of `submit --tune`: one search worker on its node, named after its array
+    task (a name that survives requeues), running one trial at a time with torchrun over the node's GPUs.
+
+    `tune()` handles the stop signals while it runs (the trial saves, its claim is released) and returns 128 + the
+    signal; then, as TrainJob does, SIGUSR2 goes on to submitit's handler (checkpoint() and requeue), any other
+    signal ends the task with that code and SLURM requeues it (scontrol requeue, preemption) or not (scancel)."""
+
+    def __init__(self, config: str, overrides: list[str], options, cwd: str):
+        self.config, self.overrides, self.options, self.cwd = config, list(overrides), options, cwd
+
+    def __call__(self) -> dict:
+        import submitit
+
+        from fsdp_ft.tuning.search import tune
+
+        if os.path.isdir(self.cwd):  # relative paths of the overrides mean what they meant where it was submitted
+            os.chdir(self.cwd)
+        name = f"slurm-{submitit.JobEnvironment().job_id}"  # ARRAYID_TASK: the same after a requeue
+        task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)  # its sampler seed differs from the others'
+        submitit_handler = signal.getsignal(signal.SIGUSR2)  # tune() puts its own in place while it runs
+        code = tune(self.config, self.overrides, self.options, name=name, worker_offset=task)
+        if code == 0:
+            return {"worker": name}
+        if code < 128:
+            raise SlurmError(f"worker {name} ended before the search spent its budget (trials failed, or the worker "
+                             "stopped): see its log above and trials/*/console.log of the search")
+        sig = code - 128
+        print(f"[tune] worker {name} stopped on {signal.Signals(sig).name}: the running trial saved a checkpoint "
+              "and resumes under the same number", file=sys.stderr, flush=True)
+        if sig == signal.SIGUSR2 and callable(submitit_handler):
+            submitit_handler(sig, None)  # submitit calls self.checkpoint(), requeues the task and exits
+        raise SystemExit(code)  # no result file: the task is not over (SLURM requeues it, or scancel ended it)
+
+    def checkpoint(self) -> "object":
+        """What submitit resubmits on requeue: the same worker, which takes up its stopped trial first."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TuneJob(self.config, self.overrides, self.options, self.cwd))
 
 
 # ---------------------------------------------------------------- submitting
@@ -268,6 +324,10 @@ def batch_script(ex, array_size: int | None = None) -> str:
 def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
     from fsdp_ft.config import load_config
 
+    if opts.tune:
+        return submit_tune(config_path, overrides, opts)
+    _refuse_tune_options(opts)
+
     base = load_config(config_path, overrides)  # validate (and resolve paths) here, before anything is queued
     combos = sweep_overrides(opts.sweep)
     configs = [load_config(config_path, [*overrides, *combo,
@@ -299,6 +359,93 @@ def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
     for job in jobs:
         job.watcher = watcher
     return _wait(jobs)
+
+
+TUNE_ONLY = (("--parallel", "parallel", 1), ("--trials", "trials", None), ("--storage", "storage", None),
+             ("--timeout", "timeout", None), ("--space", "space", None), ("--stale-after-s", "stale_after_s", 120.0))
+
+
+def _refuse_tune_options(opts: SubmitOptions) -> None:
+    for flag, key, default in TUNE_ONLY:
+        if getattr(opts, key) != default:
+            raise SlurmError(f"{flag} belongs to a search: add --tune (or leave {flag} out to submit one run)")
+
+
+def submit_tune(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
+    """`submit --tune`: check the search, create (or continue) its study here, then queue a job array of
+    --parallel one-node tasks (TuneJob) that pull trials from it until --trials are COMPLETE or PRUNED."""
+    from fsdp_ft.tuning.search import TuneOptions, prepare, require_optuna
+    from fsdp_ft.tuning.space import read_spec
+    from fsdp_ft.tuning.study import masked, resolve_url
+
+    if opts.sweep:
+        raise SlurmError("--sweep and --tune do not go together: the search chooses the values (put the swept keys "
+                         "in tune.space)")
+    if opts.nodes != 1:
+        raise SlurmError(f"--tune runs each trial on one node, so --nodes must be 1 (got {opts.nodes}); "
+                         "--parallel K runs K trials at once, one node each")
+    for flag, value in (("--parallel", opts.parallel), ("--trials", 1 if opts.trials is None else opts.trials)):
+        if value < 1:
+            raise SlurmError(f"{flag} must be at least 1 (got {value})")
+    require_optuna()
+    nproc = opts.tasks_per_node or max(opts.gpus_per_node, 1)  # ranks of each trial: the node's GPUs
+    config = str(Path(config_path).resolve())  # the tasks read it again, maybe from another working directory
+    space = str(Path(opts.space).resolve()) if opts.space else None
+    spec = read_spec(config, overrides, space)  # a bad space or config: one line, before anything is written
+    out = Path(spec.base.output_dir)
+    resolve_url(opts.storage, out, opts.parallel)  # sqlite with K tasks, an unknown URL: refused here
+    folder = Path(opts.folder or out / "logs" / "slurm").absolute()
+    if not opts.dry_run and shutil.which("sbatch") is None:
+        raise SlurmError("`sbatch` is not on PATH: `fsdp-ft submit --tune` needs a SLURM cluster "
+                         "(use `fsdp-ft tune` on a workstation, or --dry-run to see the batch script)")
+    # each array task: one node, one process (the worker) with the node's CPUs; --cpus-per-task counts per rank
+    task_opts = replace(opts, tasks_per_node=1, cpus_per_task=opts.cpus_per_task and opts.cpus_per_task * nproc)
+    shape = None if opts.cpus_per_task and opts.mem_gb is not None else node_shape(opts.partition)
+    ex = build_executor(task_opts, folder, shape)
+    array = opts.parallel if opts.parallel > 1 else None
+    if opts.dry_run:  # nothing created: the study is made when the search is really submitted
+        print(batch_script(ex, array))
+        return 0
+    folder.mkdir(parents=True, exist_ok=True)
+    _test_only(batch_script(ex, array), folder)
+    options = TuneOptions(trials=opts.trials, parallel=1, nproc_per_node=nproc, storage=opts.storage,
+                          timeout_s=opts.timeout, space=space, stale_after_s=opts.stale_after_s,
+                          workers_elsewhere=opts.parallel - 1)
+    spec, study, record = prepare(config, overrides, options)  # the study, created once, before any task starts
+    done = _finished_trials(study)
+    submitted_at = time.time()
+    try:
+        with ex.batch():
+            jobs = [ex.submit(TuneJob(config, overrides, options, os.getcwd())) for _ in range(opts.parallel)]
+    except Exception as e:
+        raise SlurmError(f"sbatch refused the job: {_sbatch_reason(e)}") from None
+    array_id = jobs[0].job_id.split("_")[0]
+    tasks = f"array of {opts.parallel} tasks ({array_id}_0..{opts.parallel - 1}), each" if array else "1 task,"
+    print(f"submitted job {array_id}: a search, {tasks} one trial at a time on one node x {nproc} ranks\n"
+          f"  study:      {record.study_name} in {masked(record.storage)}: {spec.trials} trials (COMPLETE + PRUNED)"
+          f"{f', {done} done before' if done else ''}\n"
+          f"  trials:     {out}/trials/NNNN (trial.yaml, console.log, metrics.jsonl); `fsdp-ft report {out}`\n"
+          f"  slurm logs: {folder}/{array_id}{'_<task>' if array else ''}_0_log.out|err\n"
+          f"  resources:  {_describe(task_opts, shape).replace(' / 1 ranks', '').replace('per rank', 'per task')}",
+          flush=True)
+    if not opts.wait:
+        return 0
+    watcher = _sacct_since(submitted_at)
+    for job in jobs:
+        job.watcher = watcher
+    code = _wait(jobs)
+    from fsdp_ft.tuning import results
+    from fsdp_ft.tuning.study import load
+
+    study, _ = load(out)
+    print(results.table(study, [o.metric for o in spec.objectives]), flush=True)
+    return code
+
+
+def _finished_trials(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
 
 
 def _test_only(script: str, folder: Path) -> None:

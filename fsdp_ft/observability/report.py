@@ -15,7 +15,7 @@ import yaml
 
 from fsdp_ft.errors import UserError
 from fsdp_ft.observability.metrics import read_metrics_file
-from fsdp_ft.observability.svgplot import Series, line_chart, page, table_html
+from fsdp_ft.observability.svgplot import Series, line_chart, page, save_page, table_html
 from fsdp_ft.observability.units import fmt_bytes
 
 _line_chart = line_chart
@@ -193,8 +193,5 @@ def compare_page(runs: list[Run], title: str, subtitle: str = "", extra_html: li
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the page (default RUN_DIR/report.html) and return its path."""
-    out = Path(out) if out else Path(run_dir) / "report.html"
-    text = render_run(run_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
-    return out
+    return save_page(render_run(run_dir), run_dir, out)
+

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 # colour-blind-safe palette (Okabe-Ito)
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -176,3 +177,11 @@ def page(title: str, subtitle: str, body: list[str]) -> str:
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
             f"<h1>{html.escape(title)}</h1><div class=\"sub\">{html.escape(subtitle)}</div>\n"
             + "\n".join(body) + "\n</body></html>\n")
+
+
+def save_page(text: str, folder: str | Path, out: str | Path | None = None) -> Path:
+    """Write a page to `out`, by default FOLDER/report.html; returns its path."""
+    out = Path(out) if out else Path(folder) / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return out

@@ -10,7 +10,7 @@ import math
 import re
 from pathlib import Path
 
-from fsdp_ft.observability.svgplot import Series, fmt_cell, line_chart, page, table_html
+from fsdp_ft.observability.svgplot import Series, fmt_cell, line_chart, page, save_page, table_html
 from fsdp_ft.observability.units import fmt_bytes
 from fsdp_ft.tuning.study import Record, StudyError, load, masked
 
@@ -19,11 +19,7 @@ STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 
 def write_study_report(output_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the page (default OUTPUT_DIR/report.html) and return its path."""
-    out = Path(out) if out else Path(output_dir) / "report.html"
-    text = render_study(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
-    return out
+    return save_page(render_study(output_dir), output_dir, out)
 
 
 def render_study(output_dir: str | Path) -> str:

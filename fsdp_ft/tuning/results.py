@@ -63,12 +63,12 @@ def write_best(study, output_dir: str | Path, metrics: list[str]) -> str | None:
     tree["output_dir"] = str(out / BEST_RUN)
     header = (f"# the best trial ({best.number}) of the search in {out}: {metrics[0]}={best.value:.6g}\n"
               f"# params: {dict(best.params)}\n# rerun: fsdp-ft train {out / 'best.yaml'}\n")
-    tmp = out / ".best.yaml.tmp"
+    tmp = out / f".best.yaml.{os.getpid()}.tmp"  # workers of an array may finish together
     tmp.write_text(header + yaml.safe_dump(tree, sort_keys=False))
     os.replace(tmp, out / "best.yaml")
     link = out / "best"
     if (folder / "final").is_dir():
-        tmp_link = out / ".best.tmp"
+        tmp_link = out / f".best.{os.getpid()}.tmp"
         if tmp_link.is_symlink():
             tmp_link.unlink()
         tmp_link.symlink_to(Path(trial_dir.TRIALS) / folder.name / "final")

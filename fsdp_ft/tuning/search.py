@@ -57,7 +57,9 @@ def prepare(config: str, overrides: list[str], opts: TuneOptions):
     return spec, study, record
 
 
-def tune(config: str, overrides: list[str], opts: TuneOptions, name: str = "") -> int:
+def tune(config: str, overrides: list[str], opts: TuneOptions, name: str = "", worker_offset: int = 0) -> int:
+    """Run this process's workers to the end of the search; `name` and `worker_offset` tell a SLURM array task's
+    workers apart from the others' (claims, sampler seeds)."""
     spec, study, record = prepare(config, overrides, opts)
     out = Path(spec.base.output_dir)
     print(f"[tune] study {record.study_name} in {masked(record.storage)}: {spec.trials} trials "
@@ -66,7 +68,7 @@ def tune(config: str, overrides: list[str], opts: TuneOptions, name: str = "") -
     search = Search(spec, out, record, WorkerOptions(
         trials=spec.trials, parallel=opts.parallel, nproc_per_node=opts.nproc_per_node, timeout_s=opts.timeout_s,
         stale_after_s=opts.stale_after_s, shutdown_grace_s=opts.shutdown_grace_s, max_failures=opts.max_failures,
-        name=name))
+        name=name, worker_offset=worker_offset))
     code = search.run()
     metrics = [o.metric for o in spec.objectives]
     print(results.table(study, metrics), flush=True)

@@ -160,10 +160,11 @@ def load(output_dir: str | Path, spec=None):
     return optuna.load_study(study_name=record.study_name, storage=open_storage(record.storage), **kwargs), record
 
 
-def make_sampler(spec):
+def make_sampler(spec, seed: int | None = None):
+    """The sampler tune.sampler names, seeded with `seed` (default tune.seed; each worker passes its own)."""
     import optuna
 
-    seed = spec.seed
+    seed = spec.seed if seed is None else seed
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                           constant_liar=True)  # parallel workers spread out instead of repeating

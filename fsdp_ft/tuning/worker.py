@@ -47,6 +47,7 @@ class WorkerOptions:
     shutdown_grace_s: float = 600.0     # `fsdp-ft run --shutdown-grace-s` of each trial
     max_failures: int = 5               # a worker stops after this many failed trials in a row
     name: str = ""                      # a stable name for this process's workers (SLURM: array job and task)
+    worker_offset: int = 0              # this process's place among the search's processes (SLURM: array task id)
 
 
 @dataclass
@@ -111,6 +112,11 @@ class Search:
                                   sampler=make_sampler(self.spec))
         trials = study.get_trials(deepcopy=False)
         done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        elsewhere = sum(t.state == TrialState.RUNNING and not trial_dir.adoptable(  # live workers of other processes
+            self._folder(t.number), self.opts.stale_after_s, None)[0] for t in trials)
+        if done + elsewhere >= self.opts.trials and elsewhere:
+            self.say(f"{done} of {self.opts.trials} trials done; the last {elsewhere} run in other workers")
+            return True
         ended_early = self._timed_out() or (self.spec.sampler == "grid" and study.sampler.is_exhausted(study))
         if done >= self.opts.trials or ended_early and any(t.state == TrialState.COMPLETE for t in trials):
             return True
@@ -147,7 +153,8 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = open_storage(self.record.storage)
         study = optuna.load_study(study_name=self.record.study_name, storage=storage,
-                                  sampler=make_sampler(self.spec), pruner=make_pruner(**self.spec.pruner_settings()))
+                                  sampler=make_sampler(self.spec, self.sampler_seed(index)),
+                                  pruner=make_pruner(**self.spec.pruner_settings()))
         failures = 0
         while not self.stop_signal:
             job = self.next_job(study, storage, index)
@@ -173,6 +180,11 @@ class Search:
                 return
 
     # ------------------------------------------------------------ choosing a trial
+
+    def sampler_seed(self, index: int) -> int:
+        """tune.seed for the first worker; each other worker (thread, array task) its own, so their random
+        start-up trials differ, and the same on every re-run."""
+        return self.spec.seed + 1009 * (self.opts.worker_offset * self.opts.parallel + index)
 
     def next_job(self, study, storage, index: int) -> Job | None:
         from optuna.storages.journal import JournalFileSymlinkLock
@@ -244,6 +256,7 @@ class Search:
             return None
         dump_config(cfg, folder / "trial.yaml")
         provenance = {"seed": cfg.train.seed, "sampler": self.spec.sampler, "sampler_seed": self.spec.seed,
+                      "worker_sampler_seed": self.sampler_seed(int(worker.rpartition("/")[2])),
                       "config_hash": _sha256((folder / "trial.yaml").read_bytes()), "git": _git_revision(),
                       "versions": _versions(), "run_dir": str(folder), "settings": settings}
         for key, value in provenance.items():

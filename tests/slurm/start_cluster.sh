@@ -15,17 +15,26 @@ log() { echo "[slurm-cluster] $*" >&2; }
 
 if [ "$(id -u)" != 0 ]; then echo "start_cluster.sh: needs root (it starts munge, mariadb and slurm daemons)" >&2; exit 1; fi
 
+# Test files that use the cluster may run in several pytest processes at once (pytest-xdist gives each file to one
+# worker): starting and stopping take turns under one lock (held by flock, not by the daemons started here), and each
+# pytest process that started or reused the cluster is noted in $D/users/PID; stop_cluster.sh called from pytest
+# stops the cluster only once no other noted process is alive.
+if [ "${FSDP_FT_SLURM_LOCKED:-}" != "$D" ]; then
+  exec env FSDP_FT_SLURM_LOCKED="$D" FSDP_FT_SLURM_CALLER="$PPID" flock -o "$D.lock" bash "$0" "$@"
+fi
+register() { [ -z "${PYTEST_CURRENT_TEST:-}" ] || { mkdir -p "$D/users" && : > "$D/users/$FSDP_FT_SLURM_CALLER"; }; }
+
 healthy() {  # controller up, nodes usable, and accounting answering (submitit polls sacct; without it job states
              # read UNKNOWN and a cancelled job's result() hangs)
   scontrol ping 2>/dev/null | grep -q UP && sinfo -h -o %T 2>/dev/null | grep -qv -e down -e unk \
     && timeout 20 sacct -n -X -o JobID >/dev/null 2>&1
 }
 if [ -f "$D/slurmctld.pid" ]; then
-  if healthy; then log "already running"; echo "export SLURM_CONF=$SLURM_CONF"; exit 0; fi
+  if healthy; then register; log "already running"; echo "export SLURM_CONF=$SLURM_CONF"; exit 0; fi
   # a cluster left half-dead (say mariadb stopped under a running slurmdbd) cannot be patched in place:
   # stop what its pid files name and start afresh
   log "the cluster in $D is not healthy (controller, nodes or accounting down): restarting it"
-  bash "$(dirname "$0")/stop_cluster.sh"
+  FSDP_FT_SLURM_FORCE=1 bash "$(dirname "$0")/stop_cluster.sh"
 fi
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v mariadbd >/dev/null; then
@@ -120,5 +129,6 @@ for _ in $(seq 150); do
 done
 sinfo -N -h >&2 || true
 [ "$(sinfo -h -N -o %T | grep -c idle)" = 2 ] || { echo "start_cluster.sh: nodes did not come up; see $D/log" >&2; exit 1; }
+register
 log "up"
 echo "export SLURM_CONF=$SLURM_CONF"
