@@ -76,6 +76,16 @@ def job_id(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
 
 
+# Accounting keeps jobs of earlier sessions whose ids repeat (the controller starts with fresh state): the tests
+# ask sacct only for jobs since this module loaded (5 minutes of clock skew allowed).
+SINCE = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 300))
+
+
+def sacct(jid: str, field: str) -> list[str]:
+    return subprocess.run(["sacct", "-n", "-X", "-P", "-S", SINCE, "-o", field, "-j", jid], capture_output=True,
+                          text=True).stdout.split()
+
+
 def wait_job(jid: str, timeout: float = 240) -> str:
     """Wait until the job has left the queue (requeues included); its final accounting state."""
     deadline = time.time() + timeout
@@ -87,8 +97,7 @@ def wait_job(jid: str, timeout: float = 240) -> str:
         subprocess.run(["scancel", jid])
         raise AssertionError(f"job {jid} still queued after {timeout} s")
     for _ in range(20):  # accounting lags the queue by a moment
-        states = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", jid], capture_output=True,
-                                text=True).stdout.split()
+        states = sacct(jid, "State")
         if states and states[-1].split()[0] in DONE:
             return states[-1]
         time.sleep(0.5)
@@ -104,8 +113,7 @@ def test_submit_two_nodes_equals_a_local_two_rank_run(slurm_cluster, tmp_path, r
     nodes = {r: (tmp_path / "logs" / f"rank-{r}.log").read_text() for r in (0, 1)}
     assert "rank 0 of 2 on node node1" in nodes[0] and "rank 1 of 2 on node node2" in nodes[1]
     assert (tmp_path / "final" / "config.json").is_file()
-    alloc = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "AllocCPUS", "-j", job_id(res)], capture_output=True,
-                           text=True).stdout.split()
+    alloc = sacct(job_id(res), "AllocCPUS")
     assert alloc == ["4"], alloc  # 2 nodes x 1 rank x 2 CPUs
     for rank in (0, 1):
         env = rank_env(tmp_path, rank)
