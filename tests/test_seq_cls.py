@@ -164,3 +164,15 @@ def test_best_metric_config_errors(tmp_path):
     assert not list_checkpoints(tmp_path / "a")
     no_eval = cli("train", str(TINY), f"output_dir={tmp_path / 'b'}", *FAST, *CLS, "data.eval=null", check=False)
     assert no_eval.returncode == 2 and "train.best_metric" in no_eval.stderr and "data.eval" in no_eval.stderr
+
+
+def test_the_bare_final_folder_evaluates_as_the_classifier_it_is(run):
+    """final/ names the class that was trained (the base config names none), so `fsdp-ft eval` of
+    the folder alone, without the run's config, scores it as a classifier: the numbers the run folder gives."""
+    from cls_helpers import EVAL_FILE
+
+    arch = json.loads((run / "final" / "config.json").read_text())["architectures"]
+    assert arch == ["LlamaForSequenceClassification"]
+    bare, whole = (json.loads(cli("eval", str(folder), "--data", str(EVAL_FILE), "train.seq_len=64").stdout)
+                   for folder in (run / "final", run))
+    assert "accuracy" in bare and bare["accuracy"] == whole["accuracy"] and bare["f1_macro"] == whole["f1_macro"]

@@ -119,6 +119,9 @@ def export_checkpoint(run_dir: Path, ckpt: Path, out: Path, tokenizer=None, max_
         for f in (Path(tmp) / "weights").iterdir():
             f.rename(Path(tmp) / f.name)
         (Path(tmp) / "weights").rmdir()
+        # the class that was trained (a base checkpoint may name BertModel for a classifier): pipelines and
+        # `fsdp-ft eval/predict` of the bare folder read the task from it
+        model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out

@@ -320,7 +320,7 @@ class Search:
                  "tokens": train[-1].get("tokens") if train else None,
                  "peak_mem_bytes": max((r.get("peak_mem_bytes", 0) for r in train), default=None),
                  "tokens_per_s": _mean([r.get("tokens_per_s") for r in train])}
-        if code in STOPPED and trial_dir.has_checkpoint(job.folder):
+        if code in STOPPED:  # it saved (or was stopped in its set-up: taken over, it fails and is asked again)
             return Outcome("STOPPED", facts=facts)
         if code != 0:
             return Outcome("FAIL", reason=_failure_line(job.folder / "console.log", code), facts=facts)
