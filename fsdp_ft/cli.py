@@ -213,9 +213,10 @@ def cmd_tune(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from fsdp_ft.config import load_config
+    from fsdp_ft.config import load_config, require_extras
 
     cfg = load_config(args.config, args.overrides)  # before importing torch: a bad config fails in a blink
+    require_extras(cfg, "train")
     from fsdp_ft.runtime import preemption, ranklog
 
     if args.debug:
@@ -242,11 +243,12 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     """torchrun in-process: its agent starts the ranks; this process forwards signals, gives the ranks the shutdown
     grace to save, and exits with what the ranks did (fsdp_ft.launchers.torchrun)."""
-    from fsdp_ft.config import load_config
+    from fsdp_ft.config import load_config, require_extras
     from fsdp_ft.launchers import torchrun
 
     torchrun.check_sizes(args.nproc_per_node, args.nnodes, args.node_rank, args.shutdown_grace_s)
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
+    require_extras(cfg, "run")
     endpoint = torchrun.resolve_endpoint(args.rdzv_endpoint, args.nnodes, args.node_rank)
     argv = torchrun.torchrun_argv(args.nproc_per_node, args.nnodes, args.node_rank, endpoint,
                                   args.config, args.overrides)
@@ -337,9 +339,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from fsdp_ft.config import load_config
+    from fsdp_ft.config import load_config, require_extras
 
-    load_config(args.config, args.overrides)  # a bad config fails in a blink, before torch loads
+    require_extras(load_config(args.config, args.overrides), "plan")  # a bad config fails in a blink, before torch
     if args.nproc < 1 or args.nodes < 1:
         from fsdp_ft.errors import ConfigError
         raise ConfigError("fsdp-ft plan: --nproc and --nodes must be >= 1")

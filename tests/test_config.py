@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fsdp_ft import cli
-from fsdp_ft.config import (Config, all_keys, config_from_dict, dump_config, load_config,
+from fsdp_ft.config import (DTYPES, Config, all_keys, config_from_dict, dump_config, load_config,
                             parse_override)
 from fsdp_ft.errors import ConfigError, UserError
 
@@ -82,6 +82,62 @@ def test_wrong_type_names_the_key(override, key):
 def test_choices_are_enforced(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}' must be one of")):
         load(override)
+
+
+# ---------------------------------------------------------------- dtype names: torch's spellings are aliases
+
+DTYPE_KEYS = [key for key, _t, f, _d in all_keys() if set(DTYPES) <= set(f.metadata.get("choices") or ())]
+ALIASES = {"fp32": "fp32", "float32": "fp32", "torch.float32": "fp32", "torch.float": "fp32", "FP32": "fp32",
+           "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16", "BFloat16": "bf16",
+           "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16", "torch.half": "fp16"}
+
+
+def test_dtype_keys_are_found_in_the_schema():
+    """The alias rule reaches every key whose choices are the dtypes, including those added later."""
+    assert {"model.dtype", "fsdp.mixed_precision", "fsdp.param_dtype", "fsdp.reduce_dtype"} <= set(DTYPE_KEYS)
+
+
+@pytest.mark.parametrize("key", DTYPE_KEYS)
+@pytest.mark.parametrize("alias, canonical", ALIASES.items())
+def test_dtype_alias_loads_as_its_short_name(key, alias, canonical):
+    section, _, leaf = key.rpartition(".")
+    assert getattr(getattr(load(f"{key}={alias}"), section), leaf) == canonical
+
+
+def test_dtype_aliases_in_a_yaml_file_and_the_resolved_config(tmp_path):
+    path = write(tmp_path / "c.yaml", "output_dir: run\nmodel:\n  path: m\n  dtype: bfloat16\ndata:\n"
+                 "  train: d.jsonl\nfsdp:\n  mixed_precision: torch.float16\n  param_dtype: half\n"
+                 "  reduce_dtype: float32\n")
+    cfg = load_config(path)
+    assert (cfg.model.dtype, cfg.fsdp.mixed_precision, cfg.fsdp.param_dtype, cfg.fsdp.reduce_dtype) == \
+        ("bf16", "fp16", "fp16", "fp32")
+    dump_config(cfg, tmp_path / "config.yaml")  # what the run directory records
+    text = (tmp_path / "config.yaml").read_text()
+    assert "dtype: bf16" in text and "mixed_precision: fp16" in text
+    assert not re.search(r"float|half|torch", text), text
+    # the same run whatever the spelling: equal configs, equal run fingerprints (resume compares these)
+    from fsdp_ft.checkpoint.run_identity import fingerprint
+
+    short = load_config(path, ["model.dtype=bf16", "fsdp.mixed_precision=fp16", "fsdp.param_dtype=fp16",
+                               "fsdp.reduce_dtype=fp32"])
+    assert short == cfg and fingerprint(short, 1) == fingerprint(cfg, 1)
+
+
+@pytest.mark.parametrize("key", DTYPE_KEYS)
+def test_unknown_dtype_name_lists_the_accepted_names(key):
+    with pytest.raises(ConfigError) as e:
+        load(f"{key}=float8")
+    message = str(e.value)
+    assert "\n" not in message and f"config key '{key}' must be one of" in message and "'float8'" in message
+    for name in ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16", "half"):
+        assert name in message
+
+
+def test_help_names_the_dtype_aliases(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  model.dtype "))
+    assert "bfloat16" in line and "float16" in line and "half" in line
 
 
 @pytest.mark.parametrize("override, unknown, suggestion", [

@@ -91,6 +91,7 @@ def _cases(f: dict[str, Path]) -> dict[str, tuple]:
         "missing_config": (str(f["dir"] / "nope.yaml"), []),
         "bad_regex": (TINY, [f"output_dir={cfg_run}", "finetune.method=partial", "finetune.trainable_regex=['(']"]),
         "selective_0": (TINY, [f"output_dir={cfg_run}", "activation_checkpointing=selective:0"]),
+        "unknown_dtype": (TINY, [f"output_dir={cfg_run}", "fsdp.param_dtype=float8"]),
         "missing_data_file": (TINY, [f"output_dir={run}", f"data.train={f['dir'] / 'missing.jsonl'}"]),
         "missing_column": (TINY, [f"output_dir={run}", "data.text_column=body"]),
         "empty_dataset": (TINY, [f"output_dir={run}", f"data.train={f['empty']}"]),
@@ -109,7 +110,9 @@ def _cases(f: dict[str, Path]) -> dict[str, tuple]:
 @pytest.fixture(scope="module")
 def results(files) -> dict[str, subprocess.CompletedProcess]:
     """Every case's CLI run; the one real training run (for the checkpoint test) starts first, it takes longest."""
-    cases = {"finished_run": (TINY, [f"output_dir={files['dir'] / 'finished'}"]), **_cases(files)}
+    # torch's name for the default dtype: the later tests read config.yaml and resume without it (the same run)
+    cases = {"finished_run": (TINY, [f"output_dir={files['dir'] / 'finished'}", "model.dtype=float32"]),
+             **_cases(files)}
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(train, *overrides, config=config) for name, (config, overrides) in cases.items()}
         return {name: fut.result() for name, fut in futures.items()}
@@ -129,6 +132,10 @@ def test_malformed_yaml_names_file_and_line(results, files):
 
 def test_missing_config_file(results, files):
     assert_user_error(results["missing_config"], str(files["dir"] / "nope.yaml"), "does not exist")
+
+
+def test_unknown_dtype_lists_the_accepted_names(results):
+    assert_user_error(results["unknown_dtype"], "'fsdp.param_dtype'", "'float8'", "bf16", "bfloat16", "half")
 
 
 def test_invalid_regex(results):
@@ -199,9 +206,11 @@ def test_resolved_config_in_run_dir_loads_back_equal(results, files):
     assert results["finished_run"].returncode == 0, results["finished_run"].stderr[-3000:]
     from fsdp_ft.runtime.precision import resolve_precision
 
-    # config.yaml records what fsdp.mixed_precision=auto resolved to on this CPU run (fp32)
+    # config.yaml records what fsdp.mixed_precision=auto resolved to on this CPU run (fp32), and model.dtype=float32
+    # as the short name the default is spelled in
     want = resolve_precision(load_config(REPO / TINY, [*QUICK, f"output_dir={run}"]), "cpu")
     assert want.fsdp.mixed_precision == "fp32" and load_config(run / "config.yaml") == want
+    assert "dtype: fp32" in (run / "config.yaml").read_text()
 
 
 def test_failing_run_never_damages_checkpoint(results, files, tmp_path):
@@ -219,7 +228,7 @@ def test_failing_run_never_damages_checkpoint(results, files, tmp_path):
         assert_user_error(bad_data.result(), str(files["malformed"]))
     assert _digest(run) == before
 
-    resumed = train("train.max_steps=3", output_dir=run)
+    resumed = train("train.max_steps=3", output_dir=run)  # model.dtype left at fp32, the run's float32
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {ckpts / 'step-2'} at step 2" in resumed.stderr
     assert (ckpts / "step-3" / "state.json").is_file()

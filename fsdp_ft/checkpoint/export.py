@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fsdp_ft.checkpoint import dcp_checkpoint
-from fsdp_ft.config import config_from_dict
+from fsdp_ft.config import config_from_dict, require_extras
 from fsdp_ft.errors import CheckpointError, UserError
 from fsdp_ft.model import adapters, vocab
 from fsdp_ft.quant import quantize
@@ -98,6 +98,7 @@ def export_checkpoint(run_dir: Path, ckpt: Path, out: Path, tokenizer=None, max_
     from fsdp_ft.model.build import build_meta_model, load_hf_config, load_tokenizer, resolve_model_dir
 
     cfg = _load_run_config(run_dir, trust_remote_code)
+    require_extras(cfg, "export")  # the base model's config (and a merge's weights) come from model.path
     extra = dcp_checkpoint.read_state(ckpt).get("extra", {})
     labels = extra.get("labels")
     model_dir = resolve_model_dir(cfg)

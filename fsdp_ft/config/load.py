@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 
 from fsdp_ft.config import strict_yaml
-from fsdp_ft.config.schema import DATA_SUFFIXES, Config, all_keys, fields_of, hints_of
+from fsdp_ft.config.schema import (DATA_SUFFIXES, DTYPE_NAMES, Config, all_keys, canonical_dtype, fields_of,
+                                   hints_of, is_dtype_key)
 from fsdp_ft.config.validate import validate
 from fsdp_ft.errors import ConfigError
 
@@ -33,12 +34,16 @@ def show_value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
 
 
+DTYPE_ALIAS_NOTE = f"also {', '.join(DTYPE_NAMES)}, torch.<name>"
+
+
 def help_text() -> str:
     """Every config key with its type, default and meaning (for `fsdp-ft train --help`)."""
     lines = ["config keys (set in the YAML file or as key.sub=value overrides):"]
     for key, t, f, default in all_keys():
         choices = f.metadata.get("choices")
-        extra = f" [{', '.join(str(c) for c in choices if c is not None)}]" if choices else ""
+        note = f"; {DTYPE_ALIAS_NOTE}" if is_dtype_key(f) else ""
+        extra = f" [{', '.join(str(c) for c in choices if c is not None)}{note}]" if choices else ""
         lines.append(f"  {key} ({_type_name(t)}, default {show_value(default)})"
                      f"{extra}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
@@ -71,8 +76,12 @@ def _coerce(key: str, value: Any, t: Any, f: dataclasses.Field | None) -> Any:
     if not ok:
         raise ConfigError(f"config key '{key}' must be {_type_name(t)}, got {value!r}")
     choices = f.metadata.get("choices") if f is not None else None
+    if choices and is_dtype_key(f):
+        value = canonical_dtype(value)
     if choices and value not in choices:
-        raise ConfigError(f"config key '{key}' must be one of {[c for c in choices if c is not None]}, got {value!r}")
+        note = f" ({DTYPE_ALIAS_NOTE})" if is_dtype_key(f) else ""
+        raise ConfigError(f"config key '{key}' must be one of {[c for c in choices if c is not None]}{note}, "
+                          f"got {value!r}")
     return value
 
 

@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 DTYPES = ("fp32", "bf16", "fp16")
+# torch's and transformers' names for the same dtypes, so a config copied from an HF recipe loads; a dtype key keeps
+# the short name, so config.yaml and the run's fingerprint never depend on the spelling
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+DTYPE_ALIASES = {**DTYPE_NAMES, **{f"torch.{name}": short for name, short in DTYPE_NAMES.items()},
+                 "torch.float": "fp32"}
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".pq")
 
 
@@ -258,6 +263,20 @@ class Config:
 
 
 # ---------------------------------------------------------------- schema walking
+
+def is_dtype_key(f: dataclasses.Field) -> bool:
+    """A key whose allowed values include every dtype name takes the dtype aliases too."""
+    return set(DTYPES) <= set(f.metadata.get("choices") or ())
+
+
+def canonical_dtype(value: Any) -> Any:
+    """`float32`, `torch.bfloat16`, `BF16` ... -> the short name; anything else unchanged (the choice check then
+    refuses it)."""
+    if not isinstance(value, str):
+        return value
+    name = value.strip().lower()
+    return name if name in DTYPES else DTYPE_ALIASES.get(name, value)
+
 
 def fields_of(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}

@@ -322,7 +322,7 @@ def batch_script(ex, array_size: int | None = None) -> str:
 
 
 def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
-    from fsdp_ft.config import load_config
+    from fsdp_ft.config import load_config, require_extras
 
     if opts.tune:
         return submit_tune(config_path, overrides, opts)
@@ -333,6 +333,8 @@ def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
     configs = [load_config(config_path, [*overrides, *combo,
                                          *([f"output_dir={Path(base.output_dir) / run_name(combo)}"] if combo else [])])
                for combo in combos] if opts.sweep else [base]
+    for cfg in configs:  # submitit, and what each run's config asks for, before anything is queued
+        require_extras(cfg, "submit")
     folder = Path(opts.folder or Path(base.output_dir) / "logs" / "slurm").absolute()
     if not opts.dry_run and shutil.which("sbatch") is None:
         raise SlurmError("`sbatch` is not on PATH: `fsdp-ft submit` needs a SLURM cluster "
@@ -374,6 +376,7 @@ def _refuse_tune_options(opts: SubmitOptions) -> None:
 def submit_tune(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
     """`submit --tune`: check the search, create (or continue) its study here, then queue a job array of
     --parallel one-node tasks (TuneJob) that pull trials from it until --trials are COMPLETE or PRUNED."""
+    from fsdp_ft.config import require_extras
     from fsdp_ft.tuning.search import TuneOptions, prepare, require_optuna
     from fsdp_ft.tuning.space import read_spec
     from fsdp_ft.tuning.study import masked, resolve_url
@@ -387,11 +390,13 @@ def submit_tune(config_path: str, overrides: list[str], opts: SubmitOptions) -> 
     for flag, value in (("--parallel", opts.parallel), ("--trials", 1 if opts.trials is None else opts.trials)):
         if value < 1:
             raise SlurmError(f"{flag} must be at least 1 (got {value})")
+    require_extras(None, "submit --tune")  # submitit and optuna (reading the space needs optuna)
     require_optuna()
     nproc = opts.tasks_per_node or max(opts.gpus_per_node, 1)  # ranks of each trial: the node's GPUs
     config = str(Path(config_path).resolve())  # the tasks read it again, maybe from another working directory
     space = str(Path(opts.space).resolve()) if opts.space else None
     spec = read_spec(config, overrides, space)  # a bad space or config: one line, before anything is written
+    require_extras(spec.base, "submit --tune")
     out = Path(spec.base.output_dir)
     resolve_url(opts.storage, out, opts.parallel)  # sqlite with K tasks, an unknown URL: refused here
     folder = Path(opts.folder or out / "logs" / "slurm").absolute()

@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fsdp_ft.config import require_extras
 from fsdp_ft.errors import UserError
 from fsdp_ft.tuning import results
 from fsdp_ft.tuning.space import read_spec
 from fsdp_ft.tuning.study import create_or_continue, masked, resolve_url
-from fsdp_ft.tuning.worker import Search, WorkerOptions
 
 
 @dataclass
@@ -30,10 +30,9 @@ def require_optuna() -> None:
     """One line when optuna is missing; Optuna's own info lines and experimental-feature warnings kept quiet."""
     import warnings
 
-    try:
-        import optuna
-    except ImportError:
-        raise UserError("`fsdp-ft tune` needs optuna: pip install 'fsdp_ft[tune]'") from None
+    require_extras(None, "tune")
+    import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -46,6 +45,7 @@ def prepare(config: str, overrides: list[str], opts: TuneOptions):
         if value < low:
             raise UserError(f"{name} must be at least {low} (got {value})")
     spec = read_spec(config, overrides, opts.space)
+    require_extras(spec.base, "tune")  # what the trials' config asks for (gguf, tensorboard ...), before trial 1
     if opts.trials is not None:
         spec.trials = opts.trials
     out = Path(spec.base.output_dir)
@@ -61,6 +61,8 @@ def tune(config: str, overrides: list[str], opts: TuneOptions, name: str = "", w
     """Run this process's workers to the end of the search; `name` and `worker_offset` tell a SLURM array task's
     workers apart from the others' (claims, sampler seeds)."""
     spec, study, record = prepare(config, overrides, opts)
+    from fsdp_ft.tuning.worker import Search, WorkerOptions  # imports torch: after the checks, which fail fast
+
     out = Path(spec.base.output_dir)
     print(f"[tune] study {record.study_name} in {masked(record.storage)}: {spec.trials} trials "
           f"(COMPLETE + PRUNED), {opts.parallel} at a time x {opts.nproc_per_node} ranks; trials in {out}/trials",
