@@ -69,9 +69,9 @@ def assert_losses_close(got: dict, want: dict, rtol: float) -> None:
 @pytest.fixture(autouse=True)
 def _one_slurm_test_at_a_time(request):
     """Tests on the local SLURM cluster (those that use the `slurm_cluster` fixture) take turns across pytest
-    processes: CI's `-n 2 --dist loadfile` runs test_slurm.py and test_slurm_tune.py side by side on the one cluster,
-    where each file's jobs would wait for the other's nodes past their time-outs and take the job ids that
-    test_wait_ignores_an_older_job_with_the_same_id counts on."""
+    processes. They all live in test_slurm.py today, which keeps them in one process under `--dist loadfile`; a
+    second file on the cluster would otherwise run its jobs beside them, waiting for the same nodes past their
+    time-outs and taking the job ids that test_wait_ignores_an_older_job_with_the_same_id counts on."""
     if "slurm_cluster" not in request.fixturenames:
         yield
         return

@@ -5,7 +5,6 @@ read back from the study and the trial folders (faults: test_tune_faults.py).
   pruned it, and the search goes on;
 - two workers on one journal spend the budget exactly; best.yaml reruns to its trial's value;
 - two objectives give a Pareto front; --timeout ends the asking;
-- two workers share a study on a real MariaDB server.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import time
 import pytest
 import yaml
 
-import test_slurm
 from conftest import REPO
 from tune_helpers import env, rows, start_tune, states, study_of, tune, write_config
 
@@ -117,43 +115,3 @@ def test_two_objectives_give_a_pareto_front_and_a_timeout_ends_the_asking(tmp_pa
     assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
     assert "* on the Pareto front" in res.stdout and "0*" in res.stdout
     assert not (out / "best.yaml").exists() and not (out / "best").exists()
-
-
-# ---------------------------------------------------------------- a real database server
-
-
-MYSQL_SOCKET = "/run/mysqld/mysqld.sock"
-slurm_cluster = test_slurm.slurm_cluster  # the session's local cluster (its MariaDB keeps SLURM's accounting)
-
-
-@pytest.fixture(scope="module")
-def mariadb_url(slurm_cluster):
-    """A database and user on the MariaDB server that the local SLURM cluster runs for its accounting."""
-    pytest.importorskip("pymysql")
-    db = "fsdp_ft_tune_test"
-    sql = (f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}; "
-           "CREATE USER IF NOT EXISTS 'tuner'@'localhost' IDENTIFIED BY 'tune-pw'; "
-           f"GRANT ALL ON {db}.* TO 'tuner'@'localhost'; FLUSH PRIVILEGES;")
-    subprocess.run(["mysql", f"--socket={MYSQL_SOCKET}", "-e", sql], check=True, capture_output=True, timeout=60)
-    return f"mysql+pymysql://tuner:tune-pw@localhost/{db}?unix_socket={MYSQL_SOCKET}"
-
-
-def test_two_workers_share_a_study_on_a_mariadb_server(tmp_path, mariadb_url):
-    from fsdp_ft.tuning.study import Record
-
-    config = write_config(tmp_path, {
-        "objective": "loss", "sampler": "tpe", "pruner": "median", "pruner_startup_trials": 1,
-        "space": {"optim.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}}})
-    res = tune(config, "--trials", "3", "--parallel", "2", "--storage", mariadb_url)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "tune-pw" not in res.stdout + res.stderr  # the password never reaches the terminal
-    record = Record.read(tmp_path / "search")
-    assert record.storage == mariadb_url
-    study = optuna.load_study(study_name=record.study_name, storage=mariadb_url)  # straight from the server
-    got = states(study)
-    assert sum(s in ("COMPLETE", "PRUNED") for s in got.values()) == 3 and "RUNNING" not in got.values()
-    count = subprocess.run(["mysql", f"--socket={MYSQL_SOCKET}", "-N", "-e",
-                            "SELECT COUNT(*) FROM fsdp_ft_tune_test.trials"], capture_output=True, text=True,
-                           timeout=60, check=True).stdout.strip()
-    assert int(count) == len(got)  # the rows live in the server's tables, not in a local file
-    assert not (tmp_path / "search" / "study.journal").exists()
