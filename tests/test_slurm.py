@@ -593,7 +593,9 @@ def test_two_task_array_shares_one_study_and_spends_the_budget_exactly(slurm_clu
     assert (out / "best.yaml").is_file()
 
 
-@pytest.mark.parametrize("how", ["scontrol_requeue", "usr2_signal"])
+# USR2 (the time-limit warning) takes the same release-and-resume path as scontrol's SIGTERM; the plain-run requeue
+# test above runs both signals in the default run, this one only in the slow one (CI's time budget)
+@pytest.mark.parametrize("how", ["scontrol_requeue", pytest.param("usr2_signal", marks=pytest.mark.slow)])
 def test_a_requeued_task_resumes_its_trial_on_the_same_curve(slurm_cluster, tmp_path, how):
     """A task stopped mid-trial (scontrol requeue: SIGTERM from SLURM, which requeues; USR2: the trial saves and
     submitit requeues the task): the trial keeps its number and parameters and resumes from its checkpoint (its
