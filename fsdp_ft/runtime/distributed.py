@@ -149,6 +149,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's `value`: how ranks agree on a decision any one of them may take (a stop signal,
+    a pruned trial) in the same step. A CPU tensor: gloo, or the cpu:gloo half of the backend."""
+    flag = torch.tensor([int(value)], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
 def all_gather_object(obj) -> list:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
+from fsdp_ft.runtime.distributed import max_over_ranks
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -46,10 +45,7 @@ def should_stop() -> bool:
         return False
     if _agreed:
         return True
-    flag = torch.tensor([_received], dtype=torch.int64)  # CPU tensor: gloo (or the cpu:gloo part of the backend)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    _agreed = int(flag.item())
+    _agreed = max_over_ranks(_received)
     return bool(_agreed)
 
 

@@ -18,8 +18,8 @@ from fsdp_ft.observability import memtrack
 from fsdp_ft.observability.flops import FlopCounts
 from fsdp_ft.observability.metrics import MetricsLogger, peak_host_rss_bytes
 from fsdp_ft.runtime import distributed
-from fsdp_ft.training.optim import build_scheduler
 from fsdp_ft.training import trial_link
+from fsdp_ft.training.optim import build_scheduler
 from fsdp_ft.training.run_setup import RunData, log_main, open_run, rank_peak_flops, resumed_state
 from fsdp_ft.training.trainer import Trainer, TrainState
 

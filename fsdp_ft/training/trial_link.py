@@ -11,9 +11,7 @@ import json
 import math
 import os
 
-import torch
-import torch.distributed as dist
-
+from fsdp_ft.runtime.distributed import max_over_ranks
 from fsdp_ft.tuning.trial_dir import TRIAL_ENV
 
 
@@ -49,10 +47,7 @@ class TrialLink:
                 decision = int(not last and self.trial.should_prune())
         if last or not self.prunes:  # every rank knows it: no collective
             return False
-        flag = torch.tensor([decision], dtype=torch.int64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(max_over_ranks(decision))
 
 
 def from_env(is_main: bool) -> TrialLink | None:
