@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from workload import REPO, Prepared, Workload, scaler_block_that_fits
+from workload import REPO, Prepared, Workload
 
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "hf_trainer.py"
 PEERS = {  # system name -> backend of the HF Trainer peer script
@@ -60,8 +60,7 @@ def fsdp_ft_config(w: Workload, prep: Prepared, path: Path) -> Path:
     if w.mode in ("lora", "qlora"):
         finetune["lora"] = {"r": w.lora_r, "alpha": w.lora_alpha, "dropout": 0.0}
     if w.mode == "qlora":
-        finetune["quant"] = {"scaler_block_size": w.qlora_scaler_block or scaler_block_that_fits(prep.model_dir,
-                                                                                                  w.nproc)}
+        finetune["quant"] = {"scaler_block_size": w.qlora_scaler_block or "auto"}
     cfg = {
         "task": "causal_lm",
         "model": {"path": str(prep.model_dir), "random_init": False, "dtype": "fp32"},

@@ -53,7 +53,7 @@ class Workload:
     lr: float = 1e-4
     lora_r: int = 16
     lora_alpha: float = 32.0
-    qlora_scaler_block: int | None = None  # fsdp_ft's NF4 double-quant block; None: the largest that fits
+    qlora_scaler_block: int | None = None  # fsdp_ft's NF4 double-quant block; None: auto (from each weight's shape)
     reshard_after_forward: bool = True   # fsdp_ft and hf_fsdp2: free gathered blocks after forward (ZeRO-3-like)
     fsdp_ft_set: tuple[str, ...] = ()    # extra KEY=VALUE overrides for fsdp_ft only (shown in the report)
     text: str = str(TEXT)
@@ -180,19 +180,3 @@ def prepare(w: Workload, work: Path) -> Prepared:
     return Prepared(model_dir, train_jsonl, samples_json, block_class(model_dir))
 
 
-def scaler_block_that_fits(model_dir: Path, shards: int, block_size: int = 64, most: int = 256) -> int:
-    """The largest NF4 double-quantization block (<= 256) dividing the 4-bit blocks of every adapted linear's
-    row shard — the value fsdp_ft's own check suggests (SmolLM2's 576-wide layers on 2 ranks: 144)."""
-    import math
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fsdp_ft.quant.quantize import shard_blocks
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    counts = [c for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"
-              for c in shard_blocks(m.weight.shape, block_size, shards)]
-    common = math.gcd(*counts)
-    return max(d for d in range(1, min(common, most) + 1) if common % d == 0)

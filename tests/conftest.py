@@ -101,9 +101,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def pretrained_q256(tmp_path_factory) -> Path:
-    """A 'pretrained' Llama whose weights are saved by transformers itself, with 256-wide layers: every linear
-    holds a multiple of 64 x 256 values and so does each row shard on 2 or 4 ranks, as NF4 double quantization
-    with the default block sizes needs (SmolLM2's 576-wide layers, say, need a smaller scaler_block_size)."""
+    """A 'pretrained' Llama whose weights are saved by transformers itself, with 256-wide layers (every linear
+    holds a multiple of 64 x 256 values and so does each row shard on 2 or 4 ranks: even a fixed
+    finetune.quant.scaler_block_size=256 fits it)."""
     return save_tiny_llama(tmp_path_factory.mktemp("pretrained") / "llama-256", seed=11, hidden_size=256,
                            intermediate_size=512, num_attention_heads=4, num_key_value_heads=4, head_dim=64,
                            num_hidden_layers=2)

@@ -270,7 +270,7 @@ def test_help_lists_every_key_with_type_and_default(capsys):
         line = lines[key]
         assert _default_in_help(line) == default, line
         assert f.metadata["help"] in line
-        assert re.search(r"\((bool|int|float|str|list of \w+)( or null)?, default", line), line
+        assert re.search(r"\((bool|int|float|str|list of \w+)( or (int|str))?( or null)?, default", line), line
 
 
 def test_dump_and_reload_round_trip(tmp_path):

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.gpu
 # fp32 sums in another order (GPU kernels vs CPU kernels), compounded over 8 steps of lr 3e-3
 DEVICE_RTOL = 1e-4
 FP32 = "fsdp.mixed_precision=fp32"  # explicit: fsdp.mixed_precision=auto means bf16 on a bf16 GPU
-QLORA = ["finetune.method=qlora", "finetune.quant.scaler_block_size=32", "finetune.lora.r=4"]
+QLORA = ["finetune.method=qlora", "finetune.lora.r=4"]
 
 
 def setup_row(out: Path) -> dict:
@@ -178,7 +178,7 @@ def test_nf4_on_cuda_equals_the_cpu_and_bitsandbytes_cuda_kernels():
 
 # ---------------------------------------------------------------- every tensor where it belongs (GPU-REVIEW B1-B5)
 
-QLORA_2RANKS = ["finetune.method=qlora", "finetune.quant.scaler_block_size=16", "finetune.lora.r=4"]
+QLORA_2RANKS = ["finetune.method=qlora", "finetune.lora.r=4"]
 CLS = ["task=seq_cls", f"model.path={ASSETS / 'tiny-bert'}", f"data.train={ASSETS / 'data' / 'tiny_cls_train.jsonl'}",
        f"data.eval={ASSETS / 'data' / 'tiny_cls_eval.jsonl'}"]
 

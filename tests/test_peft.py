@@ -75,9 +75,10 @@ def test_quantized_base_is_sharded(peft_runs):
     for b in two:
         assert abs(b - one[0] / 2) <= 0.1 * one[0] / 2, (b, one)
     values = 2 * (4 * 256 * 256 + 3 * 256 * 512)  # 2 blocks: q, k, v, o and gate, up, down
-    # 4-bit codes, an 8-bit scale per 64 values, an fp32 factor per 256 scales, and per tensor (14) an fp32
-    # scale mean and the 16-entry fp32 code book
-    assert one[0] == values // 2 + values // 64 + values // 64 // 256 * 4 + 14 * (4 + 16 * 4)
+    rows = 2 * (4 * 256 + 2 * 512 + 256)
+    # 4-bit codes, an 8-bit scale per 64 values, an fp32 factor per row's scales (the auto layout: each row holds
+    # 4 or 8 blocks), and per tensor (14) an fp32 scale mean and the 16-entry fp32 code book
+    assert one[0] == values // 2 + values // 64 + rows * 4 + 14 * (4 + 16 * 4)
     # the placement audit at the end of set-up saw every tensor once, on each rank count: 14 NF4 weights by their 5
     # inner tensors, 28 LoRA matrices, embedding, head, 5 norms, and the rotary buffers inv_freq, original_inv_freq
     for run in (peft_runs("qlora", 1), peft_runs("qlora", 2)):
@@ -243,7 +244,7 @@ def test_scaler_block_size_must_fit_every_row_shard():
     layers = [("q_proj", nn.Linear(576, 576, device="meta")), ("k_proj", nn.Linear(576, 192, device="meta"))]
     for size in (256, 64):
         cfg = load_config(TINY, ["output_dir=/tmp/x", "finetune.method=qlora", f"finetune.quant.scaler_block_size={size}"])
-        with pytest.raises(ConfigError, match="set finetune.quant.scaler_block_size=216$"):
+        with pytest.raises(ConfigError, match=r"set finetune.quant.scaler_block_size=216, or auto \(the default"):
             check_block_sizes(layers, cfg, shards=2)
     for size, shards in ((216, 2), (144, 2), (144, 4)):
         cfg = load_config(TINY, ["output_dir=/tmp/x", "finetune.method=qlora",

@@ -117,7 +117,7 @@ def _sharded(overrides: list[str], device: torch.device, path=TINY):
 
 
 BERT = ["task=seq_cls", f"model.path={ASSETS / 'tiny-bert'}"]
-QUANT = ["finetune.method=qlora", "finetune.quant.scaler_block_size=16", "finetune.lora.r=4"]
+QUANT = ["finetune.method=qlora", "finetune.lora.r=4"]
 
 
 @pytest.mark.parametrize("overrides", [

@@ -119,9 +119,8 @@ SLOW_CASES = {  # name: (ranks, overrides)
     "full-ac-1rank": (1, ["activation_checkpointing=full"]),
     "lora-1rank": (1, ["finetune.method=lora"]),
     "full-2ranks": (2, []),
-    "qlora-1rank": (1, ["finetune.method=qlora", "finetune.quant.scaler_block_size=16"]),
-    "qlora-ac-2ranks": (2, ["finetune.method=qlora", "finetune.quant.scaler_block_size=16",
-                            "activation_checkpointing=full"]),
+    "qlora-1rank": (1, ["finetune.method=qlora"]),
+    "qlora-ac-2ranks": (2, ["finetune.method=qlora", "activation_checkpointing=full"]),
     "hybrid-noreshard-2ranks": (2, ["fsdp.hybrid_replicas=2", "fsdp.reshard_after_forward=false"]),
     "offload-2ranks": (2, ["fsdp.cpu_offload=true"]),
     "bf16-mixed-1rank": (1, ["fsdp.mixed_precision=bf16"]),
@@ -194,29 +193,30 @@ def test_cpu_plan_counts_the_pooled_gradient_buffers_in_forward(tmp_path):
 # ---------------------------------------------------------------- every byte of the weights, counted by hand
 
 TINY_SHAPE = json.loads((ASSETS / "tiny-llama" / "config.json").read_text())
-SCALER = 16  # finetune.quant.scaler_block_size the tiny model's row shards can hold
 LORA_R = 8   # finetune.lora.r's default
 
 
-def base_bytes_by_hand(shape: dict, method: str, quant: str, scaler: int = SCALER) -> tuple[int, int]:
+def base_bytes_by_hand(shape: dict, method: str, quant: str, scaler: int | None = None) -> tuple[int, int]:
     """(row data, per-weight constants) of the frozen block linears of a Llama `shape` (fp32 model):
     - fp32 (full, LoRA): 4 bytes a value;
     - NF4 / FP4 (QLoRA's layout): 4 bits a weight, one int8 scale code per block of 64 weights, one fp32 factor
-      per `scaler` scale codes (double quantization); per weight one fp32 mean of its scales and the 16-value
+      per `scaler` scale codes (double quantization; the default `auto` takes a row's codes, as every row here
+      holds at most 256 blocks: one factor a row); per weight one fp32 mean of its scales and the 16-value
       fp32 code table, which are not row data;
     - int8 (LLM.int8): 1 byte a weight and one fp32 absmax per row."""
     h, inter, layers, hd = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"))
     q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
     linears = [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter)] * layers  # (rows, cols)
     if method == "qlora" and quant in ("nf4", "fp4"):
-        return sum(r * c // 2 + r * c // 64 + 4 * (r * c // 64 // scaler) for r, c in linears), 68 * len(linears)
+        return (sum(r * c // 2 + r * c // 64 + 4 * (r if scaler is None else r * c // 64 // scaler)
+                    for r, c in linears), 68 * len(linears))
     if method == "qlora":
         return sum(r * c + 4 * r for r, c in linears), 0
     return 4 * sum(r * c for r, c in linears), 0
 
 
 def weight_bytes_by_hand(shape: dict, method: str, quant: str, ranks: int, whole_base: bool = False,
-                         scaler: int = SCALER) -> int:
+                         scaler: int | None = None) -> int:
     """Bytes of weights and buffers one rank stores, from the model's shapes and each storage format (fp32).
     FSDP shards every tensor by rows over `ranks` (all dims here divide evenly); NF4's mean and table stay
     whole on every rank. `whole_base`: the frozen weights are kept whole on every rank and the LoRA weights
@@ -290,7 +290,7 @@ def test_plan_counts_every_weight_byte(ranks, method, quant, extra, whole):
     counts storages: the 2-rank quantized cases also check that a rank's shard does not keep the whole weight.)"""
     overrides = [f"finetune.method={method}", "fsdp.mixed_precision=fp32", *extra]
     if quant:
-        overrides += [f"finetune.quant.type={quant}", f"finetune.quant.scaler_block_size={SCALER}"]
+        overrides += [f"finetune.quant.type={quant}"]
     got = _weights(predict_here(ranks, overrides))
     assert got == weight_bytes_by_hand(TINY_SHAPE, method, quant, ranks, whole)
 
@@ -372,8 +372,8 @@ def test_plan_weights_match_the_resident_memory_of_a_quantized_base(tmp_path):
     predicted, (measured,) = _rss_case(tmp_path, 1)
     print(f"qlora-nf4-1rank: predicted {predicted} B, RSS growth {measured} B, ratio {predicted / measured:.3f}")
     assert abs(predicted / measured - 1) <= RSS_BOUND
-    assert predicted == weight_bytes_by_hand(BASE_HEAVY, "qlora", "nf4", 1, scaler=256)
-    assert sum(base_bytes_by_hand(BASE_HEAVY, "qlora", "nf4", 256)) > 0.6 * predicted  # the base dominates
+    assert predicted == weight_bytes_by_hand(BASE_HEAVY, "qlora", "nf4", 1)
+    assert sum(base_bytes_by_hand(BASE_HEAVY, "qlora", "nf4")) > 0.6 * predicted  # the base dominates
 
 
 @pytest.mark.slow

@@ -124,7 +124,7 @@ def test_orpo_two_ranks_equal_one_process(runs):
 
 def test_qlora_dpo_starts_at_log2(runs):
     """The reference of a QLoRA run is its 4-bit base with adapters disabled: step 1 is log 2 exactly."""
-    got = losses(runs("dpo", 1, "finetune.method=qlora", "finetune.quant.scaler_block_size=32"))
+    got = losses(runs("dpo", 1, "finetune.method=qlora"))
     assert sorted(got) == list(range(1, 7))
     assert got[1] == pytest.approx(LOG2, rel=1e-7)
     assert max(abs(v - LOG2) for v in got.values()) > 1e-3

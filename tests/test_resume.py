@@ -81,11 +81,13 @@ def test_kill9_then_resume_continues_exactly(session_tmp, pretrained_q256, dropo
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-9"]
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_resume_with_other_world_size_reshards(session_tmp, method):
     """DCP reshards on load: a 2-rank checkpoint resumes in one process (same global batch) and continues.
-    LoRA's 2 ranks hold every weight whole (FSDP on the size-1 shard dimension of a 2 x 1 mesh)."""
-    extra = [] if method == "full" else ["finetune.method=lora", "optim.lr=1e-2"]  # lr: adapters that move
+    LoRA's 2 ranks hold every weight whole (FSDP on the size-1 shard dimension of a 2 x 1 mesh). QLoRA's base,
+    rebuilt on resume, must be the same 4-bit bits on 1 rank as on 2 (the default layout depends on the shapes
+    alone)."""
+    extra = [] if method == "full" else [f"finetune.method={method}", "optim.lr=1e-2"]  # lr: adapters that move
     ref = train_nproc(2, session_tmp / f"reshard-ref-{method}", *RUN, "train.max_steps=8", *extra)
     if method == "lora":
         assert next(r for r in read_metrics(ref) if r.get("split") == "setup")["replicas"] == 2

@@ -111,7 +111,7 @@ def test_gguf_and_converted_folder_give_the_same_step0_loss(prepared, tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_two_rank_run_on_real_text_lowers_the_loss(prepared, tmp_path, method):
-    extra = ["finetune.method=qlora", "finetune.quant.scaler_block_size=144"] if method == "qlora" else []
+    extra = ["finetune.method=qlora"] if method == "qlora" else []
     cli("run", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(CONFIG),
         f"output_dir={tmp_path}", *SHORT, "train.max_steps=10", *extra, timeout=1200)
     setup = _setup(tmp_path)

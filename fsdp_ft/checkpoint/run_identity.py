@@ -102,7 +102,15 @@ def fingerprint(cfg: Config, world_size: int) -> dict:
     fp["data.train"] = source_identity(cfg.data.train)
     fp["fsdp.mixed_precision"] = precision.mixed_precision(cfg)  # what `auto` means here (training resolved it)
     fp[GLOBAL_BATCH] = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
-    return fp
+    return _relevant(fp)
+
+
+def _relevant(fp: dict) -> dict:
+    """Without the quantization keys unless the base is quantized: a full or LoRA run does not depend on them
+    (so a change of their defaults, 256 -> auto, leaves those runs resumable)."""
+    if fp.get("finetune.method") == "qlora":
+        return fp
+    return {k: v for k, v in fp.items() if not k.startswith("finetune.quant.")}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -130,6 +138,7 @@ def _show(value) -> str:
 def differences(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for each key that differs. A key the old run did not know yet counts as its default."""
     defaults = {k: d for k, _t, _f, d in all_keys()}
+    old, new = _relevant(old), _relevant(new)  # runs saved before the filter still hold every key
     missing = object()
     diffs = []
     for key in sorted(set(old) | set(new), key=lambda k: (k not in defaults, k)):

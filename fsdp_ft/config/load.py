@@ -23,7 +23,8 @@ def _type_name(t) -> str:
     origin = typing.get_origin(t)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(t) if a is not type(None)]
-        return f"{_type_name(args[0])} or null"
+        nullable = " or null" if len(args) < len(typing.get_args(t)) else ""
+        return " or ".join(_type_name(a) for a in args) + nullable
     if origin is list:
         return f"list of {_type_name(typing.get_args(t)[0])}"
     return getattr(t, "__name__", str(t))
@@ -55,9 +56,20 @@ def _coerce(key: str, value: Any, t: Any, f: dataclasses.Field | None) -> Any:
     """Check `value` against the annotated type; YAML already typed it, so only widen int->float."""
     origin = typing.get_origin(t)
     if origin in (typing.Union, types.UnionType):
-        if value is None:
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(t)):
             return None
-        t = [a for a in typing.get_args(t) if a is not type(None)][0]
+        if len(args) > 1:  # a number or a word (`auto`): the value's own type picks the branch; words are the choices
+            choices = f.metadata.get("choices") if f is not None else None
+            if type(value) not in args or (isinstance(value, str) and choices and value not in choices):
+                words = f"one of {list(choices)}" if choices else "str"
+                kinds = " or ".join([_type_name(a) for a in args if a is not str] + [words] * (str in args))
+                raise ConfigError(f"config key '{key}' must be {kinds}, got {value!r}")
+            t = type(value)
+            if t is not str:
+                f = None
+        else:
+            t = args[0]
     if typing.get_origin(t) is list:  # check each item, so a bad item fails here rather than deep in the run
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be {_type_name(t)}, got {value!r}")

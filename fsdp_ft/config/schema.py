@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 DTYPES = ("fp32", "bf16", "fp16")
 # torch's and transformers' names for the same dtypes, so a config copied from an HF recipe loads; a dtype key keeps
@@ -99,7 +99,10 @@ class QuantConfig:
                    "bitsandbytes' FP4 code book), int8 (LLM.int8's row-wise absmax int8); all sharded by FSDP2",
                    ("nf4", "fp4", "int8"))
     block_size: int = _f(64, "weights per 4-bit block (nf4, fp4)")
-    scaler_block_size: int = _f(256, "scales per double-quantization block (nf4, fp4; scales are always stored in 8 bits)")
+    scaler_block_size: Union[int, str] = _f("auto", "scales per double-quantization block (nf4, fp4; scales are "
+                                            "always stored in 8 bits); auto: per weight, the largest divisor <= 256 "
+                                            "of its blocks per row, so any number of ranks can shard it and the "
+                                            "quantized base is the same bits on 1, 2, 4... ranks", ("auto",))
 
 
 @dataclass

@@ -35,6 +35,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.fp16_init_scale' must be > 0, got {cfg.train.fp16_init_scale}")
     if cfg.fsdp.hybrid_replicas is not None and cfg.fsdp.hybrid_replicas < 1:
         raise ConfigError("config key 'fsdp.hybrid_replicas' must be >= 1")
+    quant = cfg.finetune.quant
+    for key in ("block_size", "scaler_block_size"):
+        if getattr(quant, key) != "auto" and getattr(quant, key) < 1:
+            raise ConfigError(f"config key 'finetune.quant.{key}' must be >= 1, got {getattr(quant, key)}")
     if cfg.fsdp.prefetch < 0:
         raise ConfigError(f"config key 'fsdp.prefetch' must be >= 0, got {cfg.fsdp.prefetch}")
     if not 0.0 <= cfg.data.eval_share < 1.0:

@@ -28,43 +28,46 @@ def register(fmt: str, dequantize: Callable) -> None:
 
 @torch.library.custom_op("fsdp_ft::frozen_linear", mutates_args=())
 def frozen_linear(x: torch.Tensor, parts: list[torch.Tensor], sizes: list[int], fmt: str,
-                  weight_dtype: torch.dtype) -> torch.Tensor:
-    """`F.linear(x, W)` for the frozen weight W of shape `sizes[:2]` held as `parts` in format `fmt`."""
-    return F.linear(x, _DEQUANTIZE[fmt](parts, sizes, weight_dtype, x.dtype))
+                  weight_dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+    """`F.linear(x, W)` for the frozen weight W of shape `sizes[:2]` held as `parts` in format `fmt`; `x @ W`
+    when `transposed` (transformers' Conv1D stores its weight as inputs x outputs)."""
+    weight = _DEQUANTIZE[fmt](parts, sizes, weight_dtype, x.dtype)
+    return x @ weight if transposed else F.linear(x, weight)
 
 
 @torch.library.custom_op("fsdp_ft::frozen_linear_input_grad", mutates_args=())
 def frozen_linear_input_grad(grad: torch.Tensor, parts: list[torch.Tensor], sizes: list[int], fmt: str,
-                             weight_dtype: torch.dtype) -> torch.Tensor:
-    """`grad @ W`: the input's gradient of `frozen_linear` (W never trains)."""
-    return grad @ _DEQUANTIZE[fmt](parts, sizes, weight_dtype, grad.dtype)
+                             weight_dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+    """`grad @ W` (`grad @ W.T` when `transposed`): the input's gradient of `frozen_linear` (W never trains)."""
+    weight = _DEQUANTIZE[fmt](parts, sizes, weight_dtype, grad.dtype)
+    return grad @ (weight.T if transposed else weight)
 
 
 @frozen_linear.register_fake
-def _(x, parts, sizes, fmt, weight_dtype):
-    return x.new_empty((*x.shape[:-1], sizes[0]))
+def _(x, parts, sizes, fmt, weight_dtype, transposed):
+    return x.new_empty((*x.shape[:-1], sizes[1] if transposed else sizes[0]))
 
 
 @frozen_linear_input_grad.register_fake
-def _(grad, parts, sizes, fmt, weight_dtype):
-    return grad.new_empty((*grad.shape[:-1], sizes[1]))
+def _(grad, parts, sizes, fmt, weight_dtype, transposed):
+    return grad.new_empty((*grad.shape[:-1], sizes[0] if transposed else sizes[1]))
 
 
 def _setup_context(ctx, inputs, output):
-    _, parts, ctx.sizes, ctx.fmt, ctx.weight_dtype = inputs
+    _, parts, ctx.sizes, ctx.fmt, ctx.weight_dtype, ctx.transposed = inputs
     ctx.save_for_backward(*parts)
 
 
 def _backward(ctx, grad):
     parts = list(ctx.saved_tensors)  # read once: activation checkpointing lets each saved tensor unpack once
-    grad_x = frozen_linear_input_grad(grad, parts, ctx.sizes, ctx.fmt, ctx.weight_dtype)
-    return grad_x, [None] * len(parts), None, None, None
+    grad_x = frozen_linear_input_grad(grad, parts, ctx.sizes, ctx.fmt, ctx.weight_dtype, ctx.transposed)
+    return grad_x, [None] * len(parts), None, None, None, None
 
 
 frozen_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear(x: torch.Tensor, parts: list[torch.Tensor], sizes: list[int], fmt: str, weight_dtype: torch.dtype,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    out = torch.ops.fsdp_ft.frozen_linear(x, parts, sizes, fmt, weight_dtype)
+           bias: torch.Tensor | None = None, transposed: bool = False) -> torch.Tensor:
+    out = torch.ops.fsdp_ft.frozen_linear(x, parts, sizes, fmt, weight_dtype, transposed)
     return out if bias is None else out + bias

@@ -59,6 +59,15 @@ def linear(input: torch.Tensor, weight, bias: torch.Tensor | None = None) -> tor
     return frozen_matmul.linear(input, *_parts(weight), FORMAT, weight.dtype, bias)
 
 
+def addmm(input: torch.Tensor, mat1: torch.Tensor, mat2, *, beta=1, alpha=1) -> torch.Tensor:
+    """`bias + x @ W` with a frozen 4-bit W of shape inputs x outputs: transformers' Conv1D (GPT-2) forward."""
+    if beta != 1 or alpha != 1 or type(mat2).__name__ != "NF4Tensor":
+        raise NotImplementedError  # torchao's table falls back to the plain op
+    return frozen_matmul.linear(mat1, *_parts(mat2), FORMAT, mat2.dtype, input, transposed=True)
+
+
 def install(nf4_module) -> None:
-    """Route `F.linear` on NF4Tensors through `linear` (torchao's table of overridden torch functions)."""
+    """Route `F.linear` (and Conv1D's `torch.addmm`) on NF4Tensors through our matmuls (torchao's table of
+    overridden torch functions)."""
     nf4_module.NF4_TORCH_FUNCTIONS[F.linear] = linear
+    nf4_module.NF4_TORCH_FUNCTIONS[torch.addmm] = addmm

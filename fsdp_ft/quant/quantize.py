@@ -4,7 +4,8 @@ bitsandbytes' `Params4bit` under `fully_shard` trains the right step 0 and then 
 #3983, bitsandbytes #1945). torchao's `NF4Tensor` implements FSDP2's tensor-subclass all-gather hooks, so each
 rank stores 1/N of the packed 4-bit data and the gathered weight is bit-identical to the unsharded one. The
 format is the QLoRA one: the NF4 code book, blocks of 64 weights, and per-block scales quantized again to 8 bits
-in blocks of 256 (double quantization).
+(double quantization) in blocks of up to 256 that never straddle a row (`scaler_block_size`), so the layout
+suits any number of ranks.
 
 FP4 is bitsandbytes' other 4-bit type: the same layout with bitsandbytes' FP4 code book (1 sign, 2 exponent and
 1 mantissa bit, divided by its maximum). An NF4Tensor looks values up in the 16-entry table it carries (`.nf4`)
@@ -55,13 +56,16 @@ def is_quantized(t: torch.Tensor) -> bool:
     return is_nf4(t) or isinstance(t._local_tensor if isinstance(t, DTensor) else t, Int8Weight)
 
 
-def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The frozen base linears under LoRA layers: what QLoRA stores quantized."""
+def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The frozen base linears under LoRA layers: what QLoRA stores quantized. transformers' Conv1D (GPT-2) is a
+    linear layer whose weight is stored inputs x outputs; its rows are quantized and sharded as they are."""
+    from transformers.pytorch_utils import Conv1D
+
     out = []
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):
             base = module.get_base_layer()
-            if isinstance(base, nn.Linear):
+            if isinstance(base, (nn.Linear, Conv1D)):
                 out.append((name, base))
     return out
 
@@ -73,31 +77,57 @@ def shard_blocks(shape: torch.Size, block_size: int, shards: int) -> list[int]:
     return [min(step, rows - start) * per_row // block_size for start in range(0, rows, step)]
 
 
+AUTO_SCALER_LIMIT = 256  # the QLoRA paper's double-quantization block: `auto` never takes a larger one
+
+
+def scaler_block_size(shape: torch.Size, block_size: int, setting: int | str) -> int:
+    """The double-quantization block of a weight: `setting`, or for `auto` the largest divisor (<= 256) of its
+    4-bit blocks per row. Scale blocks then never straddle a row, so every row shard FSDP can cut (any number of
+    ranks) holds whole ones, and the choice, hence the stored bits, depends on the shape alone."""
+    if setting != "auto":
+        return setting
+    per_row = shape.numel() // shape[0] // block_size
+    return max(d for d in range(1, min(per_row, AUTO_SCALER_LIMIT) + 1) if per_row % d == 0)
+
+
 def check_block_sizes(layers: list[tuple[str, nn.Linear]], cfg: Config, shards: int) -> None:
-    """Every weight, and every rank's row shard of it, must hold whole double-quantization blocks (4-bit), or
-    the same number of whole rows (int8)."""
+    """Every rank's row shard of every weight must hold the same number of whole rows and (4-bit) whole
+    double-quantization blocks."""
     q = cfg.finetune.quant
+    for name, linear in layers:  # the quantized formats' row split (FSDP2 calls it to shard) cuts equal pieces
+        if linear.weight.shape[0] % shards:
+            raise ConfigError(f"finetune.quant.type={q.type}: weight '{name}' has {linear.weight.shape[0]} rows, "
+                              f"which {shards} ranks cannot share evenly; exclude it via "
+                              "finetune.lora.target_modules or use a number of ranks that divides it")
     if q.type == "int8":
-        for name, linear in layers:
-            if linear.weight.shape[0] % shards:
-                raise ConfigError(f"finetune.quant.type=int8: weight '{name}' has {linear.weight.shape[0]} rows, "
-                                  f"which {shards} ranks cannot share evenly; exclude it via "
-                                  "finetune.lora.target_modules or change the number of ranks")
+        conv = next((name for name, layer in layers if not isinstance(layer, nn.Linear)), None)
+        if conv:  # LLM.int8 scales each output row; a Conv1D weight's rows are its inputs
+            raise ConfigError(f"finetune.quant.type=int8: '{conv}' is a transformers Conv1D (GPT-2 style) layer, "
+                              "which int8 does not quantize; use finetune.quant.type=nf4 or fp4")
         return
     counts = []
     for name, linear in layers:
         shape = linear.weight.shape
+        if q.scaler_block_size == "auto" and (shape.numel() // shape[0]) % q.block_size:
+            cols = shape.numel() // shape[0]
+            raise ConfigError(f"finetune.method=qlora: weight '{name}' {tuple(shape)} has rows of {cols} values, not "
+                              f"a multiple of finetune.quant.block_size={q.block_size}, so its 4-bit blocks would "
+                              f"straddle FSDP's row shards; set finetune.quant.block_size={math.gcd(cols, q.block_size)}"
+                              " or exclude it via finetune.lora.target_modules")
         if shape.numel() % q.block_size:
             raise ConfigError(f"finetune.method=qlora: weight '{name}' {tuple(shape)} is not a multiple of "
                               f"finetune.quant.block_size={q.block_size}; exclude it via finetune.lora.target_modules")
         counts += shard_blocks(shape, q.block_size, shards)
+    if q.scaler_block_size == "auto":
+        return
     bad = [c for c in counts if c % q.scaler_block_size]
     if bad:
         common = math.gcd(*counts)
         fits = max(d for d in range(1, min(common, 256) + 1) if common % d == 0)
         raise ConfigError(f"finetune.quant.scaler_block_size={q.scaler_block_size} does not divide the 4-bit blocks of "
                           f"every weight's row shard on {shards} rank(s) (e.g. {bad[0]}); set "
-                          f"finetune.quant.scaler_block_size={fits}")
+                          f"finetune.quant.scaler_block_size={fits}, or auto (the default: valid on any number "
+                          "of ranks)")
 
 
 def meta_nf4(shape: torch.Size, dtype: torch.dtype, block_size: int, scaler_block_size: int) -> torch.Tensor:
@@ -127,7 +157,8 @@ def quantize_meta_model(model: nn.Module, cfg: Config, shards: int) -> int:
     for name, linear in layers:
         shape, dtype = linear.weight.shape, linear.weight.dtype
         placeholder = (Int8Weight.empty(shape, dtype, "meta") if q.type == "int8"
-                       else meta_nf4(shape, dtype, q.block_size, q.scaler_block_size))
+                       else meta_nf4(shape, dtype, q.block_size,
+                                     scaler_block_size(shape, q.block_size, q.scaler_block_size)))
         linear.weight = nn.Parameter(placeholder, requires_grad=False)
         setattr(linear, QUANT_TYPE_ATTR, q.type)
     return len(layers)
@@ -218,7 +249,8 @@ def round_trip_base(model: nn.Module, cfg: Config) -> None:
     q = cfg.finetune.quant
     for _, linear in quantized_linears(model):
         w = linear.weight
-        linear.weight = nn.Parameter(dequantize(quantize_weight(w.data, q.type, q.block_size, q.scaler_block_size))
+        scalers = scaler_block_size(w.shape, q.block_size, q.scaler_block_size)
+        linear.weight = nn.Parameter(dequantize(quantize_weight(w.data, q.type, q.block_size, scalers))
                                      .to(w.dtype), requires_grad=False)
 
 
