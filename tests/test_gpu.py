@@ -413,3 +413,35 @@ def test_eval_on_the_gpu_loads_the_runs_dtype_onto_the_device(tmp_path, capsys):
         assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(want, rel=1e-4)
     finally:
         tf32.set_tf32(was)
+
+
+def test_big_model_inference_spreads_over_the_gpu_and_the_cpu(tmp_path):
+    """`--max-memory 0=...` below the model's size: the first blocks on cuda:0, the rest on the CPU (run on
+    cuda:0 by accelerate's hooks); greedy text equals the plain HF model on the GPU in the dtype the command picks
+    (auto: bf16 on a bf16 GPU), and an fp32 eval equals HF's loss on the CPU."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from test_big_model_inference import PROMPTS, _greedy, _placement, hf_loss
+
+    torch.manual_seed(3)
+    config = AutoConfig.from_pretrained(ASSETS / "tiny-llama")
+    config.update({"initializer_range": 0.2})
+    folder = tmp_path / "lm"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ASSETS / "tiny-llama").save_pretrained(folder)
+    cap = f"0={int((folder / 'model.safetensors').stat().st_size * 0.6)}"
+    proc = cli("generate", str(folder), "--prompt", PROMPTS[0], "--greedy", "--max-new-tokens", "10",
+               "--max-memory", cap)
+    line = _placement(proc.stderr)
+    assert "on cuda:0" in line and "on cpu" in line and "disk" not in line, line
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to("cuda").eval()
+    assert proc.stdout == _greedy(ref, AutoTokenizer.from_pretrained(folder), PROMPTS[0], 10) + "\n"
+
+    rows = [json.loads(x) for x in (ASSETS / "data" / "tiny_text_eval.jsonl").read_text().splitlines()][:6]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = cli("eval", str(folder), "--data", str(data), "--max-memory", cap, FP32, "train.tf32=false")
+    assert json.loads(proc.stdout)["loss"] == pytest.approx(hf_loss(folder, rows), rel=1e-5)
