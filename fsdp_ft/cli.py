@@ -99,7 +99,8 @@ MAX_MEMORY_HELP = ("cap the memory the weights may take per device, e.g. 0=20GiB
                    "a model that does not fit is spread in order over the GPUs, then the CPU, then disk "
                    "(accelerate's big-model loading); devices not named get their free memory. Default: one GPU "
                    "when the model fits it, else spread; on a machine without a GPU the plain load")
-OFFLOAD_HELP = "folder for weights offloaded to disk (default: a temporary folder, removed at the end)"
+OFFLOAD_HELP = ("where weights offloaded to disk go, in a temporary subfolder removed at the end (default: the "
+                "system's temporary folder; give a large, fast disk for a big model)")
 
 
 def _add_placement_options(parser) -> None:

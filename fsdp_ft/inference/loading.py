@@ -227,9 +227,7 @@ def _model_limit(tok, hf_config) -> int:
 def _finish(model, tok, cfg: Config, folder: Path, max_length: int | None, placement: Placement,
             placed: dict, offload_tmp) -> LoadedModel:
     tf32.apply(cfg.train.tf32, device())  # fp32 matmuls as training ran them (a GPU only)
-    if where.device_map(model)[1] is None:  # with a device map, accelerate placed it
-        model = model.to(device())
-    model = model.eval()
+    model = model.eval()  # already placed: by the device map (a GPU, a cap), else the plain load on the CPU
     if where.is_spread(model):  # the chunked head loss swaps the head's forward, which accelerate's hooks own
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunked_head_loss=False))
     line = where.describe(model, placement, placed.get("offload_folder"))

@@ -24,7 +24,8 @@ MAX_MEMORY_FORM = "DEVICE=SIZE[,DEVICE=SIZE...] with DEVICE cpu or a GPU index (
 
 @dataclass
 class Placement:
-    """The command's --max-memory caps (device -> bytes; GPUs as indices) and --offload-folder."""
+    """The command's --max-memory caps (device -> bytes; GPUs as indices) and --offload-folder (where the
+    temporary folder of disk-offloaded weights goes; default the system's temporary folder)."""
     max_memory: dict[int | str, int] = field(default_factory=dict)
     offload_folder: str | None = None
 
@@ -65,12 +66,14 @@ def load_kwargs(placement: Placement) -> tuple[dict, object]:
     from accelerate.utils import get_max_memory
 
     max_memory = {**get_max_memory(), **placement.max_memory}  # devices without a cap: their free memory
-    tmp = None
-    folder = placement.offload_folder
-    if folder is None:
-        tmp = tempfile.TemporaryDirectory(prefix="fsdp-ft-offload-")
-        folder = tmp.name
-    return {"device_map": "sequential", "max_memory": max_memory, "offload_folder": os.path.abspath(folder)}, tmp
+    parent = placement.offload_folder
+    if parent is not None:
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise ConfigError(f"--offload-folder '{parent}' is a file; give a folder")
+        os.makedirs(parent, exist_ok=True)
+    # a fresh folder each time: accelerate would take an earlier model's offloaded weights left in one for its own
+    tmp = tempfile.TemporaryDirectory(prefix="fsdp-ft-offload-", dir=parent)
+    return {"device_map": "sequential", "max_memory": max_memory, "offload_folder": os.path.abspath(tmp.name)}, tmp
 
 
 def add_adapter(model: torch.nn.Module, folder: Path, placed: dict) -> torch.nn.Module:
@@ -123,12 +126,14 @@ def input_device(model: torch.nn.Module) -> torch.device:
     owner, found = device_map(model)
     if not found:
         return next(model.parameters()).device
+    main = next((d for d in found.values() if d not in ("cpu", "disk")), "cpu")
     embedding = owner.get_input_embeddings()
-    name = next(n for n, m in owner.named_modules() if m is embedding)
-    key = max((k for k in found if k in ("", name) or name.startswith(k + ".")), key=len)
-    where = found[key]
+    name = next((n for n, m in owner.named_modules() if m is embedding), None)
+    key = None if name is None else max((k for k in found if k in ("", name) or name.startswith(k + ".")),
+                                        key=len, default=None)
+    where = found.get(key, main)
     if where in ("cpu", "disk"):
-        where = next((d for d in found.values() if d not in ("cpu", "disk")), "cpu")
+        where = main
     return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
 
 
