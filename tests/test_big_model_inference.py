@@ -98,12 +98,18 @@ def test_eval_with_part_of_the_model_on_disk_equals_hf_loss(lm_folder, tmp_path)
         assert json.loads(plain.stdout)["loss"] == pytest.approx(got["loss"], rel=1e-5)
 
 
-def test_predict_with_a_classifier_partly_on_disk_equals_hf(tmp_path):
+@pytest.fixture(scope="module")
+def cls_folder(tmp_path_factory):
+    """A random tiny Llama classifier (3 named labels) saved by transformers."""
     torch.manual_seed(4)
     config = AutoConfig.from_pretrained(ASSETS / "tiny-llama", num_labels=3, id2label=dict(enumerate(LABELS)),
                                         label2id={n: i for i, n in enumerate(LABELS)})
     config.update({"initializer_range": 0.2})
-    folder = _save(AutoModelForSequenceClassification.from_config(config), tmp_path / "cls")
+    return _save(AutoModelForSequenceClassification.from_config(config), tmp_path_factory.mktemp("big") / "cls")
+
+
+def test_predict_with_a_classifier_partly_on_disk_equals_hf(cls_folder, tmp_path):
+    folder = cls_folder
     texts = [json.loads(line)["text"] for line in
              (ASSETS / "data" / "tiny_cls_eval.jsonl").read_text().splitlines()[:8]]
     src = tmp_path / "in.jsonl"
@@ -144,6 +150,24 @@ def test_peft_adapter_on_a_base_partly_on_disk_equals_peft(lm_folder, tmp_path):
     want = _greedy(ref.eval(), tok, PROMPTS[0], 10)
     assert proc.stdout == want + "\n" and want != _greedy(AutoModelForCausalLM.from_pretrained(lm_folder).eval(),
                                                           tok, PROMPTS[0], 10)
+
+
+def test_classifier_adapter_whose_head_would_go_to_disk_is_refused_in_one_line(cls_folder, tmp_path, capsys):
+    """peft cannot put a module it saves in full (the classifier head) on disk: one line, not a KeyError at the
+    first forward."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    get_peft_model(AutoModelForSequenceClassification.from_pretrained(cls_folder), lora).save_pretrained(
+        tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(cls_folder).save_pretrained(tmp_path / "adapter")
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "open the file"}\n')
+    code = main(["predict", str(tmp_path / "adapter"), "--input", str(src), "--output", str(tmp_path / "out.jsonl"),
+                 "--max-memory", _cap(cls_folder)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "score (saved in full by the adapter) would go to disk" in err[-1], err
+    assert "Traceback" not in "".join(err) and not (tmp_path / "out.jsonl").exists()
 
 
 def test_bad_max_memory_is_a_one_line_usage_error(lm_folder, capsys):

@@ -99,7 +99,21 @@ def add_adapter(model: torch.nn.Module, folder: Path, placed: dict) -> torch.nn.
         for info in getattr(loader, "index", {}).values():
             if info.get("safetensors_file") and not os.path.isabs(info["safetensors_file"]):
                 info["safetensors_file"] = os.path.join(placed["offload_folder"], info["safetensors_file"])
+    _check_saved_modules(model, folder)
     return model
+
+
+def _check_saved_modules(model: torch.nn.Module, folder: Path) -> None:
+    """peft (0.21) does not offload the modules an adapter saves in full (`modules_to_save`: a classifier's head)
+    to disk: the first forward would fail on a weight missing from the offload index. Refuse in one line."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    found = device_map(model)[1] or {}
+    on_disk = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper) and _entry(found, n) == "disk"]
+    if on_disk:
+        raise ConfigError(f"adapter '{folder}': {', '.join(on_disk)} (saved in full by the adapter) would go to disk, "
+                          "where peft cannot load it; give --max-memory room for the whole model on the GPUs and the "
+                          "CPU, or merge the adapter (fsdp-ft export RUN --merge-adapters) and load the merged folder")
 
 
 def device_map(model: torch.nn.Module) -> tuple[torch.nn.Module, dict] | tuple[None, None]:
@@ -129,12 +143,16 @@ def input_device(model: torch.nn.Module) -> torch.device:
     main = next((d for d in found.values() if d not in ("cpu", "disk")), "cpu")
     embedding = owner.get_input_embeddings()
     name = next((n for n, m in owner.named_modules() if m is embedding), None)
-    key = None if name is None else max((k for k in found if k in ("", name) or name.startswith(k + ".")),
-                                        key=len, default=None)
-    where = found.get(key, main)
+    where = main if name is None else _entry(found, name) or main
     if where in ("cpu", "disk"):
         where = main
     return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+
+
+def _entry(found: dict, name: str):
+    """The placement of module `name`: that of the deepest device-map key holding it (None if none does)."""
+    key = max((k for k in found if k in ("", name) or name.startswith(k + ".")), key=len, default=None)
+    return None if key is None else found[key]
 
 
 def describe(model: torch.nn.Module, placement: Placement, offload_folder: str | None) -> str | None:
