@@ -105,7 +105,7 @@ OFFLOAD_HELP = ("where weights offloaded to disk go, in a temporary subfolder re
 
 def _add_placement_options(parser) -> None:
     parser.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...", help=MAX_MEMORY_HELP)
-    parser.add_argument("--offload-folder", default=None, help=OFFLOAD_HELP)
+    parser.add_argument("--offload-folder", default=None, metavar="DIR", help=OFFLOAD_HELP)
 
 
 def _add_inference_parsers(sub) -> None:

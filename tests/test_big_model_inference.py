@@ -119,7 +119,8 @@ def test_predict_with_a_classifier_partly_on_disk_equals_hf(cls_folder, tmp_path
     assert "on disk" in _placement(proc.stderr)
     got = torch.tensor([list(json.loads(line)["probabilities"].values())
                         for line in (tmp_path / "out.jsonl").read_text().splitlines()])
-    model, tok = AutoModelForSequenceClassification.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
     with torch.no_grad():
         want = torch.stack([torch.softmax(model(**tok(t, return_tensors="pt")).logits[0], -1) for t in texts])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -109,7 +109,8 @@ def _check_saved_modules(model: torch.nn.Module, folder: Path) -> None:
     from peft.utils.other import ModulesToSaveWrapper
 
     found = device_map(model)[1] or {}
-    on_disk = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper) and _entry(found, n) == "disk"]
+    on_disk = [name for name, module in model.named_modules()
+               if isinstance(module, ModulesToSaveWrapper) and _entry(found, name) == "disk"]
     if on_disk:
         raise ConfigError(f"adapter '{folder}': {', '.join(on_disk)} (saved in full by the adapter) would go to disk, "
                           "where peft cannot load it; give --max-memory room for the whole model on the GPUs and the "
@@ -143,8 +144,8 @@ def input_device(model: torch.nn.Module) -> torch.device:
     main = next((d for d in found.values() if d not in ("cpu", "disk")), "cpu")
     embedding = owner.get_input_embeddings()
     name = next((n for n, m in owner.named_modules() if m is embedding), None)
-    where = main if name is None else _entry(found, name) or main
-    if where in ("cpu", "disk"):
+    where = None if name is None else _entry(found, name)
+    if where is None or where in ("cpu", "disk"):
         where = main
     return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
 
