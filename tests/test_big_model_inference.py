@@ -153,10 +153,17 @@ def test_peft_adapter_on_a_base_partly_on_disk_equals_peft(lm_folder, tmp_path):
                                                           tok, PROMPTS[0], 10)
 
 
-def test_classifier_adapter_whose_head_would_go_to_disk_is_refused_in_one_line(cls_folder, tmp_path, capsys):
-    """peft cannot put a module it saves in full (the classifier head) on disk: one line, not a KeyError at the
-    first forward."""
-    from peft import LoraConfig, get_peft_model
+def test_adapters_peft_cannot_spread_are_refused_in_one_line(cls_folder, lm_folder, tmp_path, capsys):
+    """peft cannot put a module it saves in full (the classifier head) on disk, nor a prompt-learning adapter over
+    an offloaded base: one line each, not a KeyError (at the first forward, or in peft's re-dispatch)."""
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    prompt = PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(lm_folder), prompt).save_pretrained(tmp_path / "prompt")
+    AutoTokenizer.from_pretrained(lm_folder).save_pretrained(tmp_path / "prompt")
+    code = main(["generate", str(tmp_path / "prompt"), "--prompt", "x", "--max-memory", _cap(lm_folder)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "prompt-learning adapter" in err[-1] and "disk" in err[-1], err
 
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
     get_peft_model(AutoModelForSequenceClassification.from_pretrained(cls_folder), lora).save_pretrained(

@@ -84,10 +84,15 @@ def add_adapter(model: torch.nn.Module, folder: Path, placed: dict) -> torch.nn.
     with its leading '/' dropped, i.e. relative to the working directory (run from '/', over the checkpoint
     itself), and reads them back through that relative path. So it runs inside the offload folder here, and the
     offload index then gets those files' absolute paths."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     if not is_spread(model):
         return PeftModel.from_pretrained(model, str(folder))
+    offloaded = {"cpu", "disk"} & set(device_map(model)[1].values())
+    if offloaded and PeftConfig.from_pretrained(str(folder)).is_prompt_learning:  # peft 0.21: KeyError
+        raise ConfigError(f"adapter '{folder}' is a prompt-learning adapter (virtual tokens), which peft cannot "
+                          f"load over a base partly on the {' and '.join(sorted(offloaded))}: give "
+                          "--max-memory room for the whole model on the GPUs")
     cwd = os.getcwd()
     os.chdir(placed["offload_folder"])
     try:
