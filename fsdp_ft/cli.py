@@ -95,8 +95,22 @@ TRUST_HELP = ("run custom modelling code from the model folder (transformers' tr
               "config.yaml alone does not switch it on: pass this only for a folder you trust")
 
 
+MAX_MEMORY_HELP = ("cap the memory the weights may take per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB or cpu=2GB: "
+                   "a model that does not fit is spread in order over the GPUs, then the CPU, then disk "
+                   "(accelerate's big-model loading); devices not named get their free memory. Default: one GPU "
+                   "when the model fits it, else spread; on a machine without a GPU the plain load")
+OFFLOAD_HELP = ("where weights offloaded to disk go, in a temporary subfolder removed at the end (default: the "
+                "system's temporary folder; give a large, fast disk for a big model)")
+
+
+def _add_placement_options(parser) -> None:
+    parser.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...", help=MAX_MEMORY_HELP)
+    parser.add_argument("--offload-folder", default=None, metavar="DIR", help=OFFLOAD_HELP)
+
+
 def _add_inference_parsers(sub) -> None:
-    """eval / generate / predict: one process, no FSDP, on the GPU when there is one."""
+    """eval / generate / predict: one process, no FSDP, on the GPU when there is one (spread when it does not
+    fit)."""
     v = sub.add_parser("eval", help="the task's eval metrics (loss, accuracy, F1, confusion matrix, perplexity) "
                        "of a trained model on a data file", formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="overrides: config keys of the run (or defaults), e.g. data.text_column=sentence "
@@ -105,6 +119,7 @@ def _add_inference_parsers(sub) -> None:
     v.add_argument("--data", required=True, help="data file (.jsonl/.json/.csv/.parquet) with the task's columns")
     v.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
     v.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    _add_placement_options(v)
     v.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
 
     g = sub.add_parser("generate", help="generate text from a causal LM")
@@ -124,6 +139,7 @@ def _add_inference_parsers(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed, set before each prompt (default 0)")
     g.add_argument("--output", default=None, help="write the JSON lines to this file instead of stdout")
     g.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    _add_placement_options(g)
 
     d = sub.add_parser("predict", help="label and class probabilities for each row of a JSON Lines file")
     d.add_argument("model", help=MODEL_HELP)
@@ -135,6 +151,7 @@ def _add_inference_parsers(sub) -> None:
     d.add_argument("--max-length", type=int, default=None,
                    help="truncate to this many tokens (default: the run's train.seq_len, else the model's limit)")
     d.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    _add_placement_options(d)
 
 
 def _add_submit_parser(sub) -> None:
@@ -286,6 +303,13 @@ def _check_input(path: str | None, option: str) -> None:
         raise DataError(f"{option}: file '{path}' " + ("is not a file" if Path(path).exists() else "does not exist"))
 
 
+def _placement(args):
+    """--max-memory / --offload-folder; a bad cap fails before a model is loaded."""
+    from fsdp_ft.inference.placement import Placement, parse_max_memory
+
+    return Placement(parse_max_memory(args.max_memory), args.offload_folder)
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -293,7 +317,8 @@ def cmd_eval(args) -> int:
     from fsdp_ft.inference.evaluate import evaluate_file
     from fsdp_ft.inference.loading import load_model
 
-    loaded = load_model(args.model, args.overrides, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, args.overrides, trust_remote_code=args.trust_remote_code,
+                        placement=_placement(args))
     print(json.dumps(evaluate_file(loaded, args.data, args.max_samples)))
     return 0
 
@@ -311,8 +336,9 @@ def cmd_generate(args) -> int:
 
     sampling = Sampling(args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.top_k, args.seed)
     sampling.check()
+    placement = _placement(args)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file, args.prompt_column)
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, placement=placement)
     completions = generate_texts(loaded, prompts, args.chat, sampling)
     if args.prompt is not None and args.output is None:
         print(completions[0])
@@ -331,7 +357,7 @@ def cmd_predict(args) -> int:
     from fsdp_ft.inference.predict import check_output, predict_file
 
     check_output(args.input, args.output)  # before a model is loaded
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, placement=_placement(args))
     n = predict_file(loaded, args.input, args.output, args.text_column, args.text_pair_column,
                      args.batch_size, args.max_length)
     print(f"wrote {n} predictions to {args.output}")

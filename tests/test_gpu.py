@@ -413,3 +413,46 @@ def test_eval_on_the_gpu_loads_the_runs_dtype_onto_the_device(tmp_path, capsys):
         assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(want, rel=1e-4)
     finally:
         tf32.set_tf32(was)
+
+
+def test_big_model_inference_spreads_over_the_gpu_and_the_cpu(tmp_path):
+    """`--max-memory 0=...` below the model's size: the first blocks on cuda:0, the rest on the CPU (run on
+    cuda:0 by accelerate's hooks); greedy text equals the plain HF model on the GPU in the dtype the command picks
+    (auto: bf16 on a bf16 GPU), and an fp32 eval equals HF's loss on the CPU."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from fsdp_ft.runtime import tf32
+    from test_big_model_inference import PROMPTS, _greedy, _placement, hf_loss
+
+    torch.manual_seed(3)
+    config = AutoConfig.from_pretrained(ASSETS / "tiny-llama")
+    config.update({"initializer_range": 0.2})
+    folder = tmp_path / "lm"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ASSETS / "tiny-llama").save_pretrained(folder)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
+
+    def cap(dtype) -> str:  # 80% of the weights in the compute dtype: the embedding + 2 blocks on cuda:0
+        return f"0={int(params * torch.finfo(dtype).bits // 8 * 0.8)}"
+
+    proc = cli("generate", str(folder), "--prompt", PROMPTS[0], "--greedy", "--max-new-tokens", "10",
+               "--max-memory", cap(dtype))
+    line = _placement(proc.stderr)
+    assert "on cuda:0" in line and "on cpu" in line and "disk" not in line, line
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to("cuda").eval()
+    was = tf32.enabled()
+    try:  # as the command runs (train.tf32 defaults on): the rotary angles are an fp32 matmul
+        tf32.apply(True, torch.device("cuda"))
+        assert proc.stdout == _greedy(ref, AutoTokenizer.from_pretrained(folder), PROMPTS[0], 10) + "\n"
+    finally:
+        tf32.set_tf32(was)
+
+    rows = [json.loads(x) for x in (ASSETS / "data" / "tiny_text_eval.jsonl").read_text().splitlines()][:6]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = cli("eval", str(folder), "--data", str(data), "--max-memory", cap(torch.float32), FP32, "train.tf32=false")
+    assert "on cpu" in _placement(proc.stderr)
+    assert json.loads(proc.stdout)["loss"] == pytest.approx(hf_loss(folder, rows), rel=1e-5)

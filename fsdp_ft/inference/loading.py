@@ -7,10 +7,12 @@ FSDP: inference needs neither, and one process starts in seconds.
 The model computes in the run's compute dtype (fsdp.param_dtype, else fsdp.mixed_precision; `auto` resolved for
 this device, as training resolves it), so `fsdp-ft eval` gives the numbers of the run's own eval rows; a bare
 folder follows `auto` (bf16 on a bf16 GPU, fp32 on the CPU). On a GPU the weights load straight onto it, in that
-dtype, and train.tf32 applies as in training.
+dtype, and train.tf32 applies as in training. A model that does not fit one GPU (or a `--max-memory` cap) is
+spread over the GPUs, the CPU and a disk folder (`placement`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -22,6 +24,8 @@ import torch
 from fsdp_ft.checkpoint import dcp_checkpoint
 from fsdp_ft.config import Config, load_config
 from fsdp_ft.errors import CheckpointError, DataError, UserError
+from fsdp_ft.inference import placement as where
+from fsdp_ft.inference.placement import Placement
 from fsdp_ft.model import adapters
 from fsdp_ft.runtime import precision, tf32
 
@@ -36,7 +40,7 @@ class LoadedModel:
     folder: Path  # the HF or adapter folder the weights came from
     labels: list[str] | None = None  # classifier label names in id order
     max_length: int = 512  # truncation for predict: the run's train.seq_len, else the model's limit
-    _tmp: object = field(default=None, repr=False)  # keeps a temporary export alive as long as the model
+    _keep: list = field(default_factory=list, repr=False)  # temporary export / offload folders: live as the model
 
     @property
     def task(self) -> str:
@@ -44,15 +48,18 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's device (a spread model's parameters may sit on `meta`)."""
+        return where.input_device(self.model)
 
 
 def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_model(spec: str, overrides: list[str] = (), trust_remote_code: bool = False) -> LoadedModel:
-    """A model from a run dir, an HF folder or a PEFT adapter folder, in eval mode on the local device.
+def load_model(spec: str, overrides: list[str] = (), trust_remote_code: bool = False,
+               placement: Placement | None = None) -> LoadedModel:
+    """A model from a run dir, an HF folder or a PEFT adapter folder, in eval mode on the local device (or spread
+    over the devices, CPU and disk when it does not fit one, or as `placement` caps).
 
     Custom modelling code runs only when this command asks for it (`trust_remote_code`, or the override
     model.trust_remote_code=true): a run folder's own config.yaml cannot switch it on, since the folder may come
@@ -66,13 +73,14 @@ def load_model(spec: str, overrides: list[str] = (), trust_remote_code: bool = F
                               + " (a run directory, an exported model folder or a PEFT adapter folder)")
     trust = trust_remote_code or asks_remote_code(overrides)
     overrides = [*overrides, f"model.trust_remote_code={str(trust).lower()}"]  # the command decides, not the folder
+    placement = placement or Placement()
     try:
         if (path / "config.yaml").is_file() and ((path / "final").is_dir() or (path / "checkpoints").is_dir()):
-            return _load_run(path, overrides)
+            return _load_run(path, overrides, placement)
         if (path / "adapter_config.json").is_file():
-            return _load_adapter(path, overrides)
+            return _load_adapter(path, overrides, placement)
         if (path / "config.json").is_file():
-            return _load_folder(path, overrides)
+            return _load_folder(path, overrides, placement)
     except UserError as e:
         from fsdp_ft.checkpoint.export import needs_remote_code
 
@@ -96,24 +104,24 @@ def asks_remote_code(overrides) -> bool:
 
 # ---------------------------------------------------------------- the three kinds of folder
 
-def _load_run(run: Path, overrides: list[str]) -> LoadedModel:
+def _load_run(run: Path, overrides: list[str], placement: Placement) -> LoadedModel:
     from fsdp_ft.checkpoint.export import needs_remote_code, remote_code_hint, run_wants_remote_code
 
     cfg = precision.resolve_precision(load_config(run / "config.yaml", overrides), device())
     ignored = not cfg.model.trust_remote_code and run_wants_remote_code(run)
     try:
-        return _load_run_model(run, cfg)
+        return _load_run_model(run, cfg, placement)
     except UserError as e:
         if ignored and needs_remote_code(e):
             raise type(e)(remote_code_hint(run, e)) from None
         raise
 
 
-def _load_run_model(run: Path, cfg: Config) -> LoadedModel:
+def _load_run_model(run: Path, cfg: Config, placement: Placement) -> LoadedModel:
     final = run / "final"
     has_final = (final / "config.json").is_file() or (final / "adapter_config.json").is_file()
     if has_final and not adapters.is_peft(cfg):
-        return _from_folder(final, cfg, max_length=cfg.train.seq_len)
+        return _from_folder(final, cfg, placement, max_length=cfg.train.seq_len)
     # PEFT runs: merge the adapters of the checkpoint final/ came from into the base the run trained on (for
     # QLoRA the dequantized NF4 base), so the numbers match training even when the base was random-init
     ckpt = dcp_checkpoint.final_checkpoint(run)[0] if has_final else _newest(run)
@@ -125,9 +133,9 @@ def _load_run_model(run: Path, cfg: Config) -> LoadedModel:
     merge = adapters.is_peft(cfg) and cfg.finetune.method not in PROMPT_METHODS
     folder = export_checkpoint(run, ckpt, Path(tmp.name) / "model", merge_adapters=merge,
                                trust_remote_code=cfg.model.trust_remote_code)
-    loaded = (_from_adapter(folder, cfg, cfg.train.seq_len) if (folder / "adapter_config.json").is_file()
-              else _from_folder(folder, cfg, max_length=cfg.train.seq_len))
-    loaded._tmp = tmp
+    loaded = (_from_adapter(folder, cfg, placement, cfg.train.seq_len) if (folder / "adapter_config.json").is_file()
+              else _from_folder(folder, cfg, placement, max_length=cfg.train.seq_len))
+    loaded._keep.append(tmp)
     return loaded
 
 
@@ -145,7 +153,7 @@ def _bare_config(folder: Path, task: str, overrides: list[str]) -> Config:
     return precision.resolve_precision(cfg, device())
 
 
-def _load_folder(folder: Path, overrides: list[str]) -> LoadedModel:
+def _load_folder(folder: Path, overrides: list[str], placement: Placement) -> LoadedModel:
     from transformers import AutoConfig
 
     trust = asks_remote_code(overrides)
@@ -154,15 +162,15 @@ def _load_folder(folder: Path, overrides: list[str]) -> LoadedModel:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"model '{folder}': unreadable config.json: {str(e).splitlines()[0]}") from None
     classifier = any(a.endswith("ForSequenceClassification") for a in (hf_config.architectures or []))
-    return _from_folder(folder, _bare_config(folder, "seq_cls" if classifier else "causal_lm", overrides))
+    return _from_folder(folder, _bare_config(folder, "seq_cls" if classifier else "causal_lm", overrides), placement)
 
 
-def _load_adapter(folder: Path, overrides: list[str]) -> LoadedModel:
+def _load_adapter(folder: Path, overrides: list[str], placement: Placement) -> LoadedModel:
     from peft import PeftConfig
 
     peft_cfg = PeftConfig.from_pretrained(str(folder))
     task = "seq_cls" if str(peft_cfg.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS") else "causal_lm"
-    return _from_adapter(folder, _bare_config(folder, task, overrides))
+    return _from_adapter(folder, _bare_config(folder, task, overrides), placement)
 
 
 # ---------------------------------------------------------------- building the model
@@ -186,10 +194,10 @@ def compute_dtype(cfg: Config) -> torch.dtype:
 
 
 def _from_pretrained(folder: Path | str, cfg: Config, what: str, **kwargs):
+    """kwargs: placement.load_kwargs' device_map (straight onto the GPU, or spread; never a whole fp32 copy in
+    host memory first) and the model class's own."""
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
-    if device().type == "cuda":  # straight onto the GPU, never a whole fp32 copy in host memory first
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         return _auto_class(cfg.task).from_pretrained(str(folder), dtype=compute_dtype(cfg),
                                                      trust_remote_code=cfg.model.trust_remote_code, **kwargs)
@@ -216,23 +224,33 @@ def _model_limit(tok, hf_config) -> int:
     return min(limits) if limits else 512
 
 
-def _finish(model, tok, cfg: Config, folder: Path, max_length: int | None) -> LoadedModel:
+def _finish(model, tok, cfg: Config, folder: Path, max_length: int | None, placement: Placement,
+            placed: dict, offload_tmp) -> LoadedModel:
     tf32.apply(cfg.train.tf32, device())  # fp32 matmuls as training ran them (a GPU only)
-    model = model.to(device()).eval()
+    model = model.eval()  # already placed: by the device map (a GPU, a cap), else the plain load on the CPU
+    if where.is_spread(model):  # the chunked head loss swaps the head's forward, which accelerate's hooks own
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, chunked_head_loss=False))
+    line = where.describe(model, placement, placed.get("offload_folder"))
+    if line:
+        print(f"[fsdp_ft] {line}", file=sys.stderr)
     hf_config = adapters.base_model(model).config
     labels = None
     if cfg.task == "seq_cls":
         labels = [str(hf_config.id2label[i]) for i in range(hf_config.num_labels)]
-    return LoadedModel(model, tok, cfg, folder, labels, max_length or _model_limit(tok, hf_config))
+    return LoadedModel(model, tok, cfg, folder, labels, max_length or _model_limit(tok, hf_config),
+                       [offload_tmp] if offload_tmp else [])
 
 
-def _from_folder(folder: Path, cfg: Config, max_length: int | None = None) -> LoadedModel:
-    return _finish(_from_pretrained(folder, cfg, "model"), _tokenizer(folder, cfg), cfg, folder, max_length)
+def _from_folder(folder: Path, cfg: Config, placement: Placement, max_length: int | None = None) -> LoadedModel:
+    placed, tmp = where.load_kwargs(placement)
+    return _finish(_from_pretrained(folder, cfg, "model", **placed), _tokenizer(folder, cfg), cfg, folder,
+                   max_length, placement, placed, tmp)
 
 
-def _from_adapter(folder: Path, cfg: Config, max_length: int | None = None) -> LoadedModel:
-    """Base model from adapter_config.json's base_model_name_or_path, then the adapter on top."""
-    from peft import PeftConfig, PeftModel
+def _from_adapter(folder: Path, cfg: Config, placement: Placement, max_length: int | None = None) -> LoadedModel:
+    """Base model from adapter_config.json's base_model_name_or_path, then the adapter on top (peft re-dispatches
+    a base spread over the CPU or disk: it needs the same caps and offload folder, or it fills memory its way)."""
+    from peft import PeftConfig
 
     base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
     if not base or not Path(base).is_dir():
@@ -241,9 +259,10 @@ def _from_adapter(folder: Path, cfg: Config, max_length: int | None = None) -> L
     kwargs = {}
     if cfg.task == "seq_cls":
         kwargs["num_labels"] = _adapter_num_labels(folder)
-    model = _from_pretrained(base, cfg, "base model", **kwargs)
-    model = PeftModel.from_pretrained(model, str(folder))
-    return _finish(model, _tokenizer(folder, cfg), cfg, folder, max_length)
+    placed, tmp = where.load_kwargs(placement)
+    model = where.add_adapter(_from_pretrained(Path(base).resolve(), cfg, "base model", **kwargs, **placed),
+                              folder, placed)
+    return _finish(model, _tokenizer(folder, cfg), cfg, folder, max_length, placement, placed, tmp)
 
 
 def _adapter_num_labels(folder: Path) -> int:
