@@ -88,3 +88,37 @@ def test_qlora_is_quiet_too(tmp_path, pretrained):
                         f"output_dir={tmp_path / 'run'}", *SHORT))
     assert not foreign(lines), "\n".join(lines)
     assert len(lines) <= ONE_SCREEN, "\n".join(lines)
+
+
+def test_filters_drop_only_the_known_messages(monkeypatch):
+    """The filters match a logger or module and a message: another message of the same library, and the same
+    message from our own code, still show."""
+    import logging
+    import warnings
+
+    from fsdp_ft.runtime import quiet
+
+    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("torchao")
+    handler, filters = Keep(), list(logger.filters)
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet.install()
+            logger.warning("Failed to load /x/_C_mxfp8.so: Could not load this library")
+            logger.warning("a real torchao problem")
+            for module in ("transformers.modeling_utils", "fsdp_ft.training.trainer"):
+                warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, f"{module}.py",
+                                       1, module=module)
+    finally:
+        logger.removeHandler(handler)
+        logger.filters[:] = filters
+    assert seen == ["a real torchao problem"]
+    assert [w.filename for w in caught] == ["fsdp_ft.training.trainer.py"]
