@@ -8,6 +8,13 @@ import sys
 from fsdp_ft.errors import UserError
 
 TRAIN_EPILOG = "overrides: dotted keys with YAML values, e.g. optim.lr=2e-4 train.max_steps=100 output_dir=/tmp/run\n\n"
+VERBOSE_HELP = ("show everything: third-party warnings that are filtered by default, optional libraries (torchao, "
+                "bitsandbytes) imported even when the run does not use them, every tensor not in the checkpoint "
+                "(same as FSDP_FT_VERBOSE=1; ranks and trials inherit it)")
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
 
 
 def _config_help() -> str:
@@ -26,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--debug", action="store_true", help="one process, one device, deterministic algorithms, anomaly "
                    "detection, per-step logs, first batch dumped; writes to output_dir/debug")
     t.add_argument("--debug-steps", type=int, default=5, help="steps a --debug run takes (default 5)")
+    _add_verbose(t)
 
     r = sub.add_parser("run", help="launch `train` on N local processes through torchrun",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EPILOG)
@@ -41,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                         "torchrun's own 30 s is not enough). SLURM kills after its KillWait (often 30 s) whatever "
                         "S is: there the save's time comes from the signal's lead (--signal-delay-s, #SBATCH "
                         "--signal=USR2@S)")
+    _add_verbose(r)
     r.add_argument("config", help="YAML config file")
     r.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
@@ -55,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="PEFT runs: merge the adapters into the base (a dequantized base for QLoRA) and write a "
                         "plain HF model instead of a PEFT adapter folder")
     e.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    _add_verbose(e)
     _add_inference_parsers(sub)
     _add_performance_parsers(sub)
     sub.add_parser("bench", add_help=False, help="benchmark against HF Trainer (FSDP2) and DeepSpeed ZeRO-2/3: "
@@ -120,6 +130,7 @@ def _add_inference_parsers(sub) -> None:
     v.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
     v.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     _add_placement_options(v)
+    _add_verbose(v)
     v.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
 
     g = sub.add_parser("generate", help="generate text from a causal LM")
@@ -140,6 +151,7 @@ def _add_inference_parsers(sub) -> None:
     g.add_argument("--output", default=None, help="write the JSON lines to this file instead of stdout")
     g.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     _add_placement_options(g)
+    _add_verbose(g)
 
     d = sub.add_parser("predict", help="label and class probabilities for each row of a JSON Lines file")
     d.add_argument("model", help=MODEL_HELP)
@@ -152,6 +164,7 @@ def _add_inference_parsers(sub) -> None:
                    help="truncate to this many tokens (default: the run's train.seq_len, else the model's limit)")
     d.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     _add_placement_options(d)
+    _add_verbose(d)
 
 
 def _add_submit_parser(sub) -> None:
@@ -217,6 +230,7 @@ def _add_tune_parser(sub) -> None:
                    help="as `fsdp-ft run`: seconds a stopped trial's ranks get to save")
     u.add_argument("--max-failures", type=int, default=5, help="a worker stops after this many failed trials in a "
                    "row (default 5)")
+    _add_verbose(u)
 
 
 def cmd_tune(args) -> int:
@@ -234,7 +248,10 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # before importing torch: a bad config fails in a blink
     require_extras(cfg, "train")
-    from fsdp_ft.runtime import preemption, ranklog
+    from fsdp_ft.config.extras import unused_libraries
+    from fsdp_ft.runtime import preemption, quiet, ranklog
+
+    quiet.hide(unused_libraries(cfg))  # before transformers is imported
 
     if args.debug:
         from fsdp_ft.training import debug
@@ -429,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its options belong to benchmarks/run.py's own parser
         return cmd_bench(argv[1:])
     args = _parse(argv)
+    from fsdp_ft.runtime import quiet
+
+    quiet.set_verbose(getattr(args, "verbose", False))
+    quiet.install()
     handler = {"train": cmd_train, "run": cmd_run, "submit": cmd_submit, "export": cmd_export, "eval": cmd_eval,
                "generate": cmd_generate, "predict": cmd_predict, "plan": cmd_plan, "report": cmd_report,
                "tune": cmd_tune}[args.command]

@@ -24,6 +24,7 @@ from conftest import ASSETS, FAST, REPO, TINY, assert_losses_close, cli, losses
 from launch_helpers import RUN, rank_pid, reference_losses, setup_rows, wait_for_step
 from test_launch import rank_env
 from tune_helpers import states, tune, write_config
+from fsdp_ft.runtime.rank_env import TRACE_BUFFER_SIZE
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = REPO / "tests" / "slurm"
@@ -125,7 +126,7 @@ def test_submit_two_nodes_equals_a_local_two_rank_run(slurm_cluster, tmp_path, r
         env = rank_env(tmp_path, rank)
         assert env["SLURM_CPUS_PER_TASK"] == env["OMP_NUM_THREADS"] == "2", env
         assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True", env
-        assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "2000" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1", env
+        assert env[TRACE_BUFFER_SIZE] == "2000" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1", env
         assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "logs" / "nccl-trace-rank-"), env
         assert env["GLOO_SOCKET_IFNAME"] == "lo", env  # the interface toward rank 0's node (127.0.0.1 here)
 
@@ -187,7 +188,7 @@ def test_sbatch_template_runs_srun_fsdp_ft_run(slurm_cluster, tmp_path, referenc
         env = rank_env(tmp_path, rank)
         assert env["OMP_NUM_THREADS"] == "2" and env["GLOO_SOCKET_IFNAME"] == "lo", env
         assert env["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64" and "PYTORCH_ALLOC_CONF" not in env, env
-        assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "2000", env
+        assert env[TRACE_BUFFER_SIZE] == "2000", env
 
 
 @pytest.mark.parametrize("args,message", [(["--partition", "nosuchpartition"], "invalid partition"),

@@ -67,3 +67,16 @@ def require_extras(cfg: Optional[Config], command: str) -> None:
         extras.append(need.extra)
     if missing:
         raise ConfigError(f"{'; '.join(missing)}: pip install 'fsdp_ft[{','.join(dict.fromkeys(extras))}]'")
+
+
+# Optional libraries that transformers or peft import merely because they are installed, and whether a config
+# uses them: torchao holds QLoRA's NF4 tensors; bitsandbytes no run uses (QLoRA builds on torchao, see
+# fsdp_ft.quant.quantize). A run leaves the unused ones unimported (fsdp_ft.runtime.quiet.hide).
+IMPORTED_IF_INSTALLED: dict[str, Callable[[Config], bool]] = {
+    "torchao": lambda cfg: cfg.finetune.method == "qlora",
+    "bitsandbytes": lambda cfg: False,
+}
+
+
+def unused_libraries(cfg: Config) -> list[str]:
+    return [name for name, used in IMPORTED_IF_INSTALLED.items() if not used(cfg)]

@@ -106,11 +106,16 @@ class TrainJob:
         # before torch is imported: OpenMP reads OMP_NUM_THREADS when it loads
         rank_env.apply(Path(self.config["output_dir"]) / "logs", ranks_on_node=1,
                        master_addr=os.environ["MASTER_ADDR"], nnodes=job_env.num_nodes)
-        from fsdp_ft.api import train
         from fsdp_ft.config import config_from_dict
-        from fsdp_ft.runtime import distributed, preemption, ranklog
+        from fsdp_ft.config.extras import unused_libraries
+        from fsdp_ft.runtime import quiet
 
         cfg = config_from_dict(self.config)
+        quiet.install()  # as `fsdp-ft train` (FSDP_FT_VERBOSE=1 in the submitting shell shows everything)
+        quiet.hide(unused_libraries(cfg))  # before transformers is imported
+        from fsdp_ft.api import train
+        from fsdp_ft.runtime import distributed, preemption, ranklog
+
         ranklog.start(Path(cfg.output_dir) / "logs")
         submitit_handlers = preemption.install()
         result = train(cfg)

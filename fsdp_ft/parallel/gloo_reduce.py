@@ -168,6 +168,10 @@ class _PairWork(dist.distributed_c10d.Work):
         return True
 
 
+# torch 2.13 renamed all_gather_into_tensor and warns on the old name in every rank
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class PooledAllGather(AllGather):
     """FSDP's all-gather into a reused flat buffer (fsdp_ft.parallel.host_buffers). Two ranks swap their parts straight
     into it when it holds at least `swap_min_bytes` (gloo's all-gather allocates and copies two temporaries of the
@@ -184,7 +188,7 @@ class PooledAllGather(AllGather):
                  async_op: bool = False):
         rank, world = group.rank(), group.size()
         if world != 2 or output_tensor.nbytes < self.swap_min_bytes:
-            return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+            return _ALL_GATHER(output_tensor, input_tensor, group=group, async_op=async_op)
         self.swaps += 1
         chunks = output_tensor.view(world, -1)
         if input_tensor.data_ptr() != chunks[rank].data_ptr():  # FSDP copies its input into place already

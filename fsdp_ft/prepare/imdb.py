@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[prepare] {stats['train']} train / {stats['eval']} eval reviews in {out / 'imdb'} "
               f"({stats['duplicates_dropped']} duplicates dropped); model in {model_dir}", file=sys.stderr)
         if not args.no_verify:
+            from fsdp_ft.runtime import quiet
+
+            quiet.install()
+            quiet.hide(["torchao", "bitsandbytes"])  # the check loads a plain BERT (FSDP_FT_VERBOSE=1 shows all)
             from fsdp_ft.prepare.verify import verify_loader
             diff = verify_loader(model_dir)
             print(f"[prepare] our loader (name mapping + materialize) matches transformers.AutoModel: "

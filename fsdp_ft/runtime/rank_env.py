@@ -44,6 +44,22 @@ def interface_to(host: str) -> str | None:
     return None
 
 
+def _torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch, read without importing it (launchers apply this before torch loads)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = version("torch").split(".")[:2]
+        return int(major), int(minor)
+    except (PackageNotFoundError, ValueError):
+        return 0, 0
+
+
+# the flight recorder's size: torch >= 2.13 reads it as TORCH_FR_BUFFER_SIZE first and warns on every rank about the
+# old name (its NCCL process group's own default is the same 2000 there)
+TRACE_BUFFER_SIZE = "TORCH_FR_BUFFER_SIZE" if _torch_version() >= (2, 13) else "TORCH_NCCL_TRACE_BUFFER_SIZE"
+
+
 def rank_env_defaults(log_dir: str | Path, ranks_on_node: int, master_addr: str | None, nnodes: int,
                       environ=os.environ) -> dict[str, str]:
     """The variables every launcher gives its ranks unless the user set them (or a newer name of them):
@@ -54,7 +70,7 @@ def rank_env_defaults(log_dir: str | Path, ranks_on_node: int, master_addr: str 
       the caching allocator's fixed segments;
     - the NCCL flight recorder: the last 2000 collectives of each rank, dumped to LOG_DIR/nccl-trace-rank-N on a
       watchdog timeout (TORCH_NCCL_* names; torch >= 2.9 also reads them under TORCH_FR_*), the record that says
-      which rank stopped in which collective;
+      which rank stopped in which collective; the buffer's size under its new name where the old one warns;
     - GLOO_SOCKET_IFNAME across machines: the interface that reaches the rendezvous host. gloo (the CPU half of
       cpu:gloo,cuda:nccl) otherwise binds the address the hostname resolves to, which on many clusters is a
       loopback entry (127.0.1.1 in /etc/hosts) or a network the other nodes cannot reach."""
@@ -67,7 +83,7 @@ def rank_env_defaults(log_dir: str | Path, ranks_on_node: int, master_addr: str 
     if unset("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
         out["PYTORCH_ALLOC_CONF"] = out["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if unset("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE"):
-        out["TORCH_NCCL_TRACE_BUFFER_SIZE"] = "2000"
+        out[TRACE_BUFFER_SIZE] = "2000"
     if unset("TORCH_NCCL_DUMP_ON_TIMEOUT"):
         out["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
     if unset("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE"):

@@ -29,8 +29,8 @@ from fsdp_ft.runtime.precision import DTYPE
 from fsdp_ft.training import scaffold
 from fsdp_ft.training.deepspeed_config import build_ds_config, precision_of
 from fsdp_ft.training.optim import build_optimizer
-from fsdp_ft.training.run_setup import (build_meta, count_flops_or_none, load_data, setup_info, start_process,
-                                       trains_line)
+from fsdp_ft.training.run_setup import (build_meta, count_flops_or_none, load_data, log_initialised, setup_info,
+                                       start_process, trains_line)
 from fsdp_ft.training.scaffold import Built, TrainResult
 from fsdp_ft.training.trainer import Trainer
 
@@ -170,6 +170,7 @@ def build(cfg: Config, env, ds: dict, deepspeed) -> Built:
     blocks = fsdp.find_blocks(adapters.base_model(model), cfg.model.block_classes)
     checkpointed = fsdp.apply_activation_checkpointing(blocks, cfg.activation_checkpointing)
     mat = materialize_for_zero(model, blocks, cfg, data.model_dir, ds, env, deepspeed)
+    log_initialised(env, cfg, model, mat["initialised"])
     optimizer = build_optimizer(model, cfg, env.device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
     offload_param = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")

@@ -17,7 +17,7 @@ from fsdp_ft.quant import quantize
 from fsdp_ft.runtime import distributed
 from fsdp_ft.training import scaffold
 from fsdp_ft.training.optim import build_optimizer, init_state, needs_loss_scaling
-from fsdp_ft.training.run_setup import (build_meta, count_flops_or_none, load_data, log_main, setup_info,
+from fsdp_ft.training.run_setup import (build_meta, count_flops_or_none, load_data, log_initialised, setup_info,
                                        start_process, trains_line)
 from fsdp_ft.training.scaffold import Built, TrainResult
 from fsdp_ft.training.trainer import Trainer
@@ -41,8 +41,7 @@ def build(cfg: Config, env: distributed.DistEnv) -> Built:
     if getattr(data.task, "needs_reference", False):  # DPO
         info["reference"] = _attach_reference(data.task, cfg, env, mesh, data.model_dir, hf_config, data.tokenizer,
                                               data.labels)
-    if mat["initialised"] and source is not None:
-        log_main(env, f"initialised (not in checkpoint): {', '.join(mat['initialised'][:8])}")
+    log_initialised(env, cfg, model, mat["initialised"])
     optimizer = build_optimizer(model, cfg, env.device)
     init_state(optimizer)
     summary = (f"{trains_line(info)}; {info['blocks']} x {info['block_class']} sharded over {env.world_size} "

@@ -19,7 +19,7 @@ from fsdp_ft.model.trainable import apply_finetune
 from fsdp_ft.observability.flops import FlopCounts, count_flops, peak_flops
 from fsdp_ft.parallel import fsdp
 from fsdp_ft.quant import quantize
-from fsdp_ft.runtime import distributed, precision, tf32
+from fsdp_ft.runtime import distributed, precision, quiet, tf32
 from fsdp_ft.runtime.precision import DTYPE
 from fsdp_ft.tasks import get_task
 from fsdp_ft.training import best
@@ -74,6 +74,30 @@ def open_run(cfg: Config, env: distributed.DistEnv) -> run_identity.RunStart:
 def log_main(env, msg: str) -> None:
     if env.is_main:
         print(f"[fsdp_ft] {msg}", file=sys.stderr, flush=True)
+
+
+ADAPTER_KIND = {"lora": "LoRA", "qlora": "LoRA", "dora": "DoRA", "ia3": "IA3"}
+SHOWN_INITIALISED = 8
+
+
+def log_initialised(env, cfg: Config, model, names: list[str]) -> None:
+    """The tensors a run from pretrained weights did not find in the checkpoint. Adapters always start fresh, so
+    they are counted, and buffers no checkpoint holds (rotary frequencies) are left out; anything else (a new head,
+    a checkpoint that does not match the model) is named, as it may be a mistake. -v names every one."""
+    if cfg.model.random_init or not names:
+        return
+    if quiet.verbose():
+        log_main(env, f"initialised (not in checkpoint): {', '.join(names)}")
+        return
+    computed = {f"{m}.{b}" for m, module in model.named_modules() for b in module._non_persistent_buffers_set}
+    names = [n for n in names if n not in computed]
+    fresh = [n for n in names if not adapters.is_adapter(n)]
+    if fresh:
+        more = f" and {len(fresh) - SHOWN_INITIALISED} more (-v lists them)" if len(fresh) > SHOWN_INITIALISED else ""
+        log_main(env, f"initialised (not in checkpoint): {', '.join(fresh[:SHOWN_INITIALISED])}{more}")
+    if len(fresh) < len(names):
+        kind = ADAPTER_KIND.get(cfg.finetune.method, "PEFT")
+        log_main(env, f"{kind} adapters: {len(names) - len(fresh)} tensors initialised (-v lists them)")
 
 
 def total_steps(cfg: Config, plan: BatchPlan) -> int:
