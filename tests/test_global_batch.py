@@ -45,6 +45,9 @@ def test_resume_on_another_rank_count_keeps_the_global_batch(session_tmp):
     out = session_tmp / "gb-resume"
     train_nproc(2, out, *GLOBAL, "train.max_steps=2", "train.save_every=2")
     train_1proc(out, *GLOBAL)
+    first, second = [r for r in read_metrics(out) if r.get("split") == "setup"]
+    assert (first["batch"]["ranks"], first["batch"]["accum"]) == (2, 2)
+    assert second["resumed_from"].endswith("step-2") and (second["batch"]["ranks"], second["batch"]["accum"]) == (1, 4)
     assert_losses_close(losses(out), losses(whole), 1e-5)
 
 

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from fsdp_ft.config import Config, load_config
+from fsdp_ft.config import Config, batch, load_config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.observability.units import fmt_bytes
 from fsdp_ft.planner import memsim
@@ -98,6 +98,7 @@ def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, targe
     this machine's).
     Runs inside the caller's `memsim.fake_world`."""
     cfg = precision.resolve_precision(cfg, target)  # fsdp.mixed_precision=auto: what the target device would use
+    cfg = batch.resolve(cfg, world_size)  # train.global_batch_size: the accumulation on these ranks
     cfg = memsim.resolve_auto(cfg, model_dir, hf_config, tokenizer, world_size, memory_per_rank)
     layers = _layer_count(hf_config)
     p = _period(cfg, hf_config)
@@ -122,14 +123,16 @@ def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, targe
 
 def candidates(cfg: Config, target: str) -> list[list[str]]:
     """Override sets to try, cheapest first (in lost speed): resharding, smaller micro-batches (same global
-    batch), activation checkpointing, CPU offload, then changing what trains (LoRA, QLoRA)."""
+    batch), activation checkpointing, CPU offload, then changing what trains (LoRA, QLoRA). `cfg` has its
+    train.grad_accum resolved (`batch.resolve`)."""
     t, out = cfg.train, []
     micro = []
     mb = t.micro_batch_size
     while mb > 1:
         mb //= 2
-        micro.append([f"train.micro_batch_size={mb}",
-                      f"train.grad_accum={t.grad_accum * t.micro_batch_size // mb}"])
+        # with train.global_batch_size set, the accumulation follows the micro-batch by itself
+        accum = [] if t.global_batch_size else [f"train.grad_accum={t.grad_accum * t.micro_batch_size // mb}"]
+        micro.append([f"train.micro_batch_size={mb}", *accum])
     base = [] if cfg.fsdp.reshard_after_forward else ["fsdp.reshard_after_forward=true"]
     if cfg.fsdp.gather_once_per_step:
         base.append("fsdp.gather_once_per_step=false")
@@ -156,7 +159,7 @@ def candidates(cfg: Config, target: str) -> list[list[str]]:
 def advise(config_path: str, overrides: list[str], model_dir, hf_config, tokenizer, world_size: int, target: str,
            budget_bytes: int, on_try=None, exact: bool = False) -> tuple[Prediction | None, list[Prediction]]:
     """The first candidate (cheapest first) whose peak fits HEADROOM x budget, and every prediction made."""
-    cfg = load_config(config_path, overrides)
+    cfg = batch.resolve(load_config(config_path, overrides), world_size)
     tried = []
     for extra in candidates(cfg, target):
         try:

@@ -13,7 +13,7 @@ import torch
 
 from fsdp_ft.checkpoint import run_identity
 from fsdp_ft.checkpoint.export import export_final
-from fsdp_ft.config import Config, dump_config
+from fsdp_ft.config import Config, batch, dump_config
 from fsdp_ft.observability import memtrack
 from fsdp_ft.observability.flops import FlopCounts
 from fsdp_ft.observability.metrics import MetricsLogger, peak_host_rss_bytes
@@ -94,7 +94,7 @@ def run(cfg: Config, engine: Engine) -> TrainResult:
     state.run, state.extra = started.record(), built.extra_state
     if env.is_main:
         run_identity.record(out, started)
-        dump_config(cfg, out / "config.yaml")
+        dump_config(batch.portable(cfg), out / "config.yaml")
         for name, text in built.files.items():
             (out / name).write_text(text)
     peak, peak_source = rank_peak_flops(cfg, env)
