@@ -98,4 +98,7 @@ def test_auto_checkpointing_under_a_small_memory_budget(session_tmp):
     chosen = yaml.safe_load((out / "config.yaml").read_text())["activation_checkpointing"]
     assert chosen in ("full",) or chosen.startswith("selective:"), chosen
     note = setup_row(out)["auto"]["activation_checkpointing"]
-    assert note.startswith(f"auto -> {chosen} (plan "), note
+    assert note.startswith(f"auto -> {chosen} (plan ") and "too big: none" in note, note
+    # `fsdp-ft plan` with the same auto settings predicts what training chose
+    res = cli("plan", str(TINY), *common, "activation_checkpointing=auto", f"fsdp.memory_budget_gib={budget_gib:.9f}")
+    assert f"activation_checkpointing: auto -> {chosen} (plan " in res.stdout, res.stdout

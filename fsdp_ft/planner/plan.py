@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from fsdp_ft.config import Config, batch, load_config
@@ -177,6 +178,68 @@ def advise(config_path: str, overrides: list[str], model_dir, hf_config, tokeniz
     return None, tried
 
 
+# ---------------------------------------------------------------- auto settings
+
+AUTO = "auto"
+AC_ORDER = ("none", "selective:2", "full")
+
+
+def has_auto(cfg: Config) -> bool:
+    return cfg.activation_checkpointing == AUTO or cfg.fsdp.cpu_offload == AUTO
+
+
+def options(cfg: Config, target: str) -> list[tuple[str, bool]]:
+    """(activation_checkpointing, cpu_offload) pairs to try, cheapest first."""
+    acs = AC_ORDER if cfg.activation_checkpointing == AUTO else (cfg.activation_checkpointing,)
+    if cfg.fsdp.cpu_offload != AUTO:
+        offloads = (cfg.fsdp.cpu_offload,)
+    else:
+        offloads = (False, True) if target == "cuda" else (False,)
+    return [(ac, off) for off in offloads for ac in acs]
+
+
+def with_choice(cfg: Config, ac: str, offload: bool) -> Config:
+    return dataclasses.replace(cfg, activation_checkpointing=ac,
+                               fsdp=dataclasses.replace(cfg.fsdp, cpu_offload=offload))
+
+
+def device_memory(cfg: Config, target: str, local_rank: int) -> tuple[int, str]:
+    """The bytes a rank plans for, and where the number comes from."""
+    if cfg.fsdp.memory_budget_gib:
+        return int(cfg.fsdp.memory_budget_gib * 2 ** 30), "fsdp.memory_budget_gib"
+    if target == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(local_rank % torch.cuda.device_count())
+        return props.total_memory, f"GPU {props.name}"
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host // ranks, f"host RAM / {ranks} rank(s)"
+
+
+def choose(cfg: Config, model_dir, hf_config, tokenizer, world: int, target: str,
+           budget: tuple[int, str]) -> tuple[Config, dict]:
+    """The first of `options` whose predicted peak fits HEADROOM x budget (bytes, source), else the last; and a
+    note per auto key. Runs inside the caller's `memsim.fake_world`."""
+    budget, source = budget
+    too_big = []
+    for ac, offload in options(cfg, target):
+        pred = predict(with_choice(cfg, ac, offload), model_dir, hf_config, tokenizer, world, target)
+        if fits := pred.peak_bytes <= HEADROOM * budget:
+            break
+        too_big.append(f"{ac}{', offload' if offload else ''} {fmt_bytes(pred.peak_bytes)}")
+    verdict = (f"plan {fmt_bytes(pred.peak_bytes)} of {fmt_bytes(budget)}, {source}, {HEADROOM:.0%} usable"
+               + (f"; too big: {', '.join(too_big)}" if too_big and fits else "")
+               + ("" if fits else "; nothing tried fits, so the most frugal setting: expect out-of-memory"))
+    notes = {}
+    if cfg.activation_checkpointing == AUTO:
+        notes["activation_checkpointing"] = f"auto -> {ac} ({verdict})"
+    if cfg.fsdp.cpu_offload == AUTO:
+        why = verdict if target == "cuda" else "CPU ranks: the state is in host memory already"
+        notes["fsdp.cpu_offload"] = f"auto -> {str(offload).lower()} ({why})"
+    return with_choice(cfg, ac, offload), notes
+
+
 # ---------------------------------------------------------------- output
 
 def table(pred: Prediction) -> str:
@@ -213,6 +276,13 @@ def run_plan(config_path: str, overrides: list[str], world_size: int, target: st
     hf_config = load_hf_config(cfg, model_dir)
     budget = int(budget_gib * GIB) if budget_gib else None
     with memsim.fake_world(world_size):
+        if has_auto(cfg):  # what training would choose for this budget, then planned as any setting
+            cfg, notes = choose(cfg, model_dir, hf_config, tokenizer, world_size, target,
+                                (budget, "--gpu-memory-gib") if budget else _auto_budget(cfg, target))
+            overrides = [*overrides, f"activation_checkpointing={cfg.activation_checkpointing}",
+                         f"fsdp.cpu_offload={str(cfg.fsdp.cpu_offload).lower()}"]
+            if not as_json:
+                print("\n".join(f"{key}: {note}" for key, note in notes.items()))
         pred = predict(cfg, model_dir, hf_config, tokenizer, world_size, target, exact=exact, memory_per_rank=budget)
         fits = budget is None or pred.peak_bytes <= HEADROOM * budget
         advice, tried = (pred, []) if fits else advise(
@@ -234,6 +304,16 @@ def run_plan(config_path: str, overrides: list[str], world_size: int, target: st
     if budget is not None:
         print(_advice_text(pred, advice, budget, fits))
     return 0
+
+
+def _auto_budget(cfg: Config, target: str) -> tuple[int, str]:
+    if target == "cuda" and not cfg.fsdp.memory_budget_gib:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("fsdp-ft plan: the auto settings on a GPU need its memory: give --gpu-memory-gib "
+                              "or fsdp.memory_budget_gib")
+    return device_memory(cfg, target, 0)
 
 
 def _print_try(budget: int):
