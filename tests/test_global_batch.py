@@ -102,3 +102,17 @@ def test_auto_checkpointing_under_a_small_memory_budget(session_tmp):
     # `fsdp-ft plan` with the same auto settings predicts what training chose
     res = cli("plan", str(TINY), *common, "activation_checkpointing=auto", f"fsdp.memory_budget_gib={budget_gib:.9f}")
     assert f"activation_checkpointing: auto -> {chosen} (plan " in res.stdout, res.stdout
+
+
+def test_deepspeed_and_the_planner_take_the_derived_accumulation(tmp_path):
+    """engine=deepspeed's JSON and `fsdp-ft plan`'s advice use grad_accum as derived for their world size."""
+    from fsdp_ft.config import load_config
+    from fsdp_ft.planner.plan import candidates
+    from fsdp_ft.training.deepspeed_config import build_ds_config
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "engine=deepspeed", *GLOBAL])
+    for world, accum in ((1, 4), (2, 2)):
+        ds = build_ds_config(cfg, world, cuda=False)
+        assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (accum, 8)
+    # smaller micro-batches in the advice leave the accumulation to global_batch_size (no conflicting grad_accum)
+    assert ["fsdp.shard_frozen=true", "train.micro_batch_size=1"] in candidates(cfg, "cpu")
