@@ -210,7 +210,9 @@ def device_memory(cfg: Config, target: str, local_rank: int) -> tuple[int, str]:
     if target == "cuda":
         import torch
 
-        props = torch.cuda.get_device_properties(local_rank % torch.cuda.device_count())
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)  # as init_distributed will: CUDA's first use here must not land on GPU 0
+        props = torch.cuda.get_device_properties(index)
         return props.total_memory, f"GPU {props.name}"
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
