@@ -153,14 +153,14 @@ class FSDPConfig:
                                         "frozen base stays whole (fsdp.shard_frozen) and the trainable weights with "
                                         "their gradients and AdamW state take at most 5% of a rank's device memory, "
                                         "else 1")
-    cpu_offload: Union[bool, str] = _f(False, "keep sharded parameters, gradients and optimizer state in host memory; auto: "
-                          "only when the planner predicts the run does not fit the device otherwise (decided at "
-                          "start, shown in the set-up row, recorded in config.yaml; false on CPU ranks)",
-                          ("auto",))
+    cpu_offload: Union[bool, str] = _f(False, "keep sharded parameters, gradients and optimizer state in host "
+                                       "memory; auto: only when the planner predicts the run does not fit the "
+                                       "device otherwise (decided at start, shown in the set-up row, recorded in "
+                                       "config.yaml; false on CPU ranks)", ("auto",))
     memory_budget_gib: Optional[float] = _f(None, "device memory per rank that activation_checkpointing=auto and "
                                             "fsdp.cpu_offload=auto plan for (the planner keeps 10% headroom); "
-                                            "null: the smallest GPU's memory, on CPU ranks the host RAM divided "
-                                            "by the ranks on the node")
+                                            "null: the rank's GPU memory, on CPU ranks the host RAM divided by "
+                                            "the ranks on the node")
     mixed_precision: str = _f("auto", "compute precision: bf16, fp16 or fp32; auto: bf16 on CUDA GPUs that compute "
                               "bf16 natively (Ampere and later), fp32 elsewhere (CPU, older GPUs), resolved when the "
                               "run starts (the run directory's config.yaml records the result)", ("auto",) + DTYPES)
