@@ -123,6 +123,9 @@ def run(cfg: Config, engine: Engine, auto: dict | None = None) -> TrainResult:
                 host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()),
                 config_sha256_per_rank=distributed.all_gather_object(config_sha256(cfg)))
     log_main(env, built.summary)
+    b = info["batch"]
+    log_main(env, f"global batch {b['global']} = micro-batch {b['micro']} x accumulation {b['accum']} x "
+                  f"{b['ranks']} rank(s) (from {b['from']})")
     logger = MetricsLogger(out, env.is_main, data.steps, cfg.train.tensorboard, cfg.train.progress_bar, state.step)
     logger.log({"split": "setup", "step": state.step, **info})
     trainer = engine.trainer_class(cfg, env, built.model, data.task, built.optimizer, scheduler, built.scaler,
