@@ -8,7 +8,8 @@ rank's GPU memory, else (CPU) host RAM over the ranks on the node.
 
 It runs in every rank's process before the process group starts (the simulation needs a fake group of its own).
 Every rank has the same inputs (config, model files, world size, budget), so all decide alike; training checks
-that once the group is up (`scaffold.run`) (GPUs of different sizes could decide differently: then set the keys explicitly).
+that once the group is up (`scaffold.run`): GPUs of different sizes could decide differently, and then the keys
+must be set explicitly (or fsdp.memory_budget_gib).
 A resume plans again: the choice depends only on those inputs, so it is the same on the same machines, and on
 other ones (fewer GPUs, a smaller card) the old choice might not fit. Neither key is part of the run's identity:
 they change memory and speed, not what a step computes.

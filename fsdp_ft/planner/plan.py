@@ -179,6 +179,8 @@ def advise(config_path: str, overrides: list[str], model_dir, hf_config, tokeniz
 
 
 # ---------------------------------------------------------------- auto settings
+# activation_checkpointing=auto and fsdp.cpu_offload=auto: training resolves them at start (`planner.autofit`),
+# `fsdp-ft plan` before it predicts
 
 AUTO = "auto"
 AC_ORDER = ("none", "selective:2", "full")
@@ -226,7 +228,10 @@ def choose(cfg: Config, model_dir, hf_config, tokenizer, world: int, target: str
     budget, source = budget
     too_big = []
     for ac, offload in options(cfg, target):
-        pred = predict(with_choice(cfg, ac, offload), model_dir, hf_config, tokenizer, world, target)
+        # the budget is also the device memory the null fsdp.shard_frozen / hybrid_replicas decide by, as in
+        # `fsdp-ft plan --gpu-mem-gb` (training decides those by the device's own memory)
+        pred = predict(with_choice(cfg, ac, offload), model_dir, hf_config, tokenizer, world, target,
+                       memory_per_rank=budget)
         if fits := pred.peak_bytes <= HEADROOM * budget:
             break
         too_big.append(f"{ac}{', offload' if offload else ''} {fmt_bytes(pred.peak_bytes)}")
