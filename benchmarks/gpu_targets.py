@@ -4,7 +4,7 @@
     python benchmarks/gpu_targets.py --out /tmp/gt --smoke                      # the same code, tiny shapes, any device
 
 - `qlora-7b`: configs/qlora_7b_colab.yaml as it stands (NF4 base, LoRA r 64 on every linear but the head, fp16
-  compute, full activation checkpointing, its micro-batch) on random-init Llama-2-7B-shaped models, seq 2048.
+  compute, its micro-batch), with full activation checkpointing and no offload pinned where it says auto on random-init Llama-2-7B-shaped models, seq 2048.
   Building 32 blocks would take most of the time on set-up, so it trains stacks of 2 and 4 blocks of that shape
   and extrapolates the peak memory linearly in depth: per block = (peak(4) - peak(2)) / 2, 32 blocks =
   peak(4) + 28 x per block. Beside it, `fsdp-ft plan`'s prediction for the same 4-block run (measured against
@@ -59,12 +59,15 @@ STEPS = {"qlora-7b": (4, 1), "full-1b": (8, 3), "full-1b-compiled": (6, 3)}  # (
 def plan_of(name: str, smoke: bool) -> dict:
     """name -> base YAML (None: a minimal one), model shape, config overrides."""
     seq = 64 if smoke else 2048
-    common = {"train.seq_len": seq, "data.packing": True, "train.grad_accum": 1}
+    common = {"train.seq_len": seq, "data.packing": True, "train.grad_accum": 1, "train.global_batch_size": None}
     if name == "qlora-7b":
         colab = yaml.safe_load(COLAB.read_text())
         return {"base": COLAB, "shape": MODEL_PRESETS["tiny"] if smoke else LLAMA_2_7B_SHAPE,
                 # the micro-batch stays the recipe's (what its memory estimate is for); one micro-batch a step
                 "set": {**common, "train.micro_batch_size": colab["train"]["micro_batch_size"],
+                        # pinned where the recipe says auto: auto would decide per stack depth, and the 2- and
+                        # 4-block peaks must share one setting for the extrapolation (full: the most frugal)
+                        "activation_checkpointing": "full", "fsdp.cpu_offload": False,
                         "data.eval": None, "train.eval_every": 0, "train.save_every": 0,
                         # fp16 matmuls crawl on CPUs
                         **({"fsdp.mixed_precision": "fp32"} if smoke else {})}}

@@ -16,11 +16,13 @@ def train(cfg: Config):
     """Train `cfg` in this process (one rank of the job when launched by torchrun or SLURM): the host allocator
     is tuned first, then the engine cfg.engine names runs. Returns the `TrainResult` (model, tokenizer, final
     state, output_dir)."""
+    from fsdp_ft.planner import autofit
     from fsdp_ft.runtime import host_malloc
 
     malloc = host_malloc.tune() if cfg.train.tune_host_malloc else "default (train.tune_host_malloc=false)"
+    cfg, auto = autofit.resolve(cfg)  # activation_checkpointing / fsdp.cpu_offload = auto, before the group starts
     if cfg.engine == "deepspeed":
         from fsdp_ft.training import deepspeed_engine
-        return deepspeed_engine.train(cfg)
+        return deepspeed_engine.train(cfg, auto)
     from fsdp_ft.training import fsdp_engine
-    return fsdp_engine.train(cfg, malloc)
+    return fsdp_engine.train(cfg, malloc, auto)

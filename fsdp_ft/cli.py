@@ -244,10 +244,11 @@ def cmd_tune(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from fsdp_ft.config import load_config, require_extras
+    from fsdp_ft.config import batch, load_config, require_extras
 
     cfg = load_config(args.config, args.overrides)  # before importing torch: a bad config fails in a blink
     require_extras(cfg, "train")
+    batch.resolve(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # a global batch these ranks cannot make, too
     from fsdp_ft.config.extras import unused_libraries
     from fsdp_ft.runtime import preemption, quiet, ranklog
 
@@ -277,12 +278,13 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     """torchrun in-process: its agent starts the ranks; this process forwards signals, gives the ranks the shutdown
     grace to save, and exits with what the ranks did (fsdp_ft.launchers.torchrun)."""
-    from fsdp_ft.config import load_config, require_extras
+    from fsdp_ft.config import batch, load_config, require_extras
     from fsdp_ft.launchers import torchrun
 
     torchrun.check_sizes(args.nproc_per_node, args.nnodes, args.node_rank, args.shutdown_grace_s)
     cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before starting N processes
     require_extras(cfg, "run")
+    batch.resolve(cfg, args.nproc_per_node * args.nnodes)
     endpoint = torchrun.resolve_endpoint(args.rdzv_endpoint, args.nnodes, args.node_rank)
     argv = torchrun.torchrun_argv(args.nproc_per_node, args.nnodes, args.node_rank, endpoint,
                                   args.config, args.overrides)

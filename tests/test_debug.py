@@ -103,4 +103,7 @@ def test_colab_qlora_recipe_parses():
     cfg = load_config(REPO / "configs" / "qlora_7b_colab.yaml")
     lora = cfg.finetune.lora
     assert (cfg.finetune.method, lora.r, lora.alpha, lora.dropout, cfg.finetune.quant.type) == ("qlora", 64, 16, 0.1, "nf4")
-    assert (cfg.fsdp.mixed_precision, cfg.train.micro_batch_size, cfg.optim.lr) == ("fp16", 4, 2e-4)
+    assert (cfg.fsdp.mixed_precision, cfg.train.micro_batch_size, cfg.optim.lr) == ("fp16", 2, 2e-4)
+    # one file for 1 to 8 GPUs: 16 sequences a step, memory settings planned at start
+    assert (cfg.train.global_batch_size, cfg.train.grad_accum) == (16, None)
+    assert (cfg.activation_checkpointing, cfg.fsdp.cpu_offload) == ("auto", "auto")

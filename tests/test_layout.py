@@ -19,7 +19,8 @@ LAYERS = [
     {"parallel", "checkpoint", "prepare"},
     {"tasks"},
     {"training", "inference"},
-    {"api", "planner"},
+    {"planner"},
+    {"api"},
     {"launchers"},
     {"cli"},
 ]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fsdp_ft.checkpoint import dcp_checkpoint
-from fsdp_ft.config import Config, all_keys
+from fsdp_ft.config import Config, all_keys, batch
 from fsdp_ft.errors import CheckpointError, ConfigError
 from fsdp_ft.runtime import precision
 from fsdp_ft.storage import durable
@@ -38,7 +38,7 @@ MAY_CHANGE = frozenset({
     "model.trust_remote_code", "model.attn_implementation", "model.block_classes",
     "data.eval", "data.eval_split", "data.max_eval_samples", "data.max_drop_share",
     "fsdp.reshard_after_forward", "fsdp.shard_frozen", "fsdp.gather_once_per_step", "fsdp.prefetch",
-    "fsdp.gloo_async_reduce", "fsdp.hybrid_replicas", "fsdp.cpu_offload",
+    "fsdp.gloo_async_reduce", "fsdp.hybrid_replicas", "fsdp.cpu_offload", "fsdp.memory_budget_gib",
     "deepspeed.stage", "deepspeed.config",  # a DeepSpeed checkpoint states its own stage and ranks on load
     "optim.implementation", "dist.setup_timeout_minutes", "dist.timeout_minutes",
     "train.max_steps", "train.epochs", "train.chunked_head_loss", "train.log_every", "train.eval_every",
@@ -46,7 +46,7 @@ MAY_CHANGE = frozenset({
     "train.progress_bar", "train.tensorboard", "train.profile_steps", "train.tune_host_malloc",
     "train.track_memory", "train.peak_flops", "train.compile", "train.tf32", "train.prefetch_batches",
     # the number of ranks may change where DCP reshards: what must stay is their product, the global batch
-    "train.micro_batch_size", "train.grad_accum",
+    "train.micro_batch_size", "train.grad_accum", "train.global_batch_size",
 })
 GLOBAL_BATCH = "global batch (train.micro_batch_size x train.grad_accum x ranks)"
 SMALL_FILE = 64 << 20  # files up to this size are hashed whole
@@ -101,7 +101,8 @@ def fingerprint(cfg: Config, world_size: int) -> dict:
     fp["model.path"] = source_identity(cfg.model.path)
     fp["data.train"] = source_identity(cfg.data.train)
     fp["fsdp.mixed_precision"] = precision.mixed_precision(cfg)  # what `auto` means here (training resolved it)
-    fp[GLOBAL_BATCH] = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    train = batch.resolve(cfg, world_size).train  # grad_accum as training derives it
+    fp[GLOBAL_BATCH] = train.micro_batch_size * train.grad_accum * world_size
     return _relevant(fp)
 
 

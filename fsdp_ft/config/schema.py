@@ -153,7 +153,14 @@ class FSDPConfig:
                                         "frozen base stays whole (fsdp.shard_frozen) and the trainable weights with "
                                         "their gradients and AdamW state take at most 5% of a rank's device memory, "
                                         "else 1")
-    cpu_offload: bool = _f(False, "keep sharded parameters, gradients and optimizer state in host memory")
+    cpu_offload: Union[bool, str] = _f(False, "keep sharded parameters, gradients and optimizer state in host "
+                                       "memory; auto: only when the planner predicts the run does not fit the "
+                                       "device otherwise (decided at start, shown in the set-up row, recorded in "
+                                       "config.yaml; false on CPU ranks)", ("auto",))
+    memory_budget_gib: Optional[float] = _f(None, "device memory per rank that activation_checkpointing=auto and "
+                                            "fsdp.cpu_offload=auto plan for (the planner keeps 10% headroom); "
+                                            "null: the rank's GPU memory, on CPU ranks the host RAM divided by "
+                                            "the ranks on the node")
     mixed_precision: str = _f("auto", "compute precision: bf16, fp16 or fp32; auto: bf16 on CUDA GPUs that compute "
                               "bf16 natively (Ampere and later), fp32 elsewhere (CPU, older GPUs), resolved when the "
                               "run starts (the run directory's config.yaml records the result)", ("auto",) + DTYPES)
@@ -188,7 +195,12 @@ class TrainConfig:
     max_steps: int = _f(0, "optimizer steps to run; 0: train.epochs full passes")
     epochs: int = _f(1, "passes over the training data when train.max_steps is 0")
     micro_batch_size: int = _f(1, "samples per rank per forward/backward")
-    grad_accum: int = _f(1, "micro-batches per optimizer step (global batch = micro x accum x data-parallel ranks)")
+    grad_accum: Optional[int] = _f(None, "micro-batches per optimizer step (global batch = micro x accum x "
+                                   "data-parallel ranks); null: 1, or derived from train.global_batch_size")
+    global_batch_size: Optional[int] = _f(None, "samples per optimizer step over all ranks; train.grad_accum is then "
+                                          "derived for the ranks at hand (global / (micro x ranks); refused when "
+                                          "it does not divide), so one config trains alike on 1 or N GPUs; null: "
+                                          "micro x accum x ranks")
     seq_len: int = _f(512, "tokens per sample; longer samples are truncated")
     chunked_head_loss: bool = _f(True, "causal LM: run the LM head and its loss a chunk of tokens at a time on the "
                                  "labelled tokens only, never holding the full logits (models whose head is a plain "
@@ -250,7 +262,10 @@ class Config:
     overwrite: bool = _f(False, "a fresh run may replace a run in output_dir that it cannot continue (resume=none, "
                          "or resume=auto with another identity): the old run is moved aside to "
                          "<output_dir>.replaced-<time>, never deleted")
-    activation_checkpointing: str = _f("none", "recompute block activations: none, full, or selective:K (every K-th)")
+    activation_checkpointing: str = _f("none", "recompute block activations: none, full, or selective:K (every "
+                                       "K-th); auto: the cheapest of none, selective:2, full that the planner "
+                                       "predicts fits fsdp.memory_budget_gib (decided at start, shown in the set-up "
+                                       "row, recorded in config.yaml)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
     preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={"help": "preference"})

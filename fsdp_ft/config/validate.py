@@ -17,12 +17,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'model.path' is required")
     if not cfg.data.train:
         raise ConfigError("config key 'data.train' is required")
-    if not re.fullmatch(r"none|full|selective:[1-9]\d*", cfg.activation_checkpointing):
-        raise ConfigError("config key 'activation_checkpointing' must be none, full or selective:K with K >= 1, "
-                          f"got {cfg.activation_checkpointing!r}")
-    for key in ("micro_batch_size", "grad_accum", "seq_len", "epochs", "log_every", "keep_last"):
-        if getattr(cfg.train, key) < 1:
+    if not re.fullmatch(r"none|full|auto|selective:[1-9]\d*", cfg.activation_checkpointing):
+        raise ConfigError("config key 'activation_checkpointing' must be none, full, auto or selective:K with "
+                          f"K >= 1, got {cfg.activation_checkpointing!r}")
+    for key in ("micro_batch_size", "grad_accum", "global_batch_size", "seq_len", "epochs", "log_every",
+                "keep_last"):
+        value = getattr(cfg.train, key)
+        if value is not None and value < 1:
             raise ConfigError(f"config key 'train.{key}' must be >= 1")
+    if cfg.fsdp.memory_budget_gib is not None and not cfg.fsdp.memory_budget_gib > 0:
+        raise ConfigError(f"config key 'fsdp.memory_budget_gib' must be > 0 (or null), got "
+                          f"{cfg.fsdp.memory_budget_gib}")
     for key in ("max_steps", "eval_every", "save_every"):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"config key 'train.{key}' must be >= 0")

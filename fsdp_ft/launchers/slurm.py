@@ -327,7 +327,7 @@ def batch_script(ex, array_size: int | None = None) -> str:
 
 
 def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
-    from fsdp_ft.config import load_config, require_extras
+    from fsdp_ft.config import batch, load_config, require_extras
 
     if opts.tune:
         return submit_tune(config_path, overrides, opts)
@@ -338,8 +338,10 @@ def submit(config_path: str, overrides: list[str], opts: SubmitOptions) -> int:
     configs = [load_config(config_path, [*overrides, *combo,
                                          *([f"output_dir={Path(base.output_dir) / run_name(combo)}"] if combo else [])])
                for combo in combos] if opts.sweep else [base]
-    for cfg in configs:  # submitit, and what each run's config asks for, before anything is queued
+    ranks = opts.nodes * (opts.tasks_per_node or max(opts.gpus_per_node, 1))
+    for cfg in configs:  # submitit, what each run's config asks for, and its global batch, before anything is queued
         require_extras(cfg, "submit")
+        batch.resolve(cfg, ranks)
     folder = Path(opts.folder or Path(base.output_dir) / "logs" / "slurm").absolute()
     if not opts.dry_run and shutil.which("sbatch") is None:
         raise SlurmError("`sbatch` is not on PATH: `fsdp-ft submit` needs a SLURM cluster "

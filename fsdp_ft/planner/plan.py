@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
-from fsdp_ft.config import Config, load_config
+from fsdp_ft.config import Config, batch, load_config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.observability.units import fmt_bytes
 from fsdp_ft.planner import memsim
@@ -98,6 +99,7 @@ def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, targe
     this machine's).
     Runs inside the caller's `memsim.fake_world`."""
     cfg = precision.resolve_precision(cfg, target)  # fsdp.mixed_precision=auto: what the target device would use
+    cfg = batch.resolve(cfg, world_size)  # train.global_batch_size: the accumulation on these ranks
     cfg = memsim.resolve_auto(cfg, model_dir, hf_config, tokenizer, world_size, memory_per_rank)
     layers = _layer_count(hf_config)
     p = _period(cfg, hf_config)
@@ -122,14 +124,16 @@ def predict(cfg: Config, model_dir, hf_config, tokenizer, world_size: int, targe
 
 def candidates(cfg: Config, target: str) -> list[list[str]]:
     """Override sets to try, cheapest first (in lost speed): resharding, smaller micro-batches (same global
-    batch), activation checkpointing, CPU offload, then changing what trains (LoRA, QLoRA)."""
+    batch), activation checkpointing, CPU offload, then changing what trains (LoRA, QLoRA). `cfg` has its
+    train.grad_accum resolved (`batch.resolve`)."""
     t, out = cfg.train, []
     micro = []
     mb = t.micro_batch_size
     while mb > 1:
         mb //= 2
-        micro.append([f"train.micro_batch_size={mb}",
-                      f"train.grad_accum={t.grad_accum * t.micro_batch_size // mb}"])
+        # with train.global_batch_size set, the accumulation follows the micro-batch by itself
+        accum = [] if t.global_batch_size else [f"train.grad_accum={t.grad_accum * t.micro_batch_size // mb}"]
+        micro.append([f"train.micro_batch_size={mb}", *accum])
     base = [] if cfg.fsdp.reshard_after_forward else ["fsdp.reshard_after_forward=true"]
     if cfg.fsdp.gather_once_per_step:
         base.append("fsdp.gather_once_per_step=false")
@@ -156,7 +160,7 @@ def candidates(cfg: Config, target: str) -> list[list[str]]:
 def advise(config_path: str, overrides: list[str], model_dir, hf_config, tokenizer, world_size: int, target: str,
            budget_bytes: int, on_try=None, exact: bool = False) -> tuple[Prediction | None, list[Prediction]]:
     """The first candidate (cheapest first) whose peak fits HEADROOM x budget, and every prediction made."""
-    cfg = load_config(config_path, overrides)
+    cfg = batch.resolve(load_config(config_path, overrides), world_size)
     tried = []
     for extra in candidates(cfg, target):
         try:
@@ -172,6 +176,75 @@ def advise(config_path: str, overrides: list[str], model_dir, hf_config, tokeniz
         if pred.peak_bytes <= HEADROOM * budget_bytes:
             return pred, tried
     return None, tried
+
+
+# ---------------------------------------------------------------- auto settings
+# activation_checkpointing=auto and fsdp.cpu_offload=auto: training resolves them at start (`planner.autofit`),
+# `fsdp-ft plan` before it predicts
+
+AUTO = "auto"
+AC_ORDER = ("none", "selective:2", "full")
+
+
+def has_auto(cfg: Config) -> bool:
+    return cfg.activation_checkpointing == AUTO or cfg.fsdp.cpu_offload == AUTO
+
+
+def options(cfg: Config, target: str) -> list[tuple[str, bool]]:
+    """(activation_checkpointing, cpu_offload) pairs to try, cheapest first."""
+    acs = AC_ORDER if cfg.activation_checkpointing == AUTO else (cfg.activation_checkpointing,)
+    if cfg.fsdp.cpu_offload != AUTO:
+        offloads = (cfg.fsdp.cpu_offload,)
+    else:
+        offloads = (False, True) if target == "cuda" else (False,)
+    return [(ac, off) for off in offloads for ac in acs]
+
+
+def with_choice(cfg: Config, ac: str, offload: bool) -> Config:
+    return dataclasses.replace(cfg, activation_checkpointing=ac,
+                               fsdp=dataclasses.replace(cfg.fsdp, cpu_offload=offload))
+
+
+def device_memory(cfg: Config, target: str, local_rank: int) -> tuple[int, str]:
+    """The bytes a rank plans for, and where the number comes from."""
+    if cfg.fsdp.memory_budget_gib:
+        return int(cfg.fsdp.memory_budget_gib * 2 ** 30), "fsdp.memory_budget_gib"
+    if target == "cuda":
+        import torch
+
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)  # as init_distributed will: CUDA's first use here must not land on GPU 0
+        props = torch.cuda.get_device_properties(index)
+        return props.total_memory, f"GPU {props.name}"
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host // ranks, f"host RAM / {ranks} rank(s)"
+
+
+def choose(cfg: Config, model_dir, hf_config, tokenizer, world: int, target: str,
+           budget: tuple[int, str]) -> tuple[Config, dict]:
+    """The first of `options` whose predicted peak fits HEADROOM x budget (bytes, source), else the last; and a
+    note per auto key. Runs inside the caller's `memsim.fake_world`."""
+    budget, source = budget
+    too_big = []
+    for ac, offload in options(cfg, target):
+        # the budget is also the device memory the null fsdp.shard_frozen / hybrid_replicas decide by, as in
+        # `fsdp-ft plan --gpu-mem-gb` (training decides those by the device's own memory)
+        pred = predict(with_choice(cfg, ac, offload), model_dir, hf_config, tokenizer, world, target,
+                       memory_per_rank=budget)
+        if fits := pred.peak_bytes <= HEADROOM * budget:
+            break
+        too_big.append(f"{ac}{', offload' if offload else ''} {fmt_bytes(pred.peak_bytes)}")
+    verdict = (f"plan {fmt_bytes(pred.peak_bytes)} of {fmt_bytes(budget)}, {source}, {HEADROOM:.0%} usable"
+               + (f"; too big: {', '.join(too_big)}" if too_big and fits else "")
+               + ("" if fits else "; nothing tried fits, so the most frugal setting: expect out-of-memory"))
+    notes = {}
+    if cfg.activation_checkpointing == AUTO:
+        notes["activation_checkpointing"] = f"auto -> {ac} ({verdict})"
+    if cfg.fsdp.cpu_offload == AUTO:
+        why = verdict if target == "cuda" else "CPU ranks: the state is in host memory already"
+        notes["fsdp.cpu_offload"] = f"auto -> {str(offload).lower()} ({why})"
+    return with_choice(cfg, ac, offload), notes
 
 
 # ---------------------------------------------------------------- output
@@ -210,6 +283,13 @@ def run_plan(config_path: str, overrides: list[str], world_size: int, target: st
     hf_config = load_hf_config(cfg, model_dir)
     budget = int(budget_gib * GIB) if budget_gib else None
     with memsim.fake_world(world_size):
+        if has_auto(cfg):  # what training would choose for this budget, then planned as any setting
+            cfg, notes = choose(cfg, model_dir, hf_config, tokenizer, world_size, target,
+                                (budget, "--gpu-memory-gib") if budget else _auto_budget(cfg, target))
+            overrides = [*overrides, f"activation_checkpointing={cfg.activation_checkpointing}",
+                         f"fsdp.cpu_offload={str(cfg.fsdp.cpu_offload).lower()}"]
+            if not as_json:
+                print("\n".join(f"{key}: {note}" for key, note in notes.items()))
         pred = predict(cfg, model_dir, hf_config, tokenizer, world_size, target, exact=exact, memory_per_rank=budget)
         fits = budget is None or pred.peak_bytes <= HEADROOM * budget
         advice, tried = (pred, []) if fits else advise(
@@ -231,6 +311,16 @@ def run_plan(config_path: str, overrides: list[str], world_size: int, target: st
     if budget is not None:
         print(_advice_text(pred, advice, budget, fits))
     return 0
+
+
+def _auto_budget(cfg: Config, target: str) -> tuple[int, str]:
+    if target == "cuda" and not cfg.fsdp.memory_budget_gib:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("fsdp-ft plan: the auto settings on a GPU need its memory: give --gpu-memory-gib "
+                              "or fsdp.memory_budget_gib")
+    return device_memory(cfg, target, 0)
 
 
 def _print_try(budget: int):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_ft.config import Config
+from fsdp_ft.config import Config, batch as global_batch
 from fsdp_ft.errors import ConfigError
 
 NO_LOSS = ("«", "»")  # marks tokens that carry no loss in the inline view
@@ -60,7 +60,8 @@ def first_batch(cfg: Config) -> tuple[dict, object, list[dict]]:
     tokenizer = load_tokenizer(cfg, resolve_model_dir(cfg))
     task = get_task(cfg, tokenizer)
     rows = load_splits(cfg, task).train  # tokenized (and packed) exactly as training sees them
-    plan = BatchPlan(len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum, 1, 0, cfg.train.seed)
+    accum = global_batch.resolve(cfg, 1).train.grad_accum
+    plan = BatchPlan(len(rows), cfg.train.micro_batch_size, accum, 1, 0, cfg.train.seed)
     indices = plan.micro_batches(plan.permutation(0), 0)[0]
     return task.collate([task.encode(rows[i]) for i in indices]), tokenizer, [rows[i] for i in indices]
 

@@ -9,7 +9,7 @@ used, so both engines train alike). `"auto"` values, as in Hugging Face's DeepSp
 from __future__ import annotations
 
 
-from fsdp_ft.config import Config, read_user_config
+from fsdp_ft.config import Config, batch, read_user_config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.runtime import precision
 
@@ -37,6 +37,7 @@ def _merge(ours: dict, theirs: dict) -> dict:
 def build_ds_config(cfg: Config, world_size: int, cuda: bool) -> dict:
     """The DeepSpeed config dict for this run (written to output_dir/deepspeed_config.json)."""
     cfg = precision.resolve_precision(cfg, "cuda" if cuda else "cpu")  # auto: for the device this run is on
+    cfg = batch.resolve(cfg, world_size)  # train.global_batch_size: the accumulation on these ranks
     t, user = cfg.train, read_user_config(cfg.deepspeed.config)
     stage, dtype = zero_stage(cfg, user), precision.deepspeed_compute_precision(cfg)
     zero: dict = {"stage": stage}

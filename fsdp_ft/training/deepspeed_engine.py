@@ -215,6 +215,7 @@ class DeepSpeedEngine:
         return {}
 
 
-def train(cfg: Config) -> TrainResult:
-    """engine=deepspeed: set up, build, partition, resume, train, export."""
-    return scaffold.run(cfg, DeepSpeedEngine())
+def train(cfg: Config, auto: dict | None = None) -> TrainResult:
+    """engine=deepspeed: set up, build, partition, resume, train, export. `auto`: the notes of the auto settings
+    `fsdp_ft.api.train` resolved, for the set-up row."""
+    return scaffold.run(cfg, DeepSpeedEngine(), auto)

@@ -86,10 +86,11 @@ class FSDPEngine:
                 "quantized_bytes_per_rank": distributed.all_gather_object(quantize.quantized_bytes(built.model))}
 
 
-def train(cfg: Config, malloc: str) -> TrainResult:
-    """engine=fsdp: set up, build, shard, load, resume, train, export. `malloc` is the host allocator's tuning,
-    for the set-up row (`fsdp_ft.api.train` applies it before any engine starts)."""
-    return scaffold.run(cfg, FSDPEngine(malloc))
+def train(cfg: Config, malloc: str, auto: dict | None = None) -> TrainResult:
+    """engine=fsdp: set up, build, shard, load, resume, train, export. `malloc` is the host allocator's tuning and
+    `auto` the notes of the auto settings, for the set-up row (`fsdp_ft.api.train` makes both before any engine
+    starts)."""
+    return scaffold.run(cfg, FSDPEngine(malloc), auto)
 
 
 def _check_placement(cfg: Config, env: distributed.DistEnv, model, task) -> int:

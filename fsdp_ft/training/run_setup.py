@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from fsdp_ft.checkpoint import run_identity
-from fsdp_ft.config import Config
+from fsdp_ft.config import Config, batch
 from fsdp_ft.data.splits import BatchPlan, Splits, load_splits
 from fsdp_ft.errors import ConfigError, DataError
 from fsdp_ft.model import adapters, vocab
@@ -169,9 +169,11 @@ def resumed_state(env: distributed.DistEnv, run: run_identity.RunStart, saved: d
 
 def start_process(cfg: Config) -> tuple[Config, distributed.DistEnv, bool]:
     """The process group and this rank's device; `cfg` with fsdp.mixed_precision=auto resolved for that device
-    (before the fingerprint and config.yaml record it); TF32 set before any matmul and the MFU peak."""
+    and train.grad_accum for the world size (before the fingerprint and config.yaml record them); TF32 set before
+    any matmul and the MFU peak."""
     env = distributed.init_distributed(cfg.dist.setup_timeout_minutes, cfg.dist.timeout_minutes)
     cfg = precision.resolve_precision(cfg, env.device)
+    cfg = batch.resolve(cfg, env.world_size)  # every rank of the job is data-parallel (fsdp_ft.config.batch)
     return cfg, env, tf32.apply(cfg.train.tf32, env.device)
 
 
@@ -183,7 +185,7 @@ def setup_info(cfg: Config, data: RunData, trainable: int, total: int, materiali
             "weights_loaded": materialized["loaded"], "weights_initialised": len(materialized["initialised"]),
             "dropped_rows": splits.dropped, "train_rows": len(splits.train),
             "eval_rows": len(splits.eval) if splits.eval is not None else 0, "labels": data.labels,
-            "total_steps": data.steps,
+            "total_steps": data.steps, "batch": batch.describe(cfg, data.plan.world_size),
             "flop_counts": flop_counts.to_dict() if flop_counts else None,
             "flops_per_token": flop_counts.per_token_at(cfg.train.seq_len) if flop_counts else None}
 

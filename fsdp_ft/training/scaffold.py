@@ -13,7 +13,8 @@ import torch
 
 from fsdp_ft.checkpoint import run_identity
 from fsdp_ft.checkpoint.export import export_final
-from fsdp_ft.config import Config, dump_config
+from fsdp_ft.config import Config, batch, dump_config
+from fsdp_ft.errors import ConfigError
 from fsdp_ft.observability import memtrack
 from fsdp_ft.observability.flops import FlopCounts
 from fsdp_ft.observability.metrics import MetricsLogger, peak_host_rss_bytes
@@ -71,9 +72,22 @@ def config_sha256(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run(cfg: Config, engine: Engine) -> TrainResult:
-    """Set up, build, resume, train and export `cfg` with `engine`, on every rank."""
+def check_auto_agrees(cfg: Config) -> None:
+    """Every rank planned the auto settings alone, from the same inputs: all took the same choice, or every rank
+    raises the same one-line error (GPUs of different memory could choose differently)."""
+    choices = distributed.all_gather_object((cfg.activation_checkpointing, cfg.fsdp.cpu_offload))
+    if len(set(choices)) > 1:
+        raise ConfigError(f"activation_checkpointing / fsdp.cpu_offload = auto chose differently on the ranks "
+                          f"(devices of different memory?): {choices}; set them explicitly, or set "
+                          f"fsdp.memory_budget_gib")
+
+
+def run(cfg: Config, engine: Engine, auto: dict | None = None) -> TrainResult:
+    """Set up, build, resume, train and export `cfg` with `engine`, on every rank. `auto`: what the planner chose
+    for the auto settings (`planner.autofit`), for the set-up row."""
     cfg, env, tf32_on = engine.start(cfg)  # precision resolved before the fingerprint and config.yaml record it
+    if auto:
+        check_auto_agrees(cfg)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.output_dir)
     started = open_run(cfg, env)
@@ -94,16 +108,24 @@ def run(cfg: Config, engine: Engine) -> TrainResult:
     state.run, state.extra = started.record(), built.extra_state
     if env.is_main:
         run_identity.record(out, started)
-        dump_config(cfg, out / "config.yaml")
+        dump_config(batch.portable(cfg), out / "config.yaml")
         for name, text in built.files.items():
             (out / name).write_text(text)
     peak, peak_source = rank_peak_flops(cfg, env)
+    if auto:
+        info["auto"] = auto
+        for key, note in auto.items():
+            if key != "planner_s":
+                log_main(env, f"{key}={note}")
     info.update(run_id=started.run_id, resumed_from=started.resume_from, setup_s=time.perf_counter() - t0,
                 world_size=env.world_size, device=str(env.device), backend=env.backend, peak_flops=peak,
                 tf32=tf32_on, peak_flops_source=peak_source,
                 host_rss_after_setup_per_rank=distributed.all_gather_object(peak_host_rss_bytes()),
                 config_sha256_per_rank=distributed.all_gather_object(config_sha256(cfg)))
     log_main(env, built.summary)
+    b = info["batch"]
+    log_main(env, f"global batch {b['global']} = micro-batch {b['micro']} x accumulation {b['accum']} x "
+                  f"{b['ranks']} rank(s) (from {b['from']})")
     logger = MetricsLogger(out, env.is_main, data.steps, cfg.train.tensorboard, cfg.train.progress_bar, state.step)
     logger.log({"split": "setup", "step": state.step, **info})
     trainer = engine.trainer_class(cfg, env, built.model, data.task, built.optimizer, scheduler, built.scaler,
