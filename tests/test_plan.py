@@ -406,7 +406,7 @@ def test_colab_qlora_plan_holds_the_4bit_base_and_fits_16gb(tmp_path):
               "--json").stdout
     result = json.loads(out.strip().splitlines()[-1])
     pred = result["prediction"]
-    base = sum(base_bytes_by_hand(shape, "qlora", "nf4", scaler=256))
+    base = sum(base_bytes_by_hand(shape, "qlora", "nf4"))
     assert pred["step"]["whole"] == base
     assert result["budget_bytes"] == 16 * 2 ** 30 and result["fits"] is True and result["tried"] == []
     assert pred["peak_bytes"] <= plan.HEADROOM * 16 * 2 ** 30
