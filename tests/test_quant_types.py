@@ -206,9 +206,9 @@ def test_quantized_base_is_sharded(quant_runs, quant):
     assert len(one) == 1 and len(two) == 2
     for b in two:
         assert abs(b - one[0] / 2) <= 0.1 * one[0] / 2, (b, one)
-    if quant == "fp4":  # as NF4: 4-bit codes, 8-bit scales, fp32 factors, per tensor a mean and the code book
-        values = LORA_TARGETS
-        assert one[0] == values // 2 + values // 64 + values // 64 // 256 * 4 + 14 * (4 + 16 * 4)
+    if quant == "fp4":  # as NF4: 4-bit codes, 8-bit scales, an fp32 factor per row's scales (the auto layout),
+        values = LORA_TARGETS  # per tensor a mean and the code book
+        assert one[0] == values // 2 + values // 64 + 4 * LORA_ROWS + 14 * (4 + 16 * 4)
     else:  # one byte per value and an fp32 absmax per row
         assert one[0] == LORA_TARGETS + 4 * LORA_ROWS
 

@@ -106,8 +106,9 @@ def test_filters_drop_only_the_known_messages(monkeypatch):
             seen.append(record.getMessage())
 
     logger = logging.getLogger("torchao")
-    handler, filters = Keep(), list(logger.filters)
+    handler, filters, level = Keep(), list(logger.filters), logger.level
     logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # whatever an earlier test in this process set
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -120,5 +121,6 @@ def test_filters_drop_only_the_known_messages(monkeypatch):
     finally:
         logger.removeHandler(handler)
         logger.filters[:] = filters
+        logger.setLevel(level)
     assert seen == ["a real torchao problem"]
     assert [w.filename for w in caught] == ["fsdp_ft.training.trainer.py"]

@@ -15,7 +15,6 @@ needs the table by name. int8 is LLM.int8's row-wise format, see `fsdp_ft.quant.
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -31,7 +30,6 @@ QUANT_TYPE_ATTR = "fsdp_ft_quant_type"  # set on each quantized linear: which qu
 
 
 def _nf4():
-    logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA kernels it cannot load on CPU
     from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
 
     from fsdp_ft.quant import nf4_linear
