@@ -39,7 +39,7 @@ def peft_runs(session_tmp, pretrained_q256):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("dora", marks=pytest.mark.slow), "qlora"])
 def test_two_ranks_equal_one_process_fp32(peft_runs, method):
     one, two = peft_runs(method, 1), peft_runs(method, 2)
     assert len(losses(one)) == 10

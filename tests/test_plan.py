@@ -167,6 +167,7 @@ def test_extrapolated_depth_equals_full_simulation(tmp_path):
     assert short["peak_bytes"] == pytest.approx(full["peak_bytes"], rel=1e-3)  # equal here, to the byte
 
 
+@pytest.mark.slow  # CI time (docs/testing.md, "What the default run leaves out")
 def test_auto_shard_frozen_follows_the_planned_memory(tmp_path):
     """fsdp.shard_frozen=null is decided for the whole model against the memory being planned for: with room
     the prediction equals a LoRA base kept whole per rank, without it explicit sharding. (On this tiny model whole

@@ -71,6 +71,7 @@ def _plan(*args: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])["prediction"]
 
 
+@pytest.mark.slow  # CI time (docs/testing.md, "What the default run leaves out")
 def test_plan_counts_auto_as_the_target_device_would_run_it(tmp_path):
     """A GPU plan of auto is the bf16 plan (bf16 gathered weights and activations), a CPU plan the fp32 one."""
     out = f"output_dir={tmp_path}"

@@ -81,7 +81,7 @@ def test_kill9_then_resume_continues_exactly(session_tmp, pretrained_q256, dropo
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-9"]
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "lora", pytest.param("qlora", marks=pytest.mark.slow)])
 def test_resume_with_other_world_size_reshards(session_tmp, method):
     """DCP reshards on load: a 2-rank checkpoint resumes in one process (same global batch) and continues.
     LoRA's 2 ranks hold every weight whole (FSDP on the size-1 shard dimension of a 2 x 1 mesh). QLoRA's base,

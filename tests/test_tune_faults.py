@@ -119,6 +119,7 @@ def test_a_trial_taken_over_before_its_first_checkpoint_fails_and_its_params_are
     assert yaml.safe_load((out / "trials" / "0001" / "trial.yaml").read_text())["optim"]["lr"] == 3.0e-3
 
 
+@pytest.mark.slow  # CI time (docs/testing.md, "What the default run leaves out")
 def test_refused_configs_and_nan_losses_fail_with_their_reason_and_the_search_goes_on(tmp_path):
     """A grid of (finetune.method x freeze_embeddings): method full with a frozen embedding is refused by the
     config check and recorded FAIL; the other three train. Then a search whose only lr makes the loss NaN: each
