@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from fsdp_ft.errors import UserError
 
@@ -272,6 +273,9 @@ def cmd_train(args) -> int:
         return 128 + preemption.stop_signal()
     if result.pruned_at is not None and ranklog.rank_from_env() == 0:
         print(f"fsdp-ft: the search pruned this trial at step {result.pruned_at}", file=sys.stderr)
+    final = Path(result.output_dir) / "final"
+    if result.pruned_at is None and ranklog.rank_from_env() == 0 and final.is_dir():
+        print(f"[fsdp_ft] done at step {result.state.step}: the model is in {final}", flush=True)
     return 0
 
 

@@ -36,10 +36,14 @@ def imported(proc) -> set[str]:
 
 def test_tiny_demo_fits_one_screen_with_only_our_lines(tmp_path):
     """`fsdp-ft train configs/tiny.yaml` as the config's comment shows it (40 steps, evals at 20 and 40)."""
-    lines = console(cli("train", str(TINY), f"output_dir={tmp_path / 'run'}"))
+    proc = cli("train", str(TINY), f"output_dir={tmp_path / 'run'}")
+    lines = console(proc)
     assert not foreign(lines), "\n".join(lines)
     assert len(lines) <= ONE_SCREEN, "\n".join(lines)
     assert sum(line.startswith("[eval]") for line in lines) == 2, "\n".join(lines)
+    final = tmp_path / "run" / "final"  # the last line says where the model is, and it is there
+    assert proc.stdout.splitlines()[-1] == f"[fsdp_ft] done at step 40: the model is in {final}"
+    assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
 
 
 def test_two_ranks_are_quiet_and_import_no_unused_optional_library(tmp_path, monkeypatch):
@@ -52,6 +56,8 @@ def test_two_ranks_are_quiet_and_import_no_unused_optional_library(tmp_path, mon
     lines = console(proc)
     assert not foreign(lines), "\n".join(lines)
     assert len(lines) <= ONE_SCREEN, "\n".join(lines)
+    done = [line for line in lines if " done at step " in line]  # rank 0's, once, last on stdout
+    assert done == [proc.stdout.splitlines()[-1]], "\n".join(lines)
     modules = imported(proc)
     assert {"torch", "transformers", "fsdp_ft"} <= modules  # the report is there
     assert not modules & {"torchao", "bitsandbytes"}, sorted(modules & {"torchao", "bitsandbytes"})
