@@ -125,3 +125,12 @@ def save_tiny_llama(out: Path, seed: int, **changes) -> Path:
         if f.name != "config.json":
             shutil.copy(f, out / f.name)
     return out
+
+
+def drop_leftover_process_group() -> None:
+    """An in-process training test leaves its world-size-1 process group in the worker; the memory simulation
+    (`memsim.fake_world`) needs a process without one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

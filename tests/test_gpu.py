@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ASSETS, FAST, REPO, TINY, assert_losses_close, cli, losses
+from conftest import ASSETS, FAST, REPO, TINY, assert_losses_close, cli, drop_leftover_process_group, losses
 from fsdp_ft.observability.metrics import read_metrics
 
 pytestmark = pytest.mark.gpu
@@ -249,6 +249,7 @@ def test_two_rank_quantized_shards_stay_where_fsdp_wants_them(quant):
 
     device = torch.device("cuda", torch.cuda.current_device())
     for offload in (True, False):
+        drop_leftover_process_group()
         with memsim.fake_world(2):
             cfg = load_config(TINY, ["output_dir=/tmp/unused", "fsdp.mixed_precision=fp32", *QLORA_2RANKS,
                                      f"finetune.quant.type={quant}", f"fsdp.cpu_offload={str(offload).lower()}"])

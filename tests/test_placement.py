@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ASSETS, REPO, TINY, free_port, losses, train_1proc, train_nproc
+from conftest import ASSETS, REPO, TINY, drop_leftover_process_group, free_port, losses, train_1proc, train_nproc
 from fsdp_ft.model import placement
 from fsdp_ft.observability.metrics import read_metrics
 from fsdp_ft.quant import quantize
@@ -133,6 +133,7 @@ def test_offload_puts_shards_on_the_host_and_the_rest_on_the_device(overrides):
     from fsdp_ft.model.materialize import materialize
     from fsdp_ft.planner import memsim
 
+    drop_leftover_process_group()
     with memsim.fake_world(2):
         cfg, model, _ = _sharded([*overrides, "fsdp.cpu_offload=true"], META)
         materialize(model, None, 0, META, offload=True)
@@ -163,6 +164,7 @@ def test_each_rank_stores_only_its_shard_of_the_quantized_base(quant):
     from fsdp_ft.model.materialize import materialize
     from fsdp_ft.planner import memsim
 
+    drop_leftover_process_group()
     with memsim.fake_world(2):
         _, model, _ = _sharded([*QUANT, f"finetune.quant.type={quant}"], CPU)
         materialize(model, None, 0, CPU)
