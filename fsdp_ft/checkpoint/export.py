@@ -15,7 +15,7 @@ import torch
 from fsdp_ft.checkpoint import dcp_checkpoint
 from fsdp_ft.config import config_from_dict, require_extras
 from fsdp_ft.errors import CheckpointError, UserError
-from fsdp_ft.model import adapters, vocab
+from fsdp_ft.model import adapters, checkpoint_layout, vocab
 from fsdp_ft.quant import quantize
 from fsdp_ft.storage import durable
 from fsdp_ft.storage.weights_io import atomic_dir, write_safetensors_shards
@@ -115,6 +115,7 @@ def export_checkpoint(run_dir: Path, ckpt: Path, out: Path, tokenizer=None, max_
     else:
         keep = set(_unique_state_names(model))
         stream = ((k, v) for k, v in iter_model_tensors(ckpt) if k in keep)
+    stream = checkpoint_layout.original_layout(stream, model)  # e.g. MoE experts one matrix each again
     with atomic_dir(out) as tmp:
         write_safetensors_shards(stream, Path(tmp) / "weights", max_shard_bytes=max_shard_bytes)
         for f in (Path(tmp) / "weights").iterdir():

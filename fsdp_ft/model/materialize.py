@@ -17,7 +17,7 @@ from torch import nn
 
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.model import adapters, placement, vocab
+from fsdp_ft.model import adapters, checkpoint_layout, placement, vocab
 from fsdp_ft.quant import quantize
 from fsdp_ft.runtime import host_malloc
 from fsdp_ft.storage.weights_io import SafetensorsReader
@@ -56,10 +56,55 @@ def open_weight_source(cfg: Config, model_dir: Path, model: nn.Module):
     if cfg.model.gguf_file:
         return _with_grown_vocab(_gguf_source(cfg, model_dir, model), model)
     try:
-        return _with_grown_vocab(SafetensorsReader(model_dir), model)
+        source = _with_grown_vocab(_in_model_layout(SafetensorsReader(model_dir), model), model)
     except FileNotFoundError:
         raise ConfigError(f"config key 'model.path': '{model_dir}' holds no *.safetensors weights; "
                           "set model.random_init=true to train from scratch, or model.gguf_file") from None
+    _require_base_weights(source, model, model_dir)
+    return source
+
+
+def _require_base_weights(source, model: nn.Module, model_dir: Path) -> None:
+    """Every parameter of the pretrained base must come from the checkpoint. New heads outside it (a classifier,
+    an untied LM head) and adapters start from init, and the run names them; a base weight the checkpoint lacks
+    means it does not fit this model (another architecture, a layout transformers converts and we did not), and
+    training on with that weight random would end with exit 0 and the wrong model."""
+    hf_model = adapters.base_model(model)
+    prefix = getattr(hf_model, "base_model_prefix", "")
+    body = getattr(hf_model, prefix, None) if prefix else None
+    if not isinstance(body, nn.Module):
+        return  # the model is its own base (a bare AutoModel): nothing is a head
+    inside = {id(p) for p in body.parameters()}
+    found: dict[int, bool] = {}  # a tied weight counts as found under any of its names
+    first_name: dict[int, str] = {}
+    for mname, module in model.named_modules():
+        if adapters.is_adapter(mname):
+            continue
+        for k, p in module._parameters.items():
+            if p is None or id(p) not in inside:
+                continue
+            name = adapters.checkpoint_name(f"{mname}.{k}".lstrip("."))
+            first_name.setdefault(id(p), name)
+            found[id(p)] = found.get(id(p), False) or _source_key(source, name, prefix) is not None
+    missing = [first_name[i] for i, ok in found.items() if not ok]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        source.close()
+        kind = type(hf_model).__name__.removeprefix("FSDP")  # FSDP2 subclasses the model it wraps
+        raise ConfigError(f"config key 'model.path': the checkpoint in '{model_dir}' has no {missing[0]}{more} of "
+                          f"this {kind}: it does not match model.path's config.json")
+
+
+def _in_model_layout(source, model: nn.Module):
+    """The checkpoint as the model names and shapes its tensors (MoE experts fused: `checkpoint_layout`)."""
+    shapes = {}
+    for mname, module in model.named_modules():
+        if adapters.is_adapter(mname):
+            continue
+        for k, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None:
+                shapes[adapters.checkpoint_name(f"{mname}.{k}".lstrip("."))] = tuple(t.shape)
+    return checkpoint_layout.model_view(source, adapters.base_model(model), shapes)
 
 
 def _with_grown_vocab(source, model: nn.Module):

@@ -1,0 +1,180 @@
+"""Mixture-of-experts models: transformers 5 holds each expert projection of a layer as one 3-D tensor, while the
+checkpoints (and transformers' own save_pretrained) keep one matrix per expert. Loading must convert (each rank
+reading only its own experts), a checkpoint that does not fit must be refused rather than half-initialised, and
+export must write the checkpoint's own layout back. Every comparison is against transformers' own loading."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import ASSETS, TINY, cli, losses
+from fsdp_ft.config import load_config
+from fsdp_ft.runtime import distributed
+from fsdp_ft.training import fsdp_engine
+
+SAMPLE = ["Return a new list containing all items from the iterable in ascending order.",
+          "Open file and return a stream. Raise OSError upon failure."]
+
+# (model_type, its expert settings): the three checkpoint layouts transformers converts for MoE blocks
+MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),  # block_sparse_moe.experts.N.w1/w2/w3
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=16),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),  # experts.N.gate_proj/up_proj/down_proj
+}
+
+
+def save_tiny_moe(out, model_type: str, seed: int = 5):
+    """A 'pretrained' MoE folder written by transformers' save_pretrained (the per-expert layout), with the tiny
+    tokenizer; the shapes of tests/assets/tiny-llama, 2 blocks of 4 experts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = json.loads((ASSETS / "tiny-llama" / "config.json").read_text())
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=2, **MOE[model_type],
+                               **{k: base[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                       "num_key_value_heads", "vocab_size", "bos_token_id",
+                                                       "eos_token_id", "pad_token_id") if k in base})
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    for f in (ASSETS / "tiny-llama").iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def _keys(folder) -> set[str]:
+    keys = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            keys |= set(h.keys())
+    return keys
+
+
+def _cfg(tmp_path, path, *overrides):
+    return load_config(TINY, [f"output_dir={tmp_path / 'run'}", f"model.path={path}", "model.random_init=false",
+                              *overrides])
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_moe_checkpoint_loads_as_transformers_loads_it(tmp_path, model_type):
+    """The per-expert checkpoint is read into the fused experts: logits equal transformers' from_pretrained, and
+    nothing but buffers was initialised."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_moe(tmp_path / model_type, model_type)
+    assert any(".experts.0." in k for k in _keys(path))  # really the per-expert layout on disk
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    built = fsdp_engine.build(_cfg(tmp_path, path), distributed.init_distributed())
+    model = built.model.eval()
+    assert built.info["weights_initialised"] == len([n for n, _ in model.named_buffers()])
+    fused = {n: p.full_tensor() for n, p in model.named_parameters() if ".experts." in n}
+    assert fused and all(t.dim() == 3 for t in fused.values())
+    for name, t in fused.items():
+        torch.testing.assert_close(t, ref.get_parameter(name), rtol=0, atol=0)
+    batch = built.data.tokenizer(SAMPLE, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch, use_cache=False).logits, ref(**batch).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_missing_a_base_weight_is_refused(tmp_path):
+    """A checkpoint without one of the base's weights fails at start, naming it (before: that weight trained from
+    random init and the run ended with exit 0)."""
+    path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
+    with safe_open(str(path / "model.safetensors"), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys() if k != "model.layers.1.self_attn.k_proj.weight"}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    proc = cli("train", str(TINY), f"output_dir={tmp_path / 'run'}", f"model.path={path}", "model.random_init=false",
+               "train.max_steps=2", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "model.layers.1.self_attn.k_proj.weight" in last and "model.path" in last, last
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.distributed
+def test_moe_two_ranks_equal_one_and_export_keeps_the_checkpoint_layout(tmp_path):
+    """Full fine-tuning of a Mixtral on 2 ranks (each reads its 2 of the 4 experts) follows the 1-process curve;
+    the exported model has exactly the checkpoint's per-expert keys and transformers loads it to the trained
+    weights."""
+    from transformers import AutoModelForCausalLM
+
+    from fsdp_ft.checkpoint.dcp_checkpoint import list_checkpoints
+    from fsdp_ft.storage.weights_io import iter_dcp_tensors
+
+    path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
+    common = [str(TINY), f"model.path={path}", "model.random_init=false", "train.max_steps=6", "train.log_every=1",
+              "train.eval_every=0", "train.save_every=6", "train.global_batch_size=8", "train.grad_accum=null"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli("train", *common, f"output_dir={one}")
+    cli("run", "--nproc-per-node", "2", *common, f"output_dir={two}")
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+    final = two / "final"
+    assert _keys(final) == _keys(path)  # per-expert w1/w2/w3 under block_sparse_moe, as Mixtral checkpoints
+    reloaded = AutoModelForCausalLM.from_pretrained(final)
+    ckpt = list_checkpoints(two)[-1][1]
+    trained = dict(iter_dcp_tensors(ckpt, prefix="model."))
+    assert any(t.dim() == 3 for t in trained.values())
+    for name, t in trained.items():
+        torch.testing.assert_close(reloaded.state_dict()[name], t, rtol=0, atol=0, msg=name)
+
+
+def _original_layout_state(model) -> dict[str, torch.Tensor]:
+    """What transformers' save_pretrained writes for `model`: the checkpoint's per-expert layout."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, {k: v.detach() for k, v in model.state_dict().items()})
+
+
+def test_moe_full_fine_tuning_equals_the_reference_trainer(tmp_path):
+    """Mixtral full fine-tuning in one process against tests/reference_trainer.py (transformers loads and
+    converts the checkpoint, plain PyTorch trains): loss and gradient norm at every step, and the exported
+    per-expert weights against the reference's, both in the checkpoint's layout."""
+    from safetensors.torch import load_file
+
+    from reference_trainer import Recipe
+    from test_reference_trainer import assert_steps_match, assert_weights_match, base_model, reference, run_fsdp_ft
+
+    path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
+    r = Recipe(steps=4, micro=2, accum=2, seq_len=48, lr=3e-3, weight_decay=0.1, warmup=1, schedule="cosine",
+               max_grad_norm=0.5)
+    got = run_fsdp_ft(tmp_path / "run", path, r)
+    model = base_model(path)
+    want = reference(model, path, r)
+    assert_steps_match(got, want)
+    exported = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert any(".experts.3.w2." in k for k in exported)
+    assert_weights_match(exported, _original_layout_state(model))
+
+
+def test_moe_lora_adapts_experts_as_peft_does(tmp_path):
+    """LoRA with target_modules empty on an MoE: peft also adapts the expert tensors (a low-rank update per
+    expert) and the router. fsdp_ft equals the reference trainer with peft's own model, step for step, and the
+    trained expert adapters match."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from reference_trainer import Recipe
+    from test_reference_trainer import assert_steps_match, assert_weights_match, base_model, reference, run_fsdp_ft
+
+    path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
+    lora = ["finetune.method=lora", "finetune.lora.r=4", "finetune.lora.alpha=8"]
+    r = Recipe(steps=4, micro=2, accum=2, seq_len=48, lr=5e-3, weight_decay=0.1, warmup=1, schedule="constant",
+               max_grad_norm=1.0, seed=1)
+    init = tmp_path / "init"
+    run_fsdp_ft(init, path, Recipe(steps=1, micro=2, accum=1, seq_len=48, lr=0.0, seed=1), *lora)
+    got = run_fsdp_ft(tmp_path / "run", path, r, *lora)
+    model = PeftModel.from_pretrained(base_model(path), init / "final", is_trainable=True)
+    want = reference(model, path, r)
+    assert_steps_match(got, want)
+    trained = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+    assert any(".experts." in k and "lora_B" in k for k in trained)  # the experts were adapted
+    assert_weights_match(trained, get_peft_model_state_dict(model))
