@@ -88,6 +88,10 @@ class LoraConfig:
     alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha / r, or alpha / sqrt(r) with rslora)")
     dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: list[str] = _f([], "names of the modules to adapt (e.g. [q_proj, v_proj]); empty: every linear layer but the head")
+    target_parameters: list[str] = _f([], "parameters to adapt beside target_modules (peft's LoRA on a tensor: "
+                                      "one low-rank update per expert of a mixture-of-experts tensor), e.g. "
+                                      "[experts.gate_up_proj, experts.down_proj]; empty: peft's choice, which with "
+                                      "target_modules empty adapts the MoE experts and routers too")
     bias: str = _f("none", "which biases train", ("none", "all", "lora_only"))
     modules_to_save: list[str] = _f([], "modules trained in full beside the adapters (a classifier head is added by itself)")
     rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")

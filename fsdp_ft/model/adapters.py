@@ -35,6 +35,7 @@ def peft_config(cfg: Config, trainable_tokens=None):
         lo = ft.lora
         return peft.LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, bias=lo.bias,
                                target_modules=lo.target_modules or "all-linear",
+                               target_parameters=lo.target_parameters or None,
                                modules_to_save=lo.modules_to_save or None, use_rslora=lo.rslora,
                                use_dora=method == "dora", task_type=task_type,
                                trainable_token_indices=trainable_tokens or None)

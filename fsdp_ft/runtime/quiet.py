@@ -29,6 +29,9 @@ LOG_NOISE = (
 # (category, message regex, module regex) for warnings.filterwarnings
 WARNING_NOISE = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\."),  # peft reads the old name
+    # peft gives a fused gate_up_proj twice the rank by a pattern of its own, and warns where the model (an MoE:
+    # its gate_up_proj is an expert tensor, adapted by target_parameters or not at all) has no such linear layer
+    (RuntimeWarning, r"The following (rank|alpha)_pattern keys did not match any targeted module", r"peft\."),
 )
 
 

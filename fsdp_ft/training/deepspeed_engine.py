@@ -29,8 +29,8 @@ from fsdp_ft.runtime.precision import DTYPE
 from fsdp_ft.training import scaffold
 from fsdp_ft.training.deepspeed_config import build_ds_config, precision_of
 from fsdp_ft.training.optim import build_optimizer
-from fsdp_ft.training.run_setup import (build_meta, count_flops_or_none, load_data, log_initialised, setup_info,
-                                       start_process, trains_line)
+from fsdp_ft.training.run_setup import (build_meta, count_flops_or_none, load_data, log_initialised,
+                                       note_unquantized_experts, setup_info, start_process, trains_line)
 from fsdp_ft.training.scaffold import Built, TrainResult
 from fsdp_ft.training.trainer import Trainer
 
@@ -165,6 +165,7 @@ def build(cfg: Config, env, ds: dict, deepspeed) -> Built:
                               "copy, which engine deepspeed does not build; use a PEFT method or engine=fsdp")
         data.task.reference = None
     model, _ = build_meta(cfg, env, data.model_dir, data.tokenizer, data.labels)
+    note_unquantized_experts(env, cfg, model)
     trainable, total = parameter_counts(model)
     flop_counts = count_flops_or_none(env, model)  # the FSDP engine's count: what trains is settled, nothing placed
     blocks = fsdp.find_blocks(adapters.base_model(model), cfg.model.block_classes)

@@ -17,8 +17,8 @@ from fsdp_ft.quant import quantize
 from fsdp_ft.runtime import distributed
 from fsdp_ft.training import scaffold
 from fsdp_ft.training.optim import build_optimizer, init_state, needs_loss_scaling
-from fsdp_ft.training.run_setup import (build_meta, count_flops_or_none, load_data, log_initialised, setup_info,
-                                       start_process, trains_line)
+from fsdp_ft.training.run_setup import (build_meta, count_flops_or_none, load_data, log_initialised,
+                                       note_unquantized_experts, setup_info, start_process, trains_line)
 from fsdp_ft.training.scaffold import Built, TrainResult
 from fsdp_ft.training.trainer import Trainer
 
@@ -27,6 +27,7 @@ def build(cfg: Config, env: distributed.DistEnv) -> Built:
     """Data, tokenizer, the sharded and materialised model (and DPO's reference), and the optimizer."""
     data = load_data(cfg, env)
     model, hf_config = build_meta(cfg, env, data.model_dir, data.tokenizer, data.labels)
+    note_unquantized_experts(env, cfg, model)
     flop_counts = count_flops_or_none(env, model)  # what trains is settled; traced on fake tensors before sharding
     trainable, total = parameter_counts(model)
     replicas, replicas_why = fsdp.decide_replicas(model, cfg, env.world_size, env.device.type)
