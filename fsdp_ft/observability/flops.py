@@ -11,6 +11,8 @@ What counts (the convention of PaLM's MFU, made exact for partial training):
   (d = head dim, times the query heads), and twice that in backward when q, k or v require grad. For causal
   attention only the pairs a query may see are counted — ``L (L + 1) / 2`` per sequence of L tokens, not ``L^2``:
   the masked half is not useful work, even where a kernel computes it.
+- Mixture-of-experts layers: the top-k experts each token is routed to, as if every token ran its k experts'
+  matmuls (``k * 2 * in * out`` per expert weight), plus the router's matmul; see flops_moe.py for how and why.
 - Not counted: embeddings lookups, norms, activations, softmax, rotary, residual adds, the loss (all elementwise),
   recomputation by activation checkpointing, and padding (MFU counts the real tokens of each step).
 
@@ -20,9 +22,11 @@ Which inputs require grad is not guessed from layer order: the model's own forwa
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,16 +35,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from fsdp_ft.observability.flops_moe import experts_traced_densely, peft_params_folded
 from fsdp_ft.runtime.tf32 import enabled as tf32_enabled
 
 
 @dataclass
 class FlopCounts:
-    """Training FLOPs of one sequence of L real tokens = per_token * L + per_sequence + per_pair * pairs(L)."""
+    """Training FLOPs of one sequence of L real tokens = per_token * L + per_sequence + per_pair * pairs(L)
+    (+ per_call once per forward: a micro-batch of one sequence pays it once)."""
     forward_per_token: float = 0.0
     input_grad_per_token: float = 0.0
     weight_grad_per_token: float = 0.0
     per_sequence: float = 0.0          # matmuls applied once per sequence (a pooler or classifier on one token)
+    per_call: float = 0.0              # matmuls run once per forward whatever its size (peft's LoRA fold of experts)
     attention_forward_per_pair: float = 0.0
     attention_backward_per_pair: float = 0.0
     causal: bool = True
@@ -59,8 +66,9 @@ class FlopCounts:
         return length * length if (count_masked or not self.causal) else length * (length + 1) / 2
 
     def for_sequence(self, length: int, count_masked: bool = False) -> float:
-        """Training FLOPs (forward + backward) of one sequence of `length` real tokens."""
-        return self.per_token * length + self.per_sequence + self.per_pair * self.pairs(length, count_masked)
+        """Training FLOPs (forward + backward) of one sequence of `length` real tokens, forwarded on its own."""
+        return (self.per_token * length + self.per_sequence + self.per_call
+                + self.per_pair * self.pairs(length, count_masked))
 
     def per_token_at(self, seq_len: int) -> float:
         return self.for_sequence(seq_len) / seq_len
@@ -78,10 +86,23 @@ class _MatmulRecorder(TorchFunctionMode):
         super().__init__()
         self.linears: list[tuple[int, int, int, bool, bool, int]] = []
         self.attention: list[tuple[int, int, int, int, int, bool, bool]] = []
+        self.per_call: list[tuple[float, int]] = []  # (forward FLOPs, operands needing a gradient)
+        self._materialising = False
+
+    @contextmanager
+    def materialising(self):
+        """Matmuls run inside are once-per-call work that builds a weight (peft's fold of LoRA into 3-D experts)."""
+        before, self._materialising = self._materialising, True
+        try:
+            yield
+        finally:
+            self._materialising = before
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear:
+        if self._materialising:
+            self._weight_matmul(func, args, kwargs)
+        elif func is F.linear:
             x = args[0] if args else kwargs["input"]  # peft's trainable tokens call F.linear(input=, weight=)
             w = args[1] if len(args) > 1 else kwargs["weight"]
             self._linear(x, w.shape[1], w.shape[0], w.requires_grad)
@@ -92,6 +113,27 @@ class _MatmulRecorder(TorchFunctionMode):
         elif func in _MATMULS and len(args) == 2 and all(_is_activation(a) for a in args):
             self._eager_attention(*args)
         return func(*args, **kwargs)
+
+    def _weight_matmul(self, func, args, kwargs) -> None:
+        """A product of two tensors computed while building a weight: 2 x (size of every index) forward, and the
+        same again for each operand that needs a gradient."""
+        if func is torch.einsum and isinstance(args[0], str):
+            operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+            if len(operands) != 2:
+                return
+            sizes = {}
+            for letters, t in zip(args[0].split("->")[0].replace(" ", "").split(","), operands):
+                sizes.update(zip(letters, t.shape))
+            flops = 2.0 * math.prod(sizes.values())
+        elif func in _WEIGHT_PRODUCTS:
+            a, b = (args[1], args[2]) if func in (torch.baddbmm, torch.Tensor.baddbmm, torch.addbmm) else args[:2]
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 2 and b.dim() >= 2):
+                return
+            operands = (a, b)
+            flops = 2.0 * a.numel() * b.shape[-1]
+        else:
+            return
+        self.per_call.append((flops, sum(bool(t.requires_grad) for t in operands)))
 
     def _linear(self, x, n_in: int, n_out: int, weight_trains: bool) -> None:
         positions = x.shape[-2] if x.dim() >= 3 else 0  # (batch, positions, features) for per-token matmuls
@@ -115,6 +157,7 @@ class _MatmulRecorder(TorchFunctionMode):
 
 
 _MATMULS = (torch.matmul, torch.bmm, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.Tensor.bmm)
+_WEIGHT_PRODUCTS = _MATMULS + (torch.baddbmm, torch.Tensor.baddbmm, torch.addbmm)
 
 
 def _is_activation(t) -> bool:
@@ -152,7 +195,8 @@ def count_flops(model: nn.Module, trace_len: int = TRACE_LEN) -> FlopCounts:
     was_training = model.training
     model.train()
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad(), rec:
+        with (experts_traced_densely(model, rec), peft_params_folded(model, rec),
+              FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad(), rec):
             _forward(model, ids)
     finally:
         model.train(was_training)
@@ -161,6 +205,7 @@ def count_flops(model: nn.Module, trace_len: int = TRACE_LEN) -> FlopCounts:
 
 def _summarise(rec: _MatmulRecorder, seq_len: int, module_causal: bool) -> FlopCounts:
     c = FlopCounts()
+    c.per_call = sum((flops * (1 + grads) for flops, grads in rec.per_call), 0.0)
     for tokens, n_in, n_out, input_grad, weight_grad, positions in rec.linears:
         flops = 2.0 * n_in * n_out
         # per token: rows are whole sequences (GPT-2's Conv1D flattens them), or the positions axis is at least
@@ -340,7 +385,8 @@ def batch_flops(counts: FlopCounts, batch: dict) -> torch.Tensor:
     """Model FLOPs of training on one micro-batch, from its real tokens only (a tensor: no host sync).
 
     Causal attention pairs are counted per token as its position + 1 (the keys it may see), which is right for
-    padded rows and for packed rows alike (`position_ids` restart at each packed sample).
+    padded rows and for packed rows alike (`position_ids` restart at each packed sample). `per_call` is paid once:
+    the micro-batch is one forward.
     """
     mask = batch["attention_mask"]
     tokens = mask.sum()
@@ -355,4 +401,4 @@ def batch_flops(counts: FlopCounts, batch: dict) -> torch.Tensor:
         pairs = (lengths * lengths).sum()
         sequences = (lengths > 0).sum()
     return (tokens.double() * counts.per_token + sequences.double() * counts.per_sequence
-            + pairs.double() * counts.per_pair)
+            + pairs.double() * counts.per_pair + counts.per_call)

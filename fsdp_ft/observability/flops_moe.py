@@ -1,0 +1,169 @@
+"""Mixture-of-experts layers in the FLOP count (see flops.py): top-k ACTIVE experts per token, traced densely.
+
+Why a stand-in: transformers 5 keeps a layer's experts in one module (``*.mlp.experts``) holding 3-D parameters
+(``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I], or the transposed [E, in, out] layout of gpt-oss), and routes
+each token to its top-k experts. Neither of its forwards traces on fake tensors: ``grouped_mm`` has no fake kernel
+for fp32 (and wants real routing offsets), and the eager loop is data-dependent (``nonzero`` / ``torch.where`` on
+the routing mask). For the count only the shapes matter, so while the model is traced each experts module's forward
+is replaced by one that runs every token through k experts' matmuls as if all were expert 0 — the standard MoE
+convention: per token ``2 * H * 2I * k`` (gate/up) + ``2 * I * H * k`` (down) forward, backward by flops.py's rules
+(input gradient when something upstream trains, weight gradient when the expert weight used requires grad) — and
+returns a correctly shaped output weighted by the routing weights. The router (``mlp.gate``, a weight [E, H]) and
+shared experts (plain ``nn.Linear``) are ordinary ``F.linear`` calls and are counted by the recorder as they run.
+
+LoRA of parameters (peft ``target_parameters``; peft >= 0.18 adds the router and the experts to ``"all-linear"``):
+peft's ``ParamWrapper`` folds the low-rank factors into the parameter once per forward (``W + s * B @ A``, per
+expert for 3-D weights) through ``torch.nn.utils.parametrize``, and the module then runs with that weight, which
+requires grad: so each matmul with it pays its weight gradient per token (the gradient of the folded weight), and
+the fold and its backward (the gradients of A and B) are paid once per forward call. ``register_parametrization``
+mutates the real parameter (``set_``), which fake tensor mode refuses, so during the trace each wrapper's forward is
+replaced by one that builds the same folded weight with peft's ``get_delta_weight`` inside
+``recorder.materialising()`` (which files its matmul as per-call work) and lends it to the wrapped module in place of
+the parameter for the call. (``register_parametrization`` also evaluates the fold once more as a check, every
+forward, and discards it: wasted work, not counted, like recomputation.)
+
+Detected: any module holding, as its own parameters, 3-D tensors named ``gate_up_proj``, ``gate_proj``,
+``up_proj`` or ``down_proj`` (whatever the class is called). Expert collections written as a ``ModuleList`` of MLPs
+are not handled here.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+UP_NAMES = ("gate_up_proj", "gate_proj", "up_proj")  # applied to the token's hidden state
+DOWN_NAME = "down_proj"  # applied to the intermediate state, back to the hidden size
+_INDEX_KWARGS = ("top_k_index", "router_indices", "selected_experts", "expert_indices")
+_WEIGHT_KWARGS = ("top_k_weights", "routing_weights", "router_scores", "expert_weights")
+
+
+def expert_modules(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """(module, [its up-projection parameter names]) of every stacked-experts module of the model."""
+    found = []
+    for module in model.modules():
+        own = {name: p for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
+        ups = [n for n in UP_NAMES if n in own]
+        if ups and DOWN_NAME in own:
+            found.append((module, ups))
+    return found
+
+
+@contextmanager
+def experts_traced_densely(model: nn.Module, recorder):
+    """While open, every experts module of `model` runs the stand-in forward (see the module docstring)."""
+    patched = []
+    try:
+        for module, ups in expert_modules(model):
+            had = "forward" in module.__dict__
+            patched.append((module, had, module.__dict__.get("forward")))
+            module.forward = _stand_in(module, ups, recorder, _top_k(model, module))
+        yield
+    finally:
+        for module, had, old in reversed(patched):
+            if had:
+                module.forward = old
+            else:
+                del module.forward
+
+
+@contextmanager
+def peft_params_folded(model: nn.Module, recorder):
+    """While open, peft's ParamWrapper modules fold their LoRA into the parameter without parametrize (see above)."""
+    wrappers = [m for m in model.modules() if _is_param_wrapper(m)]
+    try:
+        for w in wrappers:
+            w.forward = _folding_forward(w, recorder)
+        yield
+    finally:
+        for w in wrappers:
+            del w.forward
+
+
+def _is_param_wrapper(module: nn.Module) -> bool:
+    return (type(module).__name__ == "ParamWrapper" and isinstance(getattr(module, "parameter_name", None), str)
+            and hasattr(module, "get_delta_weight") and hasattr(module, "get_base_layer"))
+
+
+def _folding_forward(wrapper: nn.Module, recorder):
+    def forward(*args, **kwargs):
+        kwargs.pop("adapter_names", None)
+        adapters = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+        if wrapper.disable_adapters or wrapper.merged or not adapters:
+            return wrapper.base_layer(*args, **kwargs)
+        target, name = wrapper.get_base_layer(), wrapper.parameter_name
+        original = target._parameters[name]
+        with recorder.materialising():
+            delta = sum(wrapper.get_delta_weight(a) for a in adapters)
+        del target._parameters[name]
+        target.__dict__[name] = original + delta  # what parametrize would return for `target.<name>`
+        try:
+            return wrapper.base_layer(*args, **kwargs)
+        finally:
+            del target.__dict__[name]
+            target._parameters[name] = original
+
+    return forward
+
+
+def _top_k(model: nn.Module, module: nn.Module) -> int | None:
+    for cfg in (getattr(module, "config", None), getattr(model, "config", None)):
+        cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+        for key in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
+            k = getattr(cfg, key, None)
+            if isinstance(k, int) and k > 0:
+                return k
+    return None
+
+
+def _stand_in(module: nn.Module, ups: list[str], recorder, k_config: int | None):
+    def forward(hidden_states, *args, **kwargs):
+        index = args[0] if args else next((kwargs[n] for n in _INDEX_KWARGS if n in kwargs), None)
+        weights = args[1] if len(args) > 1 else next((kwargs[n] for n in _WEIGHT_KWARGS if n in kwargs), None)
+        k = index.shape[-1] if isinstance(index, torch.Tensor) and index.dim() >= 1 else k_config
+        if not k:
+            raise RuntimeError(f"{type(module).__name__}: cannot tell how many experts each token uses")
+        hidden = hidden_states.shape[-1]
+        x = hidden_states.reshape(-1, hidden)
+        tokens = x.shape[0]
+        x = x.unsqueeze(1).expand(tokens, k, hidden).reshape(tokens * k, hidden)  # one row per (token, expert)
+        with recorder.materialising():  # peft's LoRA fold of the 3-D weights happens here, once per call
+            up_weights = [getattr(module, name) for name in ups]
+            down = getattr(module, DOWN_NAME)
+        outs = [F.linear(x, _as_out_in(w, hidden, module)) for w in up_weights]
+        mid = outs[0] if len(outs) == 1 else outs[0] * outs[1]  # separate gate_proj and up_proj
+        width = _in_width(down, hidden, module)  # the intermediate size the down projection reads
+        if mid.shape[-1] == 2 * width:  # gate and up concatenated: act(gate) * up
+            mid = F.silu(mid[..., :width]) * mid[..., width:]
+        else:
+            mid = F.silu(mid)
+        y = F.linear(mid, _as_out_in(down, width, module)).reshape(tokens, k, hidden)
+        if isinstance(weights, torch.Tensor) and weights.shape == (tokens, k):
+            y = y * weights.unsqueeze(-1).to(y.dtype)
+        return y.sum(1).to(hidden_states.dtype).reshape(hidden_states.shape)
+
+    return forward
+
+
+def _transposed(module: nn.Module, w: torch.Tensor, n_in: int) -> bool:
+    """[E, in, out] (gpt-oss) rather than [E, out, in]: transformers' flag where it is set, else the shapes."""
+    flag = getattr(module, "is_transposed", None)
+    if isinstance(flag, bool):
+        return flag
+    return w.shape[1] == n_in and w.shape[2] != n_in
+
+
+def _as_out_in(w: torch.Tensor, n_in: int, module: nn.Module) -> torch.Tensor:
+    """One expert's weight as F.linear takes it, [out, in]."""
+    one = w[0]
+    return one.t() if _transposed(module, w, n_in) else one
+
+
+def _in_width(down: torch.Tensor, hidden: int, module: nn.Module) -> int:
+    """The input width of the down projection: [E, H, I] -> I, or [E, I, H] when transposed."""
+    flag = getattr(module, "is_transposed", None)
+    if isinstance(flag, bool):
+        return down.shape[1] if flag else down.shape[2]
+    return down.shape[2] if down.shape[1] == hidden else down.shape[1]
