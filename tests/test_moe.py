@@ -178,3 +178,15 @@ def test_moe_lora_adapts_experts_as_peft_does(tmp_path):
     trained = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
     assert any(".experts." in k and "lora_B" in k for k in trained)  # the experts were adapted
     assert_weights_match(trained, get_peft_model_state_dict(model))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_moe_plan_predicts_the_measured_peak(tmp_path, method):
+    """`fsdp-ft plan` of an MoE (before: a traceback from the experts' grouped matmul on fake tensors) against the
+    peak live tensor bytes a real run measures."""
+    from test_plan import _check
+
+    path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
+    data = ASSETS / "data" / "tiny_text_train.jsonl"
+    _check(f"moe-{method}", 1, [f"model.path={path}", "model.random_init=false", f"finetune.method={method}"], data,
+           tmp_path)

@@ -28,7 +28,7 @@ are not handled here.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,24 @@ def experts_traced_densely(model: nn.Module, recorder):
                 module.forward = old
             else:
                 del module.forward
+
+
+class _Unrecorded:
+    """A recorder that records nothing: the stand-ins used only so that fake tensors can run the model."""
+
+    def materialising(self):
+        return nullcontext()
+
+
+@contextmanager
+def fake_traceable(model: nn.Module):
+    """While open, the experts and peft's parameter LoRA run the stand-ins, recording nothing: `fsdp-ft plan`'s
+    simulated step (planner.memsim) runs the model on fake tensors too. The stand-ins allocate what the real
+    layers do per (token, expert) row: the inputs repeated k times, the up and down projections' outputs, and
+    a full-size folded weight per LoRA-adapted tensor and forward."""
+    recorder = _Unrecorded()
+    with experts_traced_densely(model, recorder), peft_params_folded(model, recorder):
+        yield
 
 
 @contextmanager

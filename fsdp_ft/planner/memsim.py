@@ -30,7 +30,7 @@ from torch import nn
 
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.observability import memtrack
+from fsdp_ft.observability import flops_moe, memtrack
 from fsdp_ft.model.materialize import assign_nf4_shard
 from fsdp_ft.parallel import fsdp, gloo_reduce
 from fsdp_ft.quant import quantize
@@ -224,7 +224,8 @@ def simulate_step(cfg: Config, model_dir, hf_config, tokenizer, world_size: int,
         _install_pooled_comm(model, cfg, world_size)
     task = get_task(cfg, tokenizer)
     micro_steps = min(cfg.train.grad_accum, 2)  # the second sees the first's unreduced gradients
-    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+    # MoE experts and peft's LoRA of tensors have no fake-tensor form of their own: stand-ins of the same size
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings(), flops_moe.fake_traceable(model):
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # torchao's NF4
         _materialize_fake(model, device)
         unmanaged, managed = unmanaged_params(model)
