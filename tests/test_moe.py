@@ -179,6 +179,18 @@ def test_moe_lora_adapts_experts_as_peft_does(tmp_path):
     assert any(".experts." in k and "lora_B" in k for k in trained)  # the experts were adapted
     assert_weights_match(trained, get_peft_model_state_dict(model))
 
+    # merged into plain weights: the checkpoint's per-expert layout, and the reference's outputs
+    from transformers import AutoModelForCausalLM
+
+    merged = tmp_path / "merged"
+    cli("export", str(tmp_path / "run"), "--out", str(merged), "--merge-adapters")
+    assert _keys(merged) == _keys(path)
+    ids = torch.arange(40).remainder(1000).reshape(2, 20)
+    with torch.no_grad():
+        want_logits = model.eval()(ids).logits
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits, want_logits,
+                                   rtol=1e-4, atol=1e-4)
+
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_moe_plan_predicts_the_measured_peak(tmp_path, method):
@@ -190,3 +202,28 @@ def test_moe_plan_predicts_the_measured_peak(tmp_path, method):
     data = ASSETS / "data" / "tiny_text_train.jsonl"
     _check(f"moe-{method}", 1, [f"model.path={path}", "model.random_init=false", f"finetune.method={method}"], data,
            tmp_path)
+
+
+def test_lora_target_parameters_choose_the_expert_tensors(tmp_path):
+    """finetune.lora.target_parameters reaches peft: with target_modules [q_proj] and the experts' down projection
+    named, exactly those are adapted (no router, no gate_up_proj), as peft adapts them on transformers' model."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from fsdp_ft.model import adapters
+
+    path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
+    cfg = _cfg(tmp_path, path, "finetune.method=lora", "finetune.lora.target_modules=[q_proj]",
+               "finetune.lora.target_parameters=[experts.down_proj]")
+    ours = adapters.wrap(AutoModelForCausalLM.from_pretrained(path), cfg)
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(path), peft.LoraConfig(
+        r=cfg.finetune.lora.r, lora_alpha=cfg.finetune.lora.alpha, target_modules=["q_proj"],
+        target_parameters=["experts.down_proj"]))
+
+    def adapted(m):
+        return sorted(n for n, p in m.named_parameters() if p.requires_grad)
+
+    assert adapted(ours) == adapted(theirs)
+    assert any(".experts." in n for n in adapted(ours))
+    assert not any(".gate." in n or "k_proj" in n for n in adapted(ours))
+    assert set(ours.peft_config["default"].target_parameters) == {"experts.down_proj"}
