@@ -116,3 +116,34 @@ def test_deepspeed_and_the_planner_take_the_derived_accumulation(tmp_path):
         assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (accum, 8)
     # smaller micro-batches in the advice leave the accumulation to global_batch_size (no conflicting grad_accum)
     assert ["fsdp.shard_frozen=true", "train.micro_batch_size=1"] in candidates(cfg, "cpu")
+
+
+def test_memory_budget_also_decides_shard_frozen_and_replicas(tmp_path):
+    """fsdp.memory_budget_gib is the memory every null memory setting decides by: a LoRA base kept whole costs at
+    most 25% of it (fsdp.shard_frozen), the whole trainable state at most 5% (fsdp.hybrid_replicas). Budgets 1%
+    either side of the base's 4x flip the choice; before, both followed the host's 24 GiB whatever the budget."""
+    from fsdp_ft.config import load_config
+    from fsdp_ft.model import adapters
+    from fsdp_ft.model.build import build_meta_model, load_hf_config, load_tokenizer, resolve_model_dir
+    from fsdp_ft.parallel import fsdp
+
+    def decide(budget_gib):
+        cfg = load_config(TINY, [f"output_dir={tmp_path}", "finetune.method=lora",
+                                 f"fsdp.memory_budget_gib={budget_gib!r}"])
+        model_dir = resolve_model_dir(cfg)
+        model = adapters.wrap(build_meta_model(cfg, load_hf_config(cfg, model_dir), load_tokenizer(cfg, model_dir),
+                                               None), cfg)
+        frozen = 4 * sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)  # fp32, by hand
+        state = 16 * sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)  # weight, grad, 2 moments
+        return (frozen, state), fsdp.decide_shard_frozen(model, cfg, 2, "cpu"), fsdp.decide_replicas(model, cfg, 2, "cpu")
+
+    (frozen, state), _, _ = decide(1.0)
+    # replicas need the base whole and the trainable state within 5%: a budget between the two thresholds
+    middle = max(4 * frozen, 20 * state) * 1.01 / 2 ** 30
+    _, (_, _), (replicas_middle, _) = decide(middle)
+    _, (whole_small, _), (replicas_small, _) = decide(0.99 * 4 * frozen / 2 ** 30)
+    _, (sharded_big, why), (replicas_big, _) = decide(1.01 * 4 * frozen / 2 ** 30)
+    assert whole_small is True and replicas_small == 1  # too small: the base is sharded, so no replicas
+    assert sharded_big is False and "25%" in why
+    assert replicas_big == (2 if 20 * state <= 1.01 * 4 * frozen else 1)
+    assert replicas_middle == 2 and decide(0.99 * 20 * state / 2 ** 30)[2][0] == 1

@@ -162,7 +162,8 @@ class FSDPConfig:
                                        "device otherwise (decided at start, shown in the set-up row, recorded in "
                                        "config.yaml; false on CPU ranks)", ("auto",))
     memory_budget_gib: Optional[float] = _f(None, "device memory per rank that activation_checkpointing=auto and "
-                                            "fsdp.cpu_offload=auto plan for (the planner keeps 10% headroom); "
+                                            "fsdp.cpu_offload=auto plan for (the planner keeps 10% headroom), and "
+                                            "that null shard_frozen / hybrid_replicas decide by; "
                                             "null: the rank's GPU memory, on CPU ranks the host RAM divided by "
                                             "the ranks on the node")
     mixed_precision: str = _f("auto", "compute precision: bf16, fp16 or fp32; auto: bf16 on CUDA GPUs that compute "

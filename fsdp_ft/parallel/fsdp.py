@@ -170,6 +170,14 @@ def device_memory_per_rank(device_type: str) -> int:
     return _smallest_over_ranks(own)
 
 
+def budget_per_rank(cfg: Config, device_type: str) -> int:
+    """The memory the null shard_frozen / hybrid_replicas decide by: fsdp.memory_budget_gib when set (the same
+    number activation_checkpointing=auto plans for), else the device's (`device_memory_per_rank`)."""
+    if cfg.fsdp.memory_budget_gib:
+        return int(cfg.fsdp.memory_budget_gib * 2 ** 30)
+    return device_memory_per_rank(device_type)
+
+
 def _smallest_over_ranks(value: int) -> int:
     """MIN over the default process group (a CPU tensor: the gloo half of cpu:gloo,cuda:nccl); as is without one."""
     import torch.distributed as dist
@@ -207,7 +215,7 @@ def decide_shard_frozen(model: nn.Module, cfg: Config, world_size: int, device_t
     frozen = sum(p.numel() * (dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size())
                  for p in model.parameters()  # shared (tied) weights once
                  if not p.requires_grad and not quantize.is_quantized(p))
-    budget = memory_per_rank or device_memory_per_rank(device_type)
+    budget = memory_per_rank or budget_per_rank(cfg, device_type)
     verdict = "at most" if frozen <= REPLICATE_FROZEN_SHARE * budget else "more than"
     why = (f"auto: the frozen base ({frozen / 2**30:.2f} GiB whole) is {verdict} {REPLICATE_FROZEN_SHARE:.0%} "
            f"of {budget / 2**30:.1f} GiB per rank")
@@ -245,7 +253,7 @@ def decide_replicas(model: nn.Module, cfg: Config, world_size: int, device_type:
     if decide_shard_frozen(model, cfg, world_size, device_type, memory_per_rank)[0]:
         return 1, "auto: the frozen base is sharded (fsdp.shard_frozen)"
     trainable = TRAINABLE_STATE_BYTES * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    budget = memory_per_rank or device_memory_per_rank(device_type)
+    budget = memory_per_rank or budget_per_rank(cfg, device_type)
     small = trainable <= REPLICATE_TRAINABLE_SHARE * budget
     why = (f"auto: the trainable state ({trainable / 2**30:.2f} GiB whole) is {'at most' if small else 'more than'} "
            f"{REPLICATE_TRAINABLE_SHARE:.0%} of {budget / 2**30:.1f} GiB per rank")
