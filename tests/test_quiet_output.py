@@ -84,7 +84,10 @@ def test_lora_counts_its_adapters_and_verbose_lists_them(tmp_path, pretrained):
              for n in line.split(": ", 1)[1].split(", ")}
     lora = {n for n in names if re.search(r"\.lora_[AB]\.", n)}
     assert len(lora) == counted[0] == 4 * 7 * 2, names  # 4 blocks x 7 linears (all-linear) x (A, B)
-    assert len(loud) > len(quiet)
+    # -v shows at least what the quiet run does; more only where the stack has known noise to leave out (torch 2.13
+    # and transformers 5.25 with bitsandbytes: torchao's and peft's import lines, a deprecation), none on torch 2.11
+    # and transformers 5.17 without bitsandbytes, where the listing above is what -v adds
+    assert len(loud) >= len(quiet)
 
 
 def test_qlora_is_quiet_too(tmp_path, pretrained):

@@ -55,9 +55,10 @@ def _torch_version() -> tuple[int, int]:
         return 0, 0
 
 
-# the flight recorder's size: torch >= 2.13 reads it as TORCH_FR_BUFFER_SIZE first and warns on every rank about the
-# old name (its NCCL process group's own default is the same 2000 there)
-TRACE_BUFFER_SIZE = "TORCH_FR_BUFFER_SIZE" if _torch_version() >= (2, 13) else "TORCH_NCCL_TRACE_BUFFER_SIZE"
+# the flight recorder's size: torch 2.11 and 2.13 (the supported range) read it as TORCH_FR_BUFFER_SIZE first and warn
+# on every rank about the old name, a gloo-only CPU run included (its NCCL process group's own default is the same
+# 2000 there); older ones get the old name
+TRACE_BUFFER_SIZE = "TORCH_FR_BUFFER_SIZE" if _torch_version() >= (2, 11) else "TORCH_NCCL_TRACE_BUFFER_SIZE"
 
 
 def rank_env_defaults(log_dir: str | Path, ranks_on_node: int, master_addr: str | None, nnodes: int,
