@@ -28,13 +28,13 @@ MOE = {
 }
 
 
-def save_tiny_moe(out, model_type: str, seed: int = 5):
+def save_tiny_moe(out, model_type: str, seed: int = 5, **changes):
     """A 'pretrained' MoE folder written by transformers' save_pretrained (the per-expert layout), with the tiny
-    tokenizer; the shapes of tests/assets/tiny-llama, 2 blocks of 4 experts."""
+    tokenizer; the shapes of tests/assets/tiny-llama, 2 blocks of 4 experts, and `changes` to the config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     base = json.loads((ASSETS / "tiny-llama" / "config.json").read_text())
-    cfg = AutoConfig.for_model(model_type, num_hidden_layers=2, **MOE[model_type],
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=2, **{**MOE[model_type], **changes},
                                **{k: base[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                        "num_key_value_heads", "vocab_size", "bos_token_id",
                                                        "eos_token_id", "pad_token_id") if k in base})
@@ -227,3 +227,29 @@ def test_lora_target_parameters_choose_the_expert_tensors(tmp_path):
     assert any(".experts." in n for n in adapted(ours))
     assert not any(".gate." in n or "k_proj" in n for n in adapted(ours))
     assert set(ours.peft_config["default"].target_parameters) == {"experts.down_proj"}
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_router_load_balancing_loss_when_the_config_asks(tmp_path, chunked):
+    """A config with output_router_logits: the training loss is transformers' own (cross-entropy + coef x the
+    routers' load-balancing loss, with padding masked), whichever head-loss path; eval stays cross-entropy."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_moe(tmp_path / "mixtral", "mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
+    built = fsdp_engine.build(_cfg(tmp_path, path, f"train.chunked_head_loss={str(chunked).lower()}"),
+                              distributed.init_distributed())
+    tok, task = built.data.tokenizer, built.data.task
+    batch = task.collate([task.encode({"text": t}) for t in SAMPLE])
+    assert batch["attention_mask"].min() == 0  # padded: the aux loss must mask it as transformers does
+    model = built.model.train()
+    sums = task.loss_sums(model, batch)
+    ours = (sums["loss"] / sums["count"]).item()
+    with torch.no_grad():
+        eval_sums = task.loss_sums(built.model.eval(), batch)
+    ref = AutoModelForCausalLM.from_pretrained(path).train()
+    labels = batch["labels"]
+    out = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    cross_entropy = (out.loss - 0.5 * out.aux_loss).item()
+    assert ours == pytest.approx(out.loss.item(), rel=1e-5)
+    assert abs(ours - cross_entropy) > 1e-3  # the aux term is really there
+    assert (eval_sums["loss"] / eval_sums["count"]).item() == pytest.approx(cross_entropy, rel=1e-5)

@@ -145,13 +145,13 @@ class CausalLMTask:
             if positions is None:  # a batch not made by collate (the planner's synthetic one)
                 positions = head_loss.loss_positions(shift_labels)
             with head_loss.head_loss(model, shift_labels, positions) as result:
-                self._forward(model, batch)
-            return {"loss": result["loss"], "count": count}
-        logits = self._forward(model, batch).logits
-        logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual-token positions
+                out = self._forward(model, batch)
+            return {"loss": result["loss"] + router_aux_loss(model, out, count), "count": count}
+        out = self._forward(model, batch)
+        logits = out.logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual-token positions
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
-        return {"loss": loss, "count": count}
+        return {"loss": loss + router_aux_loss(model, out, count), "count": count}
 
     @staticmethod
     def _forward(model, batch: dict):
@@ -164,3 +164,15 @@ class CausalLMTask:
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         loss = sums["loss"] / max(sums["count"], 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def router_aux_loss(model, out, count: torch.Tensor) -> torch.Tensor | float:
+    """An MoE's load-balancing loss, when the model config asks for it (`output_router_logits: true`), as
+    transformers adds it to its own training loss: `router_aux_loss_coef` x the forward's `aux_loss`, here per
+    loss-carrying token (the step divides its loss sum by the step's token count), so a micro-batch's share is
+    weighed by its tokens. Training only: eval loss and perplexity stay the plain cross-entropy."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None or not model.training:
+        return 0.0
+    coef = getattr(getattr(model, "config", None), "router_aux_loss_coef", 0.0) or 0.0
+    return coef * aux.float() * count
