@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, TINY, assert_losses_close, free_port, losses
 import launch_helpers
 from launch_helpers import RUN, kill9_job, rank_pid, reference_losses, setup_rows, wait_for_step
-from fsdp_ft.runtime.rank_env import TRACE_BUFFER_SIZE
+from fsdp_ft.runtime.rank_env import DUMP_TEMP_FILE, TRACE_BUFFER_SIZE
 
 pytestmark = pytest.mark.distributed
 FSDP_FT = str(Path(sys.executable).parent / "fsdp-ft")
@@ -87,7 +87,7 @@ def test_two_launchers_as_two_nodes_equal_one_launcher(tmp_path, reference):
         assert env["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0))), env
         assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True", env
         assert env[TRACE_BUFFER_SIZE] == "2000" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1", env
-        assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "logs" / "nccl-trace-rank-"), env
+        assert env[DUMP_TEMP_FILE] == str(tmp_path / "logs" / "nccl-trace-rank-"), env
         assert env["GLOO_SOCKET_IFNAME"] == "lo", env
     assert "[train] step=24" in (tmp_path / "logs" / "rank-0.log").read_text()
 
@@ -377,7 +377,7 @@ def test_rank_env_defaults_leave_the_users_own_settings():
     got = rank_env_defaults("/r/logs", 1, "127.0.0.1", 2, environ={})
     assert got == {"OMP_NUM_THREADS": str(cores), "PYTORCH_ALLOC_CONF": "expandable_segments:True",
                    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", TRACE_BUFFER_SIZE: "2000",
-                   "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/r/logs/nccl-trace-rank-",
+                   "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", DUMP_TEMP_FILE: "/r/logs/nccl-trace-rank-",
                    "GLOO_SOCKET_IFNAME": "lo"}
     assert interface_to("127.0.0.1") == "lo" and interface_to("no-such-host.invalid") is None
     users = {"OMP_NUM_THREADS": "3", "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64", "TORCH_FR_BUFFER_SIZE": "9",

@@ -24,7 +24,7 @@ from conftest import ASSETS, FAST, REPO, TINY, assert_losses_close, cli, losses
 from launch_helpers import RUN, rank_pid, reference_losses, setup_rows, wait_for_step
 from test_launch import rank_env
 from tune_helpers import states, tune, write_config
-from fsdp_ft.runtime.rank_env import TRACE_BUFFER_SIZE
+from fsdp_ft.runtime.rank_env import DUMP_TEMP_FILE, TRACE_BUFFER_SIZE
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = REPO / "tests" / "slurm"
@@ -127,7 +127,7 @@ def test_submit_two_nodes_equals_a_local_two_rank_run(slurm_cluster, tmp_path, r
         assert env["SLURM_CPUS_PER_TASK"] == env["OMP_NUM_THREADS"] == "2", env
         assert env["PYTORCH_ALLOC_CONF"] == env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True", env
         assert env[TRACE_BUFFER_SIZE] == "2000" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1", env
-        assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "logs" / "nccl-trace-rank-"), env
+        assert env[DUMP_TEMP_FILE] == str(tmp_path / "logs" / "nccl-trace-rank-"), env
         assert env["GLOO_SOCKET_IFNAME"] == "lo", env  # the interface toward rank 0's node (127.0.0.1 here)
 
 

@@ -59,6 +59,8 @@ def _torch_version() -> tuple[int, int]:
 # on every rank about the old name, a gloo-only CPU run included (its NCCL process group's own default is the same
 # 2000 there); older ones get the old name
 TRACE_BUFFER_SIZE = "TORCH_FR_BUFFER_SIZE" if _torch_version() >= (2, 11) else "TORCH_NCCL_TRACE_BUFFER_SIZE"
+# where the recorder dumps: renamed the same way (both names are in torch 2.11's library; the new one is read first)
+DUMP_TEMP_FILE = "TORCH_FR_DUMP_TEMP_FILE" if _torch_version() >= (2, 11) else "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"
 
 
 def rank_env_defaults(log_dir: str | Path, ranks_on_node: int, master_addr: str | None, nnodes: int,
@@ -88,7 +90,7 @@ def rank_env_defaults(log_dir: str | Path, ranks_on_node: int, master_addr: str 
     if unset("TORCH_NCCL_DUMP_ON_TIMEOUT"):
         out["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
     if unset("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE"):
-        out["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = str(Path(log_dir).absolute() / "nccl-trace-rank-")
+        out[DUMP_TEMP_FILE] = str(Path(log_dir).absolute() / "nccl-trace-rank-")
     if nnodes > 1 and master_addr and unset("GLOO_SOCKET_IFNAME"):
         iface = interface_to(master_addr)
         if iface:
