@@ -153,4 +153,6 @@ def test_moe_counts_match_flop_counter_mode(lora):
         router_fold = 2 * s["L"] * s["E"] * s["H"] * ranks["router"]
         assert ranks["router"] and counts.per_call > 0
         predicted += counts.per_call / 3 - router_fold  # the 3-D folds' forward, once more (each fold: fwd + 2 grads)
-    assert measured == predicted, (measured, predicted)
+    # exact on torch 2.13 / transformers 5.25; torch 2.11 / transformers 5.17 measures 384 FLOPs (7e-6) more here,
+    # the same in both cases, outside the matmuls this counts
+    assert measured == pytest.approx(predicted, rel=1e-5, abs=0), (measured, predicted)
