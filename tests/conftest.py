@@ -112,13 +112,20 @@ def pretrained_q256(tmp_path_factory) -> Path:
 def save_tiny_llama(out: Path, seed: int, **changes) -> Path:
     """tests/assets/tiny-llama with `changes` to its config, random weights drawn under `seed` and saved by
     transformers itself (a 'pretrained' folder: the run loads it with model.random_init=false), and its tokenizer."""
-    import shutil
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(ASSETS / "tiny-llama")
     cfg.update(changes)
+    return save_pretrained_from_config(out, cfg, seed)
+
+
+def save_pretrained_from_config(out: Path, cfg, seed: int) -> Path:
+    """A causal LM drawn from `cfg` under `seed`, saved by transformers itself, with the tiny tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     for f in (ASSETS / "tiny-llama").iterdir():

@@ -5,14 +5,13 @@ export must write the checkpoint's own layout back. Every comparison is against 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import ASSETS, TINY, cli, losses
+from conftest import ASSETS, TINY, cli, losses, save_pretrained_from_config
 from fsdp_ft.config import load_config
 from fsdp_ft.runtime import distributed
 from fsdp_ft.training import fsdp_engine
@@ -31,19 +30,14 @@ MOE = {
 def save_tiny_moe(out, model_type: str, seed: int = 5, **changes):
     """A 'pretrained' MoE folder written by transformers' save_pretrained (the per-expert layout), with the tiny
     tokenizer; the shapes of tests/assets/tiny-llama, 2 blocks of 4 experts, and `changes` to the config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     base = json.loads((ASSETS / "tiny-llama" / "config.json").read_text())
     cfg = AutoConfig.for_model(model_type, num_hidden_layers=2, **{**MOE[model_type], **changes},
                                **{k: base[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                        "num_key_value_heads", "vocab_size", "bos_token_id",
                                                        "eos_token_id", "pad_token_id") if k in base})
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    for f in (ASSETS / "tiny-llama").iterdir():
-        if f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    return out
+    return save_pretrained_from_config(out, cfg, seed)
 
 
 def _keys(folder) -> set[str]:
@@ -238,7 +232,7 @@ def test_router_load_balancing_loss_when_the_config_asks(tmp_path, chunked):
     path = save_tiny_moe(tmp_path / "mixtral", "mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
     built = fsdp_engine.build(_cfg(tmp_path, path, f"train.chunked_head_loss={str(chunked).lower()}"),
                               distributed.init_distributed())
-    tok, task = built.data.tokenizer, built.data.task
+    task = built.data.task
     batch = task.collate([task.encode({"text": t}) for t in SAMPLE])
     assert batch["attention_mask"].min() == 0  # padded: the aux loss must mask it as transformers does
     model = built.model.train()
