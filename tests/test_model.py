@@ -157,3 +157,33 @@ def test_activation_checkpointing_recomputes(tmp_path):
 def _tokenizer():
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(ASSETS / "tiny-llama")
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("gemma2", {"head_dim": 16}),
+    ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 32,
+                 "layer_types": ["sliding_attention", "full_attention"]}),
+])
+def test_model_without_sdpa_runs_eager_and_loads_as_transformers(tmp_path, capfd, model_type, extra):
+    """Gemma-2 and gpt-oss have no sdpa attention in transformers, which refuses the default
+    model.attn_implementation=sdpa with a ValueError (before: a traceback at start). They run eager, one line says
+    so, and the logits equal transformers' own from_pretrained."""
+    import json
+
+    import transformers
+
+    from conftest import save_pretrained_from_config
+
+    base = json.loads((ASSETS / "tiny-llama" / "config.json").read_text())
+    cfg = transformers.AutoConfig.for_model(model_type, num_hidden_layers=2, **extra, **{
+        k: base[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                             "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id") if k in base})
+    path = save_pretrained_from_config(tmp_path / model_type, cfg, seed=3)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model, tok, info = _built(_cfg(tmp_path, f"model.path={path}", "model.random_init=false"))
+    assert "has no sdpa attention in transformers: it runs with eager attention" in capfd.readouterr().err
+    assert info["weights_initialised"] == len([n for n, _ in model.named_buffers()])
+    batch = tok(SAMPLE, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch, use_cache=False).logits, ref(**batch).logits,
+                                   rtol=1e-5, atol=1e-5)

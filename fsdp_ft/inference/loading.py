@@ -27,6 +27,7 @@ from fsdp_ft.errors import CheckpointError, DataError, UserError
 from fsdp_ft.inference import placement as where
 from fsdp_ft.inference.placement import Placement
 from fsdp_ft.model import adapters
+from fsdp_ft.model.build import with_attention
 from fsdp_ft.runtime import precision, tf32
 
 PROMPT_METHODS = ("prefix", "prompt", "p_tuning")  # virtual tokens: cannot merge into plain weights
@@ -196,11 +197,9 @@ def compute_dtype(cfg: Config) -> torch.dtype:
 def _from_pretrained(folder: Path | str, cfg: Config, what: str, **kwargs):
     """kwargs: placement.load_kwargs' device_map (straight onto the GPU, or spread; never a whole fp32 copy in
     host memory first) and the model class's own."""
-    if cfg.model.attn_implementation:
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
     try:
-        return _auto_class(cfg.task).from_pretrained(str(folder), dtype=compute_dtype(cfg),
-                                                     trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+        return with_attention(cfg, lambda **attn: _auto_class(cfg.task).from_pretrained(
+            str(folder), dtype=compute_dtype(cfg), trust_remote_code=cfg.model.trust_remote_code, **kwargs, **attn))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{what} '{folder}' does not load as a {cfg.task} model: "
                               f"{str(e).strip().splitlines()[0][:300]}") from None

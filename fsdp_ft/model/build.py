@@ -167,13 +167,34 @@ def build_meta_model(cfg: Config, hf_config, tokenizer, labels: list[str] | None
     else:
         vocab.grow_config(hf_config, tokenizer)  # ChatML tokens added to a template-less tokenizer need rows
         auto = AutoModelForCausalLM
-    kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
-    if cfg.model.attn_implementation:
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
     with torch.device("meta"):
-        model = auto.from_config(hf_config, **kwargs)
+        model = with_attention(cfg, lambda **kw: auto.from_config(
+            hf_config, trust_remote_code=cfg.model.trust_remote_code, **kw))
     _cast_parameters(model, DTYPE[cfg.model.dtype])
     return model
+
+
+_said_eager: set[str] = set()
+
+
+def with_attention(cfg: Config, load):
+    """`load(**kwargs)` with model.attn_implementation. The default, sdpa, falls back to eager for a model that
+    transformers gives no sdpa path (Gemma-2, gpt-oss: their soft-capping / attention sinks), with one line
+    saying so, rather than a traceback on the first hour with a new model; any other refusal stands."""
+    impl = cfg.model.attn_implementation
+    if not impl:
+        return load()
+    try:
+        return load(attn_implementation=impl)
+    except ValueError as e:
+        if impl != "sdpa" or "scaled_dot_product_attention" not in str(e):
+            raise
+        name = str(e).split()[0]
+    if name not in _said_eager and int(os.environ.get("RANK", "0")) == 0:
+        _said_eager.add(name)
+        print(f"[fsdp_ft] {name} has no sdpa attention in transformers: it runs with eager attention "
+              "(model.attn_implementation=eager says so and hides this line)", file=sys.stderr, flush=True)
+    return load(attn_implementation="eager")
 
 
 def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
