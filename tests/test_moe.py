@@ -24,6 +24,8 @@ MOE = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),  # block_sparse_moe.experts.N.w1/w2/w3
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, head_dim=16),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),  # experts.N.gate_proj/up_proj/down_proj
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,  # + a shared expert
+                      shared_expert_intermediate_size=64),
 }
 
 
@@ -247,3 +249,21 @@ def test_router_load_balancing_loss_when_the_config_asks(tmp_path, chunked):
     assert ours == pytest.approx(out.loss.item(), rel=1e-5)
     assert abs(ours - cross_entropy) > 1e-3  # the aux term is really there
     assert (eval_sums["loss"] / eval_sums["count"]).item() == pytest.approx(cross_entropy, rel=1e-5)
+
+
+def test_qlora_keeps_a_one_row_gate_whole_so_any_rank_count_works(tmp_path):
+    """Qwen2-MoE's shared-expert gate is a linear layer of one row, which no 2+ ranks can share: QLoRA keeps it in
+    full precision (before: QLoRA of any Qwen2-MoE on 2+ GPUs was refused) and quantizes every other base linear."""
+    from fsdp_ft.model import adapters
+    from fsdp_ft.model.build import build_meta_model, load_hf_config, load_tokenizer
+    from fsdp_ft.quant import quantize
+
+    path = save_tiny_moe(tmp_path / "qwen2_moe", "qwen2_moe")
+    cfg = _cfg(tmp_path, path, "finetune.method=qlora")
+    model = adapters.wrap(build_meta_model(cfg, load_hf_config(cfg, path), load_tokenizer(cfg, path)), cfg)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and
+               n.endswith(".base_layer")]  # the base layers under peft's LoRA layers
+    assert sum("shared_expert_gate" in n for n, _ in linears) == 2  # one per block
+    assert quantize.quantize_meta_model(model, cfg, shards=2) == len(linears) - 2  # every one but the 2 gates
+    for name, linear in linears:
+        assert quantize.is_quantized(linear.weight) == ("shared_expert_gate" not in name), name

@@ -56,14 +56,16 @@ def is_quantized(t: torch.Tensor) -> bool:
 
 def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The frozen base linears under LoRA layers: what QLoRA stores quantized. transformers' Conv1D (GPT-2) is a
-    linear layer whose weight is stored inputs x outputs; its rows are quantized and sharded as they are."""
+    linear layer whose weight is stored inputs x outputs; its rows are quantized and sharded as they are. A
+    one-row weight (a scalar gate, such as Qwen2-MoE's shared-expert gate) stays in full precision: no number of
+    ranks above one can share its row, and 4 bits would save a few kB."""
     from transformers.pytorch_utils import Conv1D
 
     out = []
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):
             base = module.get_base_layer()
-            if isinstance(base, (nn.Linear, Conv1D)):
+            if isinstance(base, (nn.Linear, Conv1D)) and base.weight.shape[0] > 1:
                 out.append((name, base))
     return out
 
