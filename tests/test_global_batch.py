@@ -4,6 +4,7 @@ hand, and activation_checkpointing=auto / fsdp.cpu_offload=auto take the planner
 The reference for the batch arithmetic is a 1-process run whose grad_accum was computed by hand."""
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from conftest import TINY, assert_losses_close, cli, losses, train_1proc, train_nproc
@@ -147,3 +148,28 @@ def test_memory_budget_also_decides_shard_frozen_and_replicas(tmp_path):
     assert sharded_big is False and "25%" in why
     assert replicas_big == (2 if 20 * state <= 1.01 * 4 * frozen else 1)
     assert replicas_middle == 2 and decide(0.99 * 20 * state / 2 ** 30)[2][0] == 1
+
+
+def test_auto_choice_is_cached_per_inputs(tmp_path, monkeypatch):
+    """The planner's answer is kept under a digest of its inputs: a second start with the same inputs takes it
+    from the cache (same choice, no simulation), a different budget plans again."""
+    from fsdp_ft.config import load_config
+    from fsdp_ft.planner import autofit, memsim
+
+    monkeypatch.setenv("FSDP_FT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def resolve(budget_gib):
+        cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}", "activation_checkpointing=auto",
+                                 f"fsdp.memory_budget_gib={budget_gib}"])
+        chosen, notes = autofit.resolve(cfg)
+        return chosen.activation_checkpointing, notes
+
+    first, notes = resolve(64)
+    assert "planner_cached" not in notes
+    with monkeypatch.context() as m:  # a cached answer must not simulate anything
+        m.setattr(memsim, "simulate_step", lambda *a, **k: pytest.fail("simulated again"))
+        again, cached = resolve(64)
+    assert again == first and cached["planner_cached"].endswith("planned_settings.json")
+    assert cached["activation_checkpointing"] == notes["activation_checkpointing"]
+    other, fresh = resolve(0.001)
+    assert "planner_cached" not in fresh and other == "full"  # nothing fits: the most frugal

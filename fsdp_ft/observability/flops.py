@@ -21,9 +21,7 @@ Which inputs require grad is not guessed from layer order: the model's own forwa
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
 import time
 from contextlib import contextmanager
@@ -37,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from fsdp_ft.observability.flops_moe import experts_traced_densely, peft_params_folded
 from fsdp_ft.runtime.tf32 import enabled as tf32_enabled
+from fsdp_ft.runtime import user_cache
 
 
 @dataclass
@@ -273,12 +272,6 @@ def gpu_table_peak(name: str, dtype: torch.dtype, tf32: bool) -> float | None:
     return None
 
 
-def cache_dir() -> Path:
-    if os.environ.get("FSDP_FT_CACHE_DIR"):
-        return Path(os.environ["FSDP_FT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fsdp_ft"
-
-
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -337,39 +330,19 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype) -> tuple[float, s
         key = f"cuda|{gpu}|{name}"
     else:
         key = f"cpu|{_cpu_name()}|{name}|{torch.get_num_threads()} threads|torch {torch.__version__}"
-    path = cache_dir() / "peak_flops.json"
+    path = user_cache.cache_dir() / "peak_flops.json"
     cached = _MEASURED
     if key not in cached:
-        try:
-            cached.update(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            pass
+        cached.update(user_cache.read(path))
     if key not in cached:
         flops, n = measure_matmul_flops(device, dtype)
-        cached.update(_merge_cache(path, key, {"flops": flops, "matmul": n,
+        cached.update(user_cache.merge(path, key, {"flops": flops, "matmul": n,
                                                "measured_at": time.strftime("%Y-%m-%d")}))
     hit = cached[key]
     return hit["flops"], f"measured: {hit['matmul']}x{hit['matmul']} {name} matmul ({key}), cached in {path}"
 
 
 _MEASURED: dict[str, dict] = {}  # this process's view of the cache (read-only home: measured once per process)
-
-
-def _merge_cache(path: Path, key: str, value: dict) -> dict:
-    """Add one entry to the JSON cache; written to a temporary file and renamed, so parallel ranks never tear it."""
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    cached[key] = value
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cached, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home: measure again next time
-    return cached
 
 
 def dtype_name(dtype: torch.dtype) -> str:

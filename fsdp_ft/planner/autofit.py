@@ -11,16 +11,21 @@ Every rank has the same inputs (config, model files, world size, budget), so all
 that once the group is up (`scaffold.run`): GPUs of different sizes could decide differently, and then the keys
 must be set explicitly (or fsdp.memory_budget_gib).
 A resume plans again: the choice depends only on those inputs, so it is the same on the same machines, and on
-other ones (fewer GPUs, a smaller card) the old choice might not fit. Neither key is part of the run's identity:
+other ones (fewer GPUs, a smaller card) the old choice might not fit. Planning takes seconds to a minute (a
+simulated step per setting tried), so the answer is cached in the user's cache folder under a digest of every
+input (`_cache_key`): a restart or resume with the same inputs takes it from there. Neither key is part of the run's identity:
 they change memory and speed, not what a step computes.
 """
 from __future__ import annotations
 
 import time
 
+from pathlib import Path
+
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.planner.plan import choose, device_memory, has_auto
+from fsdp_ft.planner.plan import choose, device_memory, has_auto, with_choice
+from fsdp_ft.runtime import user_cache
 
 
 def resolve(cfg: Config) -> tuple[Config, dict]:
@@ -44,7 +49,39 @@ def resolve(cfg: Config) -> tuple[Config, dict]:
     target = "cuda" if torch.cuda.is_available() else "cpu"
     model_dir = resolve_model_dir(cfg)
     tokenizer, hf_config = load_tokenizer(cfg, model_dir), load_hf_config(cfg, model_dir)
+    budget = device_memory(cfg, target, local_rank)
+    key = _cache_key(cfg, hf_config, len(tokenizer), world, target, budget[0])
+    path = user_cache.cache_dir() / "planned_settings.json"
+    hit = user_cache.read(path).get(key)
+    if hit is not None:  # the same inputs were planned before: the same choice, without the seconds
+        chosen = with_choice(cfg, hit["activation_checkpointing"], hit["cpu_offload"])
+        return chosen, {**hit["notes"], "planner_s": round(time.perf_counter() - t0, 2), "planner_cached": str(path)}
     with memsim.fake_world(world):
-        cfg, notes = choose(cfg, model_dir, hf_config, tokenizer, world, target,
-                            device_memory(cfg, target, local_rank))
-    return cfg, {**notes, "planner_s": round(time.perf_counter() - t0, 2)}
+        chosen, notes = choose(cfg, model_dir, hf_config, tokenizer, world, target, budget)
+    user_cache.merge(path, key, {"activation_checkpointing": chosen.activation_checkpointing,
+                                 "cpu_offload": chosen.fsdp.cpu_offload, "notes": notes,
+                                 "planned_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return chosen, {**notes, "planner_s": round(time.perf_counter() - t0, 2)}
+
+
+def _cache_key(cfg: Config, hf_config, vocab: int, world: int, target: str, budget: int) -> str:
+    """Everything the choice depends on: the whole config but where it writes, the model's config and vocabulary,
+    ranks, device, budget, the library versions and fsdp_ft's own source (a new release plans afresh)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    import peft
+    import torch
+    import transformers
+
+    import fsdp_ft
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output_dir", "resume")}
+    source = hashlib.sha256()
+    for f in sorted(Path(fsdp_ft.__file__).parent.rglob("*.py")):
+        source.update(f.read_bytes())
+    material = {"config": settings, "model": hf_config.to_dict(), "vocab": vocab, "world": world,
+                "target": target, "budget": budget, "source": source.hexdigest(),
+                "versions": [torch.__version__, transformers.__version__, peft.__version__]}
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -115,7 +115,7 @@ def run(cfg: Config, engine: Engine, auto: dict | None = None) -> TrainResult:
     if auto:
         info["auto"] = auto
         for key, note in auto.items():
-            if key != "planner_s":
+            if key not in ("planner_s", "planner_cached"):
                 log_main(env, f"{key}={note}")
     info.update(run_id=started.run_id, resumed_from=started.resume_from, setup_s=time.perf_counter() - t0,
                 world_size=env.world_size, device=str(env.device), backend=env.backend, peak_flops=peak,
