@@ -198,6 +198,7 @@ def _add_submit_parser(sub) -> None:
                    "--trials COMPLETE + PRUNED (docs/tuning.md)")
     s.add_argument("--parallel", type=int, default=1, help="--tune: array tasks pulling trials at once")
     s.add_argument("--trials", type=int, default=None, help="--tune: the study's budget (default tune.trials)")
+    _add_verbose(s)
     s.add_argument("--storage", default=None, help="--tune: study storage URL (default output_dir/study.journal on "
                    "the shared file system)")
     s.add_argument("--timeout", type=float, default=None, metavar="S", help="--tune: ask no new trial after S s")
@@ -303,6 +304,8 @@ def cmd_run(args) -> int:
 def cmd_submit(args) -> int:
     from fsdp_ft.launchers.slurm import SubmitOptions, submit
 
+    if args.verbose:  # the job's ranks are quiet too unless told, whatever the cluster exports of this shell
+        args.setup = [*args.setup, "export FSDP_FT_VERBOSE=1"]
     opts = SubmitOptions(**{k: getattr(args, k) for k in SubmitOptions.__dataclass_fields__})
     return submit(args.config, args.overrides, opts)
 

@@ -748,3 +748,16 @@ def test_two_workers_share_a_study_on_a_mariadb_server(tmp_path, mariadb_url):
                            timeout=60, check=True).stdout.strip()
     assert int(count) == len(got)  # the rows live in the server's tables, not in a local file
     assert not (tmp_path / "search" / "study.journal").exists()
+
+
+def test_submit_verbose_reaches_the_job(tmp_path, capsys, monkeypatch):
+    """`submit -v` exports FSDP_FT_VERBOSE=1 in the job script before srun, so the ranks show everything whatever
+    the cluster exports of the submitting shell; without -v the script does not."""
+    monkeypatch.setenv("FSDP_FT_VERBOSE", "")  # restored after: -v sets it in this process too
+    code, script, _ = _dry_run(capsys, "-v", f"output_dir={tmp_path}")
+    lines = script.splitlines()
+    srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    assert code == 0 and lines.index("export FSDP_FT_VERBOSE=1") < srun
+    monkeypatch.setenv("FSDP_FT_VERBOSE", "")
+    code, plain, _ = _dry_run(capsys, f"output_dir={tmp_path}")
+    assert code == 0 and "FSDP_FT_VERBOSE" not in plain

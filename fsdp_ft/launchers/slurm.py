@@ -111,7 +111,7 @@ class TrainJob:
         from fsdp_ft.runtime import quiet
 
         cfg = config_from_dict(self.config)
-        quiet.install()  # as `fsdp-ft train` (FSDP_FT_VERBOSE=1 in the submitting shell shows everything)
+        quiet.install()  # as `fsdp-ft train` (`submit -v` exports FSDP_FT_VERBOSE=1 in the job script)
         quiet.hide(unused_libraries(cfg))  # before transformers is imported
         from fsdp_ft.api import train
         from fsdp_ft.runtime import distributed, preemption, ranklog
