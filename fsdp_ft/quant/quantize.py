@@ -86,8 +86,11 @@ def scaler_block_size(shape: torch.Size, block_size: int, setting: int | str) ->
     ranks) holds whole ones, and the choice, hence the stored bits, depends on the shape alone."""
     if setting != "auto":
         return setting
-    per_row = shape.numel() // shape[0] // block_size
-    return max(d for d in range(1, min(per_row, AUTO_SCALER_LIMIT) + 1) if per_row % d == 0)
+    return largest_divisor(shape.numel() // shape[0] // block_size, AUTO_SCALER_LIMIT)
+
+
+def largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
 def check_block_sizes(layers: list[tuple[str, nn.Linear]], cfg: Config, shards: int) -> None:
@@ -123,7 +126,7 @@ def check_block_sizes(layers: list[tuple[str, nn.Linear]], cfg: Config, shards: 
     bad = [c for c in counts if c % q.scaler_block_size]
     if bad:
         common = math.gcd(*counts)
-        fits = max(d for d in range(1, min(common, 256) + 1) if common % d == 0)
+        fits = largest_divisor(common, AUTO_SCALER_LIMIT)
         raise ConfigError(f"finetune.quant.scaler_block_size={q.scaler_block_size} does not divide the 4-bit blocks of "
                           f"every weight's row shard on {shards} rank(s) (e.g. {bad[0]}); set "
                           f"finetune.quant.scaler_block_size={fits}, or auto (the default: valid on any number "
