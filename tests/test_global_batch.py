@@ -153,9 +153,11 @@ def test_memory_budget_also_decides_shard_frozen_and_replicas(tmp_path):
 def test_auto_choice_is_cached_per_inputs(tmp_path, monkeypatch):
     """The planner's answer is kept under a digest of its inputs: a second start with the same inputs takes it
     from the cache (same choice, no simulation), a different budget plans again."""
+    from conftest import drop_leftover_process_group
     from fsdp_ft.config import load_config
     from fsdp_ft.planner import autofit, memsim
 
+    drop_leftover_process_group()  # the planner runs before a process group exists, as in training
     monkeypatch.setenv("FSDP_FT_CACHE_DIR", str(tmp_path / "cache"))
 
     def resolve(budget_gib):

@@ -78,8 +78,8 @@ def _require_base_weights(source, model: nn.Module, model_dir: Path) -> None:
     found: dict[int, bool] = {}  # a tied weight counts as found under any of its names
     first_name: dict[int, str] = {}
     for mname, module in model.named_modules():
-        if adapters.is_adapter(mname):
-            continue
+        if adapters.is_adapter(mname) or adapters.trainable_token_rows(model, mname) is not None:
+            continue  # adapters, and peft's trainable-token rows (they start as the base rows they replace)
         for k, p in module._parameters.items():
             if p is None or id(p) not in inside:
                 continue
