@@ -77,15 +77,11 @@ def _require_base_weights(source, model: nn.Module, model_dir: Path) -> None:
     inside = {id(p) for p in body.parameters()}
     found: dict[int, bool] = {}  # a tied weight counts as found under any of its names
     first_name: dict[int, str] = {}
-    for mname, module in model.named_modules():
-        if adapters.is_adapter(mname) or adapters.trainable_token_rows(model, mname) is not None:
-            continue  # adapters, and peft's trainable-token rows (they start as the base rows they replace)
-        for k, p in module._parameters.items():
-            if p is None or id(p) not in inside:
-                continue
-            name = adapters.checkpoint_name(f"{mname}.{k}".lstrip("."))
-            first_name.setdefault(id(p), name)
-            found[id(p)] = found.get(id(p), False) or _source_key(source, name, prefix) is not None
+    for mname, name, p in _base_tensors(model, buffers=False):
+        if id(p) not in inside or adapters.trainable_token_rows(model, mname) is not None:
+            continue  # peft's trainable-token rows start as the base rows they replace
+        first_name.setdefault(id(p), name)
+        found[id(p)] = found.get(id(p), False) or _source_key(source, name, prefix) is not None
     missing = [first_name[i] for i, ok in found.items() if not ok]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -97,14 +93,19 @@ def _require_base_weights(source, model: nn.Module, model_dir: Path) -> None:
 
 def _in_model_layout(source, model: nn.Module):
     """The checkpoint as the model names and shapes its tensors (MoE experts fused: `checkpoint_layout`)."""
-    shapes = {}
+    shapes = {name: tuple(t.shape) for _, name, t in _base_tensors(model, buffers=True)}
+    return checkpoint_layout.model_view(source, adapters.base_model(model), shapes)
+
+
+def _base_tensors(model: nn.Module, buffers: bool):
+    """(module name, the tensor's name in the base checkpoint, tensor) of every tensor outside the adapters."""
     for mname, module in model.named_modules():
         if adapters.is_adapter(mname):
             continue
-        for k, t in [*module._parameters.items(), *module._buffers.items()]:
+        tensors = [*module._parameters.items(), *(module._buffers.items() if buffers else ())]
+        for k, t in tensors:
             if t is not None:
-                shapes[adapters.checkpoint_name(f"{mname}.{k}".lstrip("."))] = tuple(t.shape)
-    return checkpoint_layout.model_view(source, adapters.base_model(model), shapes)
+                yield mname, adapters.checkpoint_name(f"{mname}.{k}".lstrip(".")), t
 
 
 def _with_grown_vocab(source, model: nn.Module):

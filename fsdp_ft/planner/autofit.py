@@ -67,7 +67,6 @@ def resolve(cfg: Config) -> tuple[Config, dict]:
 def _cache_key(cfg: Config, hf_config, vocab: int, world: int, target: str, budget: int) -> str:
     """Everything the choice depends on: the whole config but where it writes, the model's config and vocabulary,
     ranks, device, budget, the library versions and fsdp_ft's own source (a new release plans afresh)."""
-    import dataclasses
     import hashlib
     import json
 
@@ -77,11 +76,8 @@ def _cache_key(cfg: Config, hf_config, vocab: int, world: int, target: str, budg
 
     import fsdp_ft
 
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output_dir", "resume")}
-    source = hashlib.sha256()
-    for f in sorted(Path(fsdp_ft.__file__).parent.rglob("*.py")):
-        source.update(f.read_bytes())
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("output_dir", "resume")}
     material = {"config": settings, "model": hf_config.to_dict(), "vocab": vocab, "world": world,
-                "target": target, "budget": budget, "source": source.hexdigest(),
+                "target": target, "budget": budget, "source": user_cache.source_digest(Path(fsdp_ft.__file__).parent),
                 "versions": [torch.__version__, transformers.__version__, peft.__version__]}
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -13,12 +13,13 @@ A format registers how its parts make the dense weight (`register`); the ops are
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from fsdp_ft.runtime import user_cache
 
 # format name -> fn(parts, sizes, weight_dtype, out_dtype) -> dense weight (rows x cols)
 _DEQUANTIZE: dict[str, Callable] = {}
@@ -29,8 +30,7 @@ def _tag_compile_caches() -> None:
     what a tensor subclass's Python `__torch_function__` dispatches to, so after an upgrade that changed these ops
     (adding `transposed`) a graph cached by the old code called the new op with the old arguments and failed; any
     tag the user set is kept."""
-    source = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
-    ours = "fsdp_ft-quant-" + hashlib.sha256(source).hexdigest()[:16]
+    ours = "fsdp_ft-quant-" + user_cache.source_digest(Path(__file__).parent)
     config = torch.compiler.config
     if hasattr(config, "cache_key_tag") and ours not in config.cache_key_tag:
         config.cache_key_tag = f"{config.cache_key_tag}+{ours}" if config.cache_key_tag else ours

@@ -2,6 +2,7 @@
 seconds to work out and depend only on what their key says. A read-only or missing home only costs the seconds."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,3 +33,12 @@ def merge(path: Path, key: str, value: dict) -> dict:
     except OSError:
         pass  # a read-only home: work it out again next time
     return cached
+
+
+def source_digest(folder: Path) -> str:
+    """A digest of the Python sources under `folder`: part of a cache key wherever a cached answer depends on
+    this package's code (a new release must not reuse an old answer)."""
+    digest = hashlib.sha256()
+    for f in sorted(folder.rglob("*.py")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
