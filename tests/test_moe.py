@@ -188,7 +188,7 @@ def test_moe_lora_adapts_experts_as_peft_does(tmp_path):
                                    rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_moe_plan_predicts_the_measured_peak(tmp_path, method):
     """`fsdp-ft plan` of an MoE (before: a traceback from the experts' grouped matmul on fake tensors) against the
     peak live tensor bytes a real run measures."""
@@ -264,6 +264,7 @@ def test_qlora_keeps_a_one_row_gate_whole_so_any_rank_count_works(tmp_path):
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and
                n.endswith(".base_layer")]  # the base layers under peft's LoRA layers
     assert sum("shared_expert_gate" in n for n, _ in linears) == 2  # one per block
-    assert quantize.quantize_meta_model(model, cfg, shards=2) == len(linears) - 2  # every one but the 2 gates
+    stacks = 2 * 2  # each block's experts: gate_up_proj and down_proj (tests/test_qlora_experts.py)
+    assert quantize.quantize_meta_model(model, cfg, shards=2) == len(linears) - 2 + stacks  # all but the 2 gates
     for name, linear in linears:
         assert quantize.is_quantized(linear.weight) == ("shared_expert_gate" not in name), name

@@ -18,7 +18,7 @@ from torch import nn
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
 from fsdp_ft.model import adapters, checkpoint_layout, placement, vocab
-from fsdp_ft.quant import quantize
+from fsdp_ft.quant import experts, quantize
 from fsdp_ft.runtime import host_malloc
 from fsdp_ft.storage.weights_io import SafetensorsReader
 from fsdp_ft.storage.weights_io import local_rows
@@ -93,7 +93,8 @@ def _require_base_weights(source, model: nn.Module, model_dir: Path) -> None:
 
 def _in_model_layout(source, model: nn.Module):
     """The checkpoint as the model names and shapes its tensors (MoE experts fused: `checkpoint_layout`)."""
-    shapes = {name: tuple(t.shape) for _, name, t in _base_tensors(model, buffers=True)}
+    shapes = {name: tuple(experts.logical_shape(model.get_submodule(mname), name.rpartition(".")[2], t))
+              for mname, name, t in _base_tensors(model, buffers=True)}
     return checkpoint_layout.model_view(source, adapters.base_model(model), shapes)
 
 
@@ -244,7 +245,8 @@ def fill_tensors(model: nn.Module, named_modules, source, seed: int, seen: set[i
         for k, t in tensors.items():
             local, start, stop = local_shard(t)
             if quantize.is_quantized(t):  # quantize the whole weight, keep this rank's rows: same as 1 process
-                whole = source.read_rows(keys[k], 0, t.shape[0]) if keys[k] is not None else full[k]
+                rows = experts.logical_shape(module, k, t)[0]  # (an expert stack is read whole, as its rows)
+                whole = (source.read_rows(keys[k], 0, rows) if keys[k] is not None else full[k]).reshape(t.shape)
                 quantized = quantize.quantize_like(whole, like=local, module=module,
                                                    device=compute_device or local.device)
                 assign_nf4_shard(model, module, f"{mname}.{k}", k, t, quantized)

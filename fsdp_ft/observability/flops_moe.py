@@ -22,6 +22,10 @@ replaced by one that builds the same folded weight with peft's ``get_delta_weigh
 the parameter for the call. (``register_parametrization`` also evaluates the fold once more as a check, every
 forward, and discards it: wasted work, not counted, like recomputation.)
 
+QLoRA's 4-bit expert stacks (``fsdp_ft.quant.experts``) are stored as 2-D weights and run per expert, with
+their LoRA on the activations: such a module brings its own fake-tensor forward (slot s of every token to expert
+s), which runs the real per-expert code, so its matmuls, LoRA included, are counted as they run.
+
 Detected: any module holding, as its own parameters, 3-D tensors named ``gate_up_proj``, ``gate_proj``,
 ``up_proj`` or ``down_proj`` (whatever the class is called). Expert collections written as a ``ModuleList`` of MLPs
 are not handled here.
@@ -36,6 +40,10 @@ from torch import nn
 
 UP_NAMES = ("gate_up_proj", "gate_proj", "up_proj")  # applied to the token's hidden state
 DOWN_NAME = "down_proj"  # applied to the intermediate state, back to the hidden size
+# QLoRA's quantized expert stacks (fsdp_ft.quant.experts, a sibling package: duck-typed here) carry their 3-D
+# shapes and their own fake-tensor forward, fn(hidden_states, top_k_index, top_k_weights), which deals the
+# (token, expert) pairs out evenly and runs the real per-expert code on them
+QUANTIZED_SHAPES, QUANTIZED_SIMULATE = "fsdp_ft_expert_shapes", "fsdp_ft_simulate"
 _INDEX_KWARGS = ("top_k_index", "router_indices", "selected_experts", "expert_indices")
 _WEIGHT_KWARGS = ("top_k_weights", "routing_weights", "router_scores", "expert_weights")
 
@@ -44,11 +52,18 @@ def expert_modules(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
     """(module, [its up-projection parameter names]) of every stacked-experts module of the model."""
     found = []
     for module in model.modules():
-        own = {name: p for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
-        ups = [n for n in UP_NAMES if n in own]
-        if ups and DOWN_NAME in own:
+        shapes = _stack_shapes(module)
+        ups = [n for n in UP_NAMES if n in shapes]
+        if ups and DOWN_NAME in shapes:
             found.append((module, ups))
     return found
+
+
+def _stack_shapes(module: nn.Module) -> dict[str, torch.Size]:
+    """The module's own 3-D expert tensors by name, with QLoRA's stacks stored as quantized 2-D weights (their
+    3-D shapes in QUANTIZED_SHAPES)."""
+    shapes = {name: p.shape for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    return {**shapes, **getattr(module, QUANTIZED_SHAPES, {})}
 
 
 @contextmanager
@@ -90,7 +105,8 @@ def fake_traceable(model: nn.Module):
 @contextmanager
 def peft_params_folded(model: nn.Module, recorder):
     """While open, peft's ParamWrapper modules fold their LoRA into the parameter without parametrize (see above)."""
-    wrappers = [m for m in model.modules() if _is_param_wrapper(m)]
+    wrappers = [m for m in model.modules()  # a quantized stack's wrapper lends its factors to the real projection
+                if _is_param_wrapper(m) and not hasattr(m.get_base_layer(), QUANTIZED_SIMULATE)]
     try:
         for w in wrappers:
             w.forward = _folding_forward(w, recorder)
@@ -143,6 +159,9 @@ def _stand_in(module: nn.Module, ups: list[str], recorder, k_config: int | None)
         k = index.shape[-1] if isinstance(index, torch.Tensor) and index.dim() >= 1 else k_config
         if not k:
             raise RuntimeError(f"{type(module).__name__}: cannot tell how many experts each token uses")
+        simulate = getattr(module, QUANTIZED_SIMULATE, None)
+        if simulate is not None and isinstance(index, torch.Tensor):
+            return simulate(hidden_states, index, weights)
         hidden = hidden_states.shape[-1]
         x = hidden_states.reshape(-1, hidden)
         tokens = x.shape[0]

@@ -15,6 +15,7 @@ needs the table by name. int8 is LLM.int8's row-wise format, see `fsdp_ft.quant.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
+from fsdp_ft.quant import experts
 from fsdp_ft.quant.int8_weight import Int8Weight
 
 # bitsandbytes' FP4 values in its code order (`bitsandbytes.functional.get_4bit_type('fp4')`), before dividing by 12
@@ -93,24 +95,30 @@ def largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def check_block_sizes(layers: list[tuple[str, nn.Linear]], cfg: Config, shards: int) -> None:
-    """Every rank's row shard of every weight must hold the same number of whole rows and (4-bit) whole
-    double-quantization blocks."""
+def check_block_sizes(layers: list[tuple[str, nn.Module]], cfg: Config, shards: int) -> None:
+    """`check_weights` for quantized linear layers."""
+    check_weights([(name, layer.weight.shape, not isinstance(layer, nn.Linear), None) for name, layer in layers],
+                  cfg, shards)
+
+
+def check_weights(weights: list[tuple[str, torch.Size, bool, int | None]], cfg: Config, shards: int) -> None:
+    """Every rank's row shard of every weight (name, 2-D shape, stored inputs x outputs (Conv1D), rows per expert
+    of a stack or None) must hold the same number of whole rows and (4-bit) whole double-quantization blocks;
+    so must each expert of a stack, which runs on its own view of the codes and scales."""
     q = cfg.finetune.quant
-    for name, linear in layers:  # the quantized formats' row split (FSDP2 calls it to shard) cuts equal pieces
-        if linear.weight.shape[0] % shards:
-            raise ConfigError(f"finetune.quant.type={q.type}: weight '{name}' has {linear.weight.shape[0]} rows, "
+    for name, shape, _, _ in weights:  # the quantized formats' row split (FSDP2 calls it to shard) cuts equal pieces
+        if shape[0] % shards:
+            raise ConfigError(f"finetune.quant.type={q.type}: weight '{name}' has {shape[0]} rows, "
                               f"which {shards} ranks cannot share evenly; exclude it via "
                               "finetune.lora.target_modules or use a number of ranks that divides it")
     if q.type == "int8":
-        conv = next((name for name, layer in layers if not isinstance(layer, nn.Linear)), None)
+        conv = next((name for name, _, is_conv, _ in weights if is_conv), None)
         if conv:  # LLM.int8 scales each output row; a Conv1D weight's rows are its inputs
             raise ConfigError(f"finetune.quant.type=int8: '{conv}' is a transformers Conv1D (GPT-2 style) layer, "
                               "which int8 does not quantize; use finetune.quant.type=nf4 or fp4")
         return
     counts = []
-    for name, linear in layers:
-        shape = linear.weight.shape
+    for name, shape, _, expert_rows in weights:
         if q.scaler_block_size == "auto" and (shape.numel() // shape[0]) % q.block_size:
             cols = shape.numel() // shape[0]
             raise ConfigError(f"finetune.method=qlora: weight '{name}' {tuple(shape)} has rows of {cols} values, not "
@@ -121,6 +129,8 @@ def check_block_sizes(layers: list[tuple[str, nn.Linear]], cfg: Config, shards: 
             raise ConfigError(f"finetune.method=qlora: weight '{name}' {tuple(shape)} is not a multiple of "
                               f"finetune.quant.block_size={q.block_size}; exclude it via finetune.lora.target_modules")
         counts += shard_blocks(shape, q.block_size, shards)
+        if expert_rows is not None:
+            counts.append(expert_rows * shape[1] // q.block_size)
     if q.scaler_block_size == "auto":
         return
     bad = [c for c in counts if c % q.scaler_block_size]
@@ -152,19 +162,37 @@ def meta_nf4(shape: torch.Size, dtype: torch.dtype, block_size: int, scaler_bloc
 
 
 def quantize_meta_model(model: nn.Module, cfg: Config, shards: int) -> int:
-    """Swap every LoRA base weight for a quantized placeholder (before sharding over `shards` ranks); returns how
-    many."""
-    q = cfg.finetune.quant
+    """Swap every LoRA base weight, and every stacked expert tensor (`quant.experts`), for a quantized placeholder
+    (before sharding over `shards` ranks); returns how many tensors."""
     layers = quantized_linears(model)
-    check_block_sizes(layers, cfg, shards)
-    for name, linear in layers:
-        shape, dtype = linear.weight.shape, linear.weight.dtype
-        placeholder = (Int8Weight.empty(shape, dtype, "meta") if q.type == "int8"
-                       else meta_nf4(shape, dtype, q.block_size,
-                                     scaler_block_size(shape, q.block_size, q.scaler_block_size)))
-        linear.weight = nn.Parameter(placeholder, requires_grad=False)
-        setattr(linear, QUANT_TYPE_ATTR, q.type)
-    return len(layers)
+    stacks = [(f"{mname}.{name}", module, name, module._parameters[name].shape)
+              for mname, module, names in experts.stacked_experts(model) for name in names]
+    check_weights([(name, layer.weight.shape, not isinstance(layer, nn.Linear), None) for name, layer in layers]
+                  + [(name, _as_rows(shape), False, shape[1]) for name, _, _, shape in stacks], cfg, shards)
+    for _, linear in layers:
+        linear.weight = nn.Parameter(_placeholder(linear.weight.shape, linear.weight.dtype, cfg), requires_grad=False)
+        setattr(linear, QUANT_TYPE_ATTR, cfg.finetune.quant.type)
+    shapes: dict[nn.Module, dict[str, torch.Size]] = {}
+    for _, module, name, shape in stacks:
+        dtype = module._parameters[name].dtype
+        module._parameters[name] = nn.Parameter(_placeholder(_as_rows(shape), dtype, cfg), requires_grad=False)
+        setattr(module, QUANT_TYPE_ATTR, cfg.finetune.quant.type)
+        shapes.setdefault(module, {})[name] = shape
+    for module, module_shapes in shapes.items():
+        experts.install(model, module, module_shapes)
+    return len(layers) + len(stacks)
+
+
+def _as_rows(shape: torch.Size) -> torch.Size:
+    """A stack of expert matrices as the 2-D weight of all their rows."""
+    return torch.Size((shape[0] * shape[1], shape[2]))
+
+
+def _placeholder(shape: torch.Size, dtype: torch.dtype, cfg: Config) -> torch.Tensor:
+    q = cfg.finetune.quant
+    if q.type == "int8":
+        return Int8Weight.empty(shape, dtype, "meta")
+    return meta_nf4(shape, dtype, q.block_size, scaler_block_size(shape, q.block_size, q.scaler_block_size))
 
 
 @torch.no_grad()
@@ -246,15 +274,18 @@ def quantize_like(full: torch.Tensor, like: torch.Tensor, module: nn.Module,
 
 @torch.no_grad()
 def round_trip_base(model: nn.Module, cfg: Config) -> None:
-    """For a merged QLoRA export: replace each base weight by its dequantized value, as training saw it."""
+    """For a merged QLoRA export: replace each base weight (and expert stack) by its dequantized value, as training
+    saw it."""
     if cfg.finetune.method != "qlora":
         return
     q = cfg.finetune.quant
-    for _, linear in quantized_linears(model):
-        w = linear.weight
-        scalers = scaler_block_size(w.shape, q.block_size, q.scaler_block_size)
-        linear.weight = nn.Parameter(dequantize(quantize_weight(w.data, q.type, q.block_size, scalers))
-                                     .to(w.dtype), requires_grad=False)
+    for module, name in ([(linear, "weight") for _, linear in quantized_linears(model)]
+                         + [(m, n) for _, m, names in experts.stacked_experts(model) for n in names]):
+        w = module._parameters[name]
+        rows = w.data.reshape(-1, w.shape[-1])  # an expert stack is quantized as the 2-D weight of its rows
+        scalers = scaler_block_size(rows.shape, q.block_size, q.scaler_block_size)
+        dense = dequantize(quantize_weight(rows, q.type, q.block_size, scalers)).to(w.dtype).reshape(w.shape)
+        module._parameters[name] = nn.Parameter(dense, requires_grad=False)
 
 
 def quantized_bytes(model: nn.Module) -> int:
@@ -267,3 +298,22 @@ def quantized_bytes(model: nn.Module) -> int:
             local = p._local_tensor if isinstance(p, DTensor) else p
             total += sum(getattr(local, name).nbytes for name in local.__tensor_flatten__()[0])
     return total
+
+
+def base_layout(model: nn.Module) -> str | None:
+    """A digest of the quantized base as stored: each quantized tensor's name, model shape, type and block sizes
+    (None when nothing is quantized). A resumed QLoRA run must find the base its adapters trained on."""
+    from torch.distributed.tensor import DTensor
+
+    rows = []
+    for mname, module in model.named_modules():
+        for name, p in module._parameters.items():
+            if p is None or not is_quantized(p):
+                continue
+            local = p._local_tensor if isinstance(p, DTensor) else p
+            rows.append((f"{mname}.{name}", tuple(experts.logical_shape(module, name, p)),
+                         getattr(module, QUANT_TYPE_ATTR, "nf4"), getattr(local, "block_size", None),
+                         getattr(local, "scaler_block_size", None)))
+    if not rows:
+        return None
+    return hashlib.sha256(repr(sorted(rows)).encode()).hexdigest()[:16]

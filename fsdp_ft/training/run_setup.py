@@ -128,16 +128,18 @@ def load_data(cfg: Config, env: distributed.DistEnv) -> RunData:
 
 
 def note_unquantized_experts(env, cfg: Config, model) -> None:
-    """QLoRA quantizes linear layers; mixture-of-experts tensors (3-D, no nn.Linear) stay in the model's dtype,
-    and are most of such a model: say so, since the memory a user expects from "4-bit" is not what they get."""
+    """QLoRA stores transformers' expert stacks in 4 bits (`quant.experts`), except in the [experts, in, out]
+    layout (gpt-oss); what stays in the model's dtype is most of such a model: say so, since the memory a user
+    expects from "4-bit" is not what they get."""
     if cfg.finetune.method != "qlora":
         return
     experts = sum(p.numel() for n, p in model.named_parameters()
                   if p.dim() == 3 and not p.requires_grad and ".experts." in n)
     if experts:
         total = sum(p.numel() for p in model.parameters())
-        log_main(env, f"QLoRA quantizes linear layers only: the MoE expert tensors ({experts:,} parameters, "
-                      f"{experts / total:.0%} of the model) stay in {cfg.model.dtype} (fsdp-ft plan counts them)")
+        log_main(env, f"QLoRA does not quantize this model's MoE expert tensors (stored experts x inputs x outputs): "
+                      f"{experts:,} parameters, {experts / total:.0%} of the model, stay in {cfg.model.dtype} "
+                      "(fsdp-ft plan counts them)")
 
 
 def build_meta(cfg: Config, env: distributed.DistEnv, model_dir, tokenizer, labels, hf_config=None):

@@ -14,10 +14,11 @@ import torch
 from fsdp_ft.checkpoint import run_identity
 from fsdp_ft.checkpoint.export import export_final
 from fsdp_ft.config import Config, batch, dump_config
-from fsdp_ft.errors import ConfigError
+from fsdp_ft.errors import CheckpointError, ConfigError
 from fsdp_ft.observability import memtrack
 from fsdp_ft.observability.flops import FlopCounts
 from fsdp_ft.observability.metrics import MetricsLogger, peak_host_rss_bytes
+from fsdp_ft.quant import experts, quantize
 from fsdp_ft.runtime import distributed
 from fsdp_ft.training import trial_link
 from fsdp_ft.training.optim import build_scheduler
@@ -97,15 +98,17 @@ def run(cfg: Config, engine: Engine, auto: dict | None = None) -> TrainResult:
     scheduler = build_scheduler(built.optimizer, data.steps, cfg)
     state = TrainState()
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout; a resume restores the saved RNG state instead
+    quantized_base = quantize.base_layout(built.model)
     if started.resume_from is not None:
         saved = engine.load(Path(started.resume_from), built, env)
+        _require_same_quantized_base(saved, quantized_base, built.model, started.resume_from)
         scheduler.load_state_dict(saved.pop("scheduler"))
         if built.scaler is not None and saved.get("scaler"):
             built.scaler.load_state_dict(saved["scaler"])
         saved.pop("scaler", None)
         state = resumed_state(env, started, saved)
     info.update(engine.after_setup(cfg, env, built))
-    state.run, state.extra = started.record(), built.extra_state
+    state.run, state.extra, state.quantized_base = started.record(), built.extra_state, quantized_base
     if env.is_main:
         run_identity.record(out, started)
         dump_config(batch.portable(cfg), out / "config.yaml")
@@ -147,3 +150,17 @@ def run(cfg: Config, engine: Engine, auto: dict | None = None) -> TrainResult:
     return TrainResult(model=built.model, tokenizer=data.tokenizer, state=state, output_dir=out,
                        pruned_at=trainer.pruned_at)
 
+
+def _require_same_quantized_base(saved: dict, now: str | None, model: torch.nn.Module, path) -> None:
+    """A QLoRA run continues only on the quantized base its adapters trained on. Checkpoints written before the
+    base was recorded differ from today's only where MoE expert tensors were kept in full precision."""
+    if "quantized_base" in saved:
+        if saved["quantized_base"] == now:
+            return
+        why = "its base was quantized differently (another fsdp_ft version, or other finetune.quant settings)"
+    elif any(hasattr(m, experts.SHAPES_ATTR) for m in model.modules()):
+        why = "it was trained with this model's MoE expert tensors in full precision; QLoRA now stores them in 4 bits"
+    else:
+        return
+    raise CheckpointError(f"checkpoint '{path}' cannot continue here: {why}, so its adapters would go on training on "
+                          "another base; start a new run (another output_dir, or overwrite=true)")

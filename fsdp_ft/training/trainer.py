@@ -36,6 +36,7 @@ class TrainState:
     extra: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)  # train.best_metric: metric, mode, step, value (see best.py)
     run: dict = field(default_factory=dict)  # run id and fingerprint (see run_identity.py)
+    quantized_base: str | None = None  # QLoRA: the digest of the base as stored (quantize.base_layout)
 
 
 class Trainer:
