@@ -155,37 +155,44 @@ def test_moe_lora_adapts_experts_as_peft_does(tmp_path):
     """LoRA with target_modules empty on an MoE: peft also adapts the expert tensors (a low-rank update per
     expert) and the router. fsdp_ft equals the reference trainer with peft's own model, step for step, and the
     trained expert adapters match."""
-    from peft import PeftModel, get_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from reference_trainer import Recipe
-    from test_reference_trainer import assert_steps_match, assert_weights_match, base_model, reference, run_fsdp_ft
+    from test_reference_trainer import base_model
 
     path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
-    lora = ["finetune.method=lora", "finetune.lora.r=4", "finetune.lora.alpha=8"]
+    adapters_match_peft(tmp_path, path, "lora", base_model(path))
+
+
+
+def adapters_match_peft(tmp_path, path, method: str, base):
+    """Train `method` (r 4, alpha 8) with fsdp_ft, and peft on `base` from the same initial adapters with the
+    reference trainer: loss and gradient norm at every step, and the trained adapters, the experts' among them,
+    must match; so must the merged export's logits, and its keys the checkpoint's per-expert layout."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from reference_trainer import Recipe
+    from test_reference_trainer import assert_steps_match, assert_weights_match, reference, run_fsdp_ft
+
+    adapter = [f"finetune.method={method}", "finetune.lora.r=4", "finetune.lora.alpha=8"]
     r = Recipe(steps=4, micro=2, accum=2, seq_len=48, lr=5e-3, weight_decay=0.1, warmup=1, schedule="constant",
                max_grad_norm=1.0, seed=1)
     init = tmp_path / "init"
-    run_fsdp_ft(init, path, Recipe(steps=1, micro=2, accum=1, seq_len=48, lr=0.0, seed=1), *lora)
-    got = run_fsdp_ft(tmp_path / "run", path, r, *lora)
-    model = PeftModel.from_pretrained(base_model(path), init / "final", is_trainable=True)
+    run_fsdp_ft(init, path, Recipe(steps=1, micro=2, accum=1, seq_len=48, lr=0.0, seed=1), *adapter)
+    got = run_fsdp_ft(tmp_path / "run", path, r, *adapter)
+    model = PeftModel.from_pretrained(base, init / "final", is_trainable=True)
     want = reference(model, path, r)
     assert_steps_match(got, want)
     trained = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
     assert any(".experts." in k and "lora_B" in k for k in trained)  # the experts were adapted
     assert_weights_match(trained, get_peft_model_state_dict(model))
 
-    # merged into plain weights: the checkpoint's per-expert layout, and the reference's outputs
-    from transformers import AutoModelForCausalLM
-
     merged = tmp_path / "merged"
     cli("export", str(tmp_path / "run"), "--out", str(merged), "--merge-adapters")
     assert _keys(merged) == _keys(path)
     ids = torch.arange(40).remainder(1000).reshape(2, 20)
     with torch.no_grad():
-        want_logits = model.eval()(ids).logits
-        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits, want_logits,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits,
+                                   model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])

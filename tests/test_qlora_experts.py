@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, cli, losses
-from test_moe import _cfg, _keys, save_tiny_moe
+from test_moe import _cfg, adapters_match_peft, save_tiny_moe
 
 BLOCK = 64  # finetune.quant.block_size's default
 
@@ -47,34 +47,8 @@ def test_qlora_trains_moe_as_peft_on_the_dequantized_base(tmp_path):
     the reference trainer on the torchao-dequantized base: loss and gradient norm at every step, the trained
     adapters, and the merged export's logits. Before, the expert stacks stayed in full precision, so the step-0
     loss already differed from the 4-bit base's."""
-    from peft import PeftModel, get_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from reference_trainer import Recipe
-    from test_reference_trainer import assert_steps_match, assert_weights_match, reference, run_fsdp_ft
-
     path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
-    qlora = ["finetune.method=qlora", "finetune.lora.r=4", "finetune.lora.alpha=8"]
-    r = Recipe(steps=4, micro=2, accum=2, seq_len=48, lr=5e-3, weight_decay=0.1, warmup=1, schedule="constant",
-               max_grad_norm=1.0, seed=1)
-    init = tmp_path / "init"
-    run_fsdp_ft(init, path, Recipe(steps=1, micro=2, accum=1, seq_len=48, lr=0.0, seed=1), *qlora)
-    got = run_fsdp_ft(tmp_path / "run", path, r, *qlora)
-    model = PeftModel.from_pretrained(_dequantized_reference_base(path), init / "final", is_trainable=True)
-    want = reference(model, path, r)
-    assert_steps_match(got, want)
-    trained = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
-    assert any(".experts." in k and "lora_B" in k for k in trained)  # the quantized stacks were adapted
-    assert_weights_match(trained, get_peft_model_state_dict(model))
-
-    merged = tmp_path / "merged"  # the base as training saw it, plus the adapters: the checkpoint's layout
-    cli("export", str(tmp_path / "run"), "--out", str(merged), "--merge-adapters")
-    assert _keys(merged) == _keys(path)
-    ids = torch.arange(40).remainder(1000).reshape(2, 20)
-    with torch.no_grad():
-        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits,
-                                   model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+    adapters_match_peft(tmp_path, path, "qlora", _dequantized_reference_base(path))
 
 
 def test_qlora_stores_expert_stacks_in_4_bits(tmp_path):
