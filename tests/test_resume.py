@@ -126,6 +126,14 @@ def test_a_run_folder_from_before_the_package_move_resumes(tmp_path):
         train_here(out, *UPGRADE_RUN, "train.max_steps=4", "resume=auto")
     resumed = [r for r in read_metrics(old) if r.get("split") == "setup"][-1]
     assert resumed["resumed_from"] == str(old / "checkpoints" / "step-2")
-    assert sorted(losses(old)) == [1, 2, 3, 4] and losses(old) == losses(new)
+    # the old checkpoint's bits come from the machine that wrote the asset, and another CPU's kernels may round
+    # step 2's update differently: on an AMX Xeon step 3's loss differs by 1e-7 and, two Adam steps on, the
+    # adapters by up to 8e-5 of their norm. A resume that lost the optimizer state or the data position misses
+    # by orders more, so the resumed run must agree to rounding, not bit for bit
+    assert sorted(losses(old)) == [1, 2, 3, 4]
+    for step, loss in losses(new).items():
+        assert losses(old)[step] == pytest.approx(loss, rel=1e-6, abs=0), step
     a, b = (load_file(out / "final" / "adapter_model.safetensors") for out in (old, new))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert ((a[k] - b[k]).norm() / b[k].norm()).item() <= 1e-3, k
