@@ -114,6 +114,8 @@ def project(module: nn.Module, name: str, x: torch.Tensor, expert: int) -> torch
     return y
 
 
+@torch.compiler.disable  # the routing is data-dependent (a host sync per layer), and dynamo's fake copies of
+# the per-expert 4-bit views fail; under train.compile the rest of the block compiles, the experts run eagerly
 def _forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
              top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' eager experts loop (`integrations.moe`), on quantized expert weights."""
