@@ -162,7 +162,7 @@ def test_moe_lora_adapts_experts_as_peft_does(tmp_path):
 
 
 
-def adapters_match_peft(tmp_path, path, method: str, base):
+def adapters_match_peft(tmp_path, path, method: str, base, *extra: str):
     """Train `method` (r 4, alpha 8) with fsdp_ft, and peft on `base` from the same initial adapters with the
     reference trainer: loss and gradient norm at every step, and the trained adapters, the experts' among them,
     must match; so must the merged export's logits, and its keys the checkpoint's per-expert layout."""
@@ -173,7 +173,7 @@ def adapters_match_peft(tmp_path, path, method: str, base):
     from reference_trainer import Recipe
     from test_reference_trainer import assert_steps_match, assert_weights_match, reference, run_fsdp_ft
 
-    adapter = [f"finetune.method={method}", "finetune.lora.r=4", "finetune.lora.alpha=8"]
+    adapter = [f"finetune.method={method}", "finetune.lora.r=4", "finetune.lora.alpha=8", *extra]
     r = Recipe(steps=4, micro=2, accum=2, seq_len=48, lr=5e-3, weight_decay=0.1, warmup=1, schedule="constant",
                max_grad_norm=1.0, seed=1)
     init = tmp_path / "init"

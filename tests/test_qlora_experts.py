@@ -26,29 +26,32 @@ def _torchao_round_trip(w: torch.Tensor) -> torch.Tensor:
 
 def _dequantized_reference_base(path):
     """transformers' model of `path` with every weight fsdp_ft's QLoRA quantizes replaced by its NF4 values: the
-    attention projections and both expert stacks of every block (the router is a LoRA-adapted parameter, not a
-    linear layer, and stays whole)."""
+    linear layers peft's `all-linear` adapts (all in the decoder but one-row gates, which stay whole) and both
+    expert stacks of every block. The routers are LoRA-adapted parameters, not linear layers, and stay whole."""
     from test_reference_trainer import base_model
 
     model = base_model(path)
     with torch.no_grad():
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-                proj.weight.copy_(_torchao_round_trip(proj.weight))
-            experts = layer.mlp.experts
-            for stack in (experts.gate_up_proj, experts.down_proj):
-                stack.copy_(_torchao_round_trip(stack))
+        for name, module in model.model.layers.named_modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.shape[0] > 1:
+                module.weight.copy_(_torchao_round_trip(module.weight))
+            if name.endswith("mlp.experts"):
+                for stack in (module.gate_up_proj, module.down_proj):
+                    stack.copy_(_torchao_round_trip(stack))
     return model
 
 
-def test_qlora_trains_moe_as_peft_on_the_dequantized_base(tmp_path):
-    """Tiny Mixtral QLoRA (LoRA on the attention, the router and the expert stacks: peft's `all-linear`) against
-    the reference trainer on the torchao-dequantized base: loss and gradient norm at every step, the trained
-    adapters, and the merged export's logits. Before, the expert stacks stayed in full precision, so the step-0
-    loss already differed from the 4-bit base's."""
-    path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
-    adapters_match_peft(tmp_path, path, "qlora", _dequantized_reference_base(path))
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])  # qwen2_moe: + a shared expert and its gate
+def test_qlora_trains_moe_as_peft_on_the_dequantized_base(tmp_path, model_type):
+    """Tiny MoE QLoRA (LoRA on the attention, the router and the expert stacks: peft's `all-linear`) against the
+    reference trainer on the torchao-dequantized base: loss and gradient norm at every step, the trained adapters,
+    and the merged export's logits. Before, the expert stacks stayed in full precision, so the step-0 loss already
+    differed from the 4-bit base's."""
+    path = save_tiny_moe(tmp_path / model_type, model_type)
+    # peft's all-linear adds Mixtral's expert stacks itself; Qwen2-MoE's are named
+    stacks = [] if model_type == "mixtral" else [
+        "finetune.lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"]
+    adapters_match_peft(tmp_path, path, "qlora", _dequantized_reference_base(path), *stacks)
 
 
 def test_qlora_stores_expert_stacks_in_4_bits(tmp_path):
