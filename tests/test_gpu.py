@@ -461,8 +461,8 @@ def test_big_model_inference_spreads_over_the_gpu_and_the_cpu(tmp_path):
 
 def test_moe_qlora_on_one_gpu_equals_the_cpu(tmp_path):
     """QLoRA's 4-bit expert stacks (fsdp_ft/quant/experts.py) on a GPU: each routed expert's view of the codes and
-    scales, the frozen matmul and the lent LoRA factors give the CPU's losses in fp32; in bf16 (the GPU default)
-    the run trains and stays near them."""
+    scales, the frozen matmul and the lent LoRA factors give the CPU's losses in fp32. (bf16 is left to the
+    qlora-7b target: the gpu-tests part of gpu_check.sh is near its time cap.)"""
     from test_moe import save_tiny_moe
 
     path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
@@ -471,6 +471,3 @@ def test_moe_qlora_on_one_gpu_equals_the_cpu(tmp_path):
     cpu = train_on_cpu(tmp_path / "cpu", *extra, "fsdp.mixed_precision=fp32")
     assert_losses_close(losses(gpu), losses(cpu), DEVICE_RTOL)
     assert setup_row(gpu)["placement_checked"] == setup_row(cpu)["placement_checked"] > 0
-    bf16 = train_on_gpu(tmp_path / "bf16", *extra)
-    assert setup_row(bf16)["device"] == "cuda:0"
-    assert_losses_close(losses(bf16), losses(cpu), 2e-2)
