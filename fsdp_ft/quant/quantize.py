@@ -95,10 +95,11 @@ def largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def check_block_sizes(layers: list[tuple[str, nn.Module]], cfg: Config, shards: int) -> None:
-    """`check_weights` for quantized linear layers."""
-    check_weights([(name, layer.weight.shape, not isinstance(layer, nn.Linear), None) for name, layer in layers],
-                  cfg, shards)
+def check_block_sizes(layers: list[tuple[str, nn.Module]], cfg: Config, shards: int,
+                      stacks: list[tuple[str, torch.Size]] = ()) -> None:
+    """`check_weights` for quantized linear layers and expert stacks (name, 3-D shape)."""
+    check_weights([(name, layer.weight.shape, not isinstance(layer, nn.Linear), None) for name, layer in layers]
+                  + [(name, _as_rows(shape), False, shape[1]) for name, shape in stacks], cfg, shards)
 
 
 def check_weights(weights: list[tuple[str, torch.Size, bool, int | None]], cfg: Config, shards: int) -> None:
@@ -167,8 +168,7 @@ def quantize_meta_model(model: nn.Module, cfg: Config, shards: int) -> int:
     layers = quantized_linears(model)
     stacks = [(f"{mname}.{name}", module, name, module._parameters[name].shape)
               for mname, module, names in experts.stacked_experts(model) for name in names]
-    check_weights([(name, layer.weight.shape, not isinstance(layer, nn.Linear), None) for name, layer in layers]
-                  + [(name, _as_rows(shape), False, shape[1]) for name, _, _, shape in stacks], cfg, shards)
+    check_block_sizes(layers, cfg, shards, [(name, shape) for name, _, _, shape in stacks])
     for _, linear in layers:
         linear.weight = nn.Parameter(_placeholder(linear.weight.shape, linear.weight.dtype, cfg), requires_grad=False)
         setattr(linear, QUANT_TYPE_ATTR, cfg.finetune.quant.type)
