@@ -38,12 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsdp_ft.runtime import recompute
+
 UP_NAMES = ("gate_up_proj", "gate_proj", "up_proj")  # applied to the token's hidden state
 DOWN_NAME = "down_proj"  # applied to the intermediate state, back to the hidden size
 # QLoRA's quantized expert stacks (fsdp_ft.quant.experts, a sibling package: duck-typed here) carry their 3-D
 # shapes and their own fake-tensor forward, fn(hidden_states, top_k_index, top_k_weights), which deals the
 # (token, expert) pairs out evenly and runs the real per-expert code on them
 QUANTIZED_SHAPES, QUANTIZED_SIMULATE = "fsdp_ft_expert_shapes", "fsdp_ft_simulate"
+# on an experts module whose LoRA folds backward remakes instead of keeping (fsdp_ft.model.lora_folds, a layer up)
+REMADE_FOLDS = "fsdp_ft_remade_folds"
 _INDEX_KWARGS = ("top_k_index", "router_indices", "selected_experts", "expert_indices")
 _WEIGHT_KWARGS = ("top_k_weights", "routing_weights", "router_scores", "expert_weights")
 
@@ -132,7 +136,10 @@ def _folding_forward(wrapper: nn.Module, recorder):
         with recorder.materialising():
             delta = sum(wrapper.get_delta_weight(a) for a in adapters)
         del target._parameters[name]
-        target.__dict__[name] = original + delta  # what parametrize would return for `target.<name>`
+        fold = original + delta  # what parametrize would return for `target.<name>`
+        if getattr(target, REMADE_FOLDS, False):  # as in the real forward, backward remakes the fold
+            recompute.mark(fold, lambda: original + sum(wrapper.get_delta_weight(a) for a in adapters))
+        target.__dict__[name] = fold
         try:
             return wrapper.base_layer(*args, **kwargs)
         finally:

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.model import adapters
+from fsdp_ft.model import adapters, lora_folds
 from fsdp_ft.parallel import gloo_reduce
 from fsdp_ft.quant import quantize
 from fsdp_ft.runtime import precision
@@ -56,16 +56,17 @@ def _checkpointed_forward(forward, *args, **kwargs):
 
 
 def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> list[nn.Module]:
-    """Recompute the activations of every block (`full`) or every K-th block (`selective:K`) in backward.
+    """Recompute the activations of every block (`full`) or every K-th block (`selective:K`) in backward; the
+    blocks left alone still remake the one tensor that is both huge and cheap, the LoRA fold of an expert stack
+    (`model.lora_folds`).
 
     The block's own forward is wrapped in place, so parameter names (and checkpoints) do not change.
     """
-    if mode == "none":
-        return []
-    every = 1 if mode == "full" else int(mode.split(":")[1])
-    chosen = [b for i, b in enumerate(blocks) if i % every == 0]
+    every = {"none": 0, "full": 1}[mode] if ":" not in mode else int(mode.split(":")[1])
+    chosen = [b for i, b in enumerate(blocks) if every and i % every == 0]
     for block in chosen:
         block.forward = functools.partial(_checkpointed_forward, block.forward)
+    lora_folds.install([b for b in blocks if not any(b is c for c in chosen)])
     return chosen
 
 
