@@ -12,7 +12,6 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import TINY, cli, losses
 from fsdp_ft.model import lora_folds
 from fsdp_ft.runtime import recompute
 from test_moe import _cfg, save_tiny_moe
@@ -122,34 +121,3 @@ def test_training_set_up_remakes_folds_where_checkpointing_does_not(tmp_path, ch
     marked = [any(hasattr(m, lora_folds.INSTALLED_ATTR) for m in b.modules()) for b in blocks]
     assert marked == {"none": [True, True], "selective:2": [False, True]}[checkpointing]
 
-
-def test_moe_lora_two_ranks_equal_one(tmp_path):
-    """With the fold remade in backward from the stack FSDP gathers again for the block's backward, 2 ranks
-    follow the 1-process curve (itself matched against peft's model in test_moe)."""
-    path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
-    common = [str(TINY), f"model.path={path}", "model.random_init=false", "finetune.method=lora",
-              "train.max_steps=4", "train.log_every=1", "train.eval_every=0", "train.save_every=0",
-              "train.global_batch_size=8", "train.grad_accum=null", "optim.lr=5e-3"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    cli("train", *common, f"output_dir={one}")
-    cli("run", "--nproc-per-node", "2", *common, f"output_dir={two}")
-    a, b = losses(one), losses(two)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    assert len({round(v, 6) for v in a.values()}) > 1  # it trained
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5), step
-
-
-@pytest.mark.slow  # compiling costs a minute
-def test_moe_lora_compiled_equals_eager(tmp_path):
-    """Under train.compile the compiled graph decides what it saves, and the remaking stays out of its way; the
-    loss curve equals eager's, where the folds are remade."""
-    path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
-    common = [str(TINY), f"model.path={path}", "model.random_init=false", "finetune.method=lora",
-              "train.max_steps=3", "train.log_every=1", "train.eval_every=0", "train.save_every=0"]
-    cli("train", *common, f"output_dir={tmp_path / 'eager'}")
-    cli("train", *common, "train.compile=true", f"output_dir={tmp_path / 'compiled'}", timeout=900)
-    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
-    assert sorted(eager) == sorted(compiled) == [1, 2, 3]
-    for step in eager:
-        assert compiled[step] == pytest.approx(eager[step], rel=1e-5), step

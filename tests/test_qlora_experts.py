@@ -86,11 +86,13 @@ def test_qlora_stores_expert_stacks_in_4_bits(tmp_path):
     assert not any(p.dim() == 3 for p in model.parameters())  # no expert stack left in full precision
 
 
-def test_moe_qlora_two_ranks_equal_one(tmp_path):
-    """Each of 2 ranks stores half the rows of every 4-bit stack (2 of the 4 experts); the loss curve equals the
-    1-process run's, so every rank ran every routed token through the same 4-bit experts."""
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_moe_adapters_two_ranks_equal_one(tmp_path, method):
+    """QLoRA: each of 2 ranks stores half the rows of every 4-bit stack (2 of the 4 experts); the loss curve
+    equals the 1-process run's, so every rank ran every routed token through the same 4-bit experts. LoRA: the
+    fold backward remakes (`model.lora_folds`) reads the stack FSDP gathers again for the block's backward."""
     path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
-    common = [str(TINY), f"model.path={path}", "model.random_init=false", "finetune.method=qlora",
+    common = [str(TINY), f"model.path={path}", "model.random_init=false", f"finetune.method={method}",
               "train.max_steps=4", "train.log_every=1", "train.eval_every=0", "train.save_every=0",
               "train.global_batch_size=8", "train.grad_accum=null", "optim.lr=5e-3"]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -172,12 +174,14 @@ def test_resume_refuses_adapters_trained_on_full_precision_experts(tmp_path):
     assert sorted(losses(dense)) == [1, 2, 3, 4]
 
 
-@pytest.mark.slow  # compiling costs a minute; the experts run eagerly inside it either way
-def test_moe_qlora_compiled_equals_eager(tmp_path):
+@pytest.mark.slow  # compiling costs a minute
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_moe_compiled_equals_eager(tmp_path, method):
     """Under train.compile the quantized experts stay out of the compiled graph (their routing reads data; dynamo
-    failed on the per-expert 4-bit views) and the rest of each block compiles: the loss curve equals eager's."""
+    failed on the per-expert 4-bit views) and the rest of each block compiles; LoRA's fold remaking steps aside
+    for the compiled graph. Either way the loss curve equals eager's."""
     path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
-    common = [str(TINY), f"model.path={path}", "model.random_init=false", "finetune.method=qlora",
+    common = [str(TINY), f"model.path={path}", "model.random_init=false", f"finetune.method={method}",
               "train.max_steps=3", "train.log_every=1", "train.eval_every=0", "train.save_every=0"]
     cli("train", *common, f"output_dir={tmp_path / 'eager'}")
     cli("train", *common, "train.compile=true", f"output_dir={tmp_path / 'compiled'}", timeout=900)
