@@ -9,8 +9,9 @@ gathers the stack whole). For Mixtral-8x7B in bf16 that is 2.8 GB a layer, 90 GB
 Here each fold is marked (`runtime.recompute`) to be remade in backward by the parametrization that made it. Its
 inputs, the frozen stack and the LoRA factors, are kept until then anyway: FSDP gathers the stack again for the
 block's backward, and autograd keeps the factors for their own gradients. Remaking costs one fold per adapted tensor
-and layer, 2·r·E·in·out FLOPs: at rank 16 and top-2 routing, under 1% of the layer's expert matmuls from 2k tokens
-on. transformers' experts forward runs unchanged (grouped matmul on GPUs).
+and layer, 2·r·E·in·out FLOPs, against 3·2·T·k·in·out for its T tokens' expert matmuls forward and backward: at
+rank 16, 8 experts and top-2 routing, about 1% at 2k tokens a micro-batch. transformers' experts forward runs
+unchanged (grouped matmul on GPUs).
 
 Installed on the blocks that activation checkpointing leaves alone; a checkpointed block keeps nothing of its forward
 already. Under `train.compile` the compiled graph decides what it saves, and this stays out of its way.
