@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fsdp_ft.observability.flops_moe import REMADE_FOLDS as INSTALLED_ATTR  # the planner's stand-in reads it
+from fsdp_ft.quant.experts import is_param_wrapper
 from fsdp_ft.runtime import recompute
 
-INSTALLED_ATTR = "fsdp_ft_remade_folds"  # on an experts module whose LoRA folds backward remakes
 _OPEN_ATTR = "fsdp_ft_folds_open"  # the contexts a forward opened, closed when it returns
 
 
@@ -47,12 +48,6 @@ def install(blocks: list[nn.Module]) -> int:
         module.register_forward_pre_hook(_open)
         module.register_forward_hook(_close, always_call=True)
     return len(modules)
-
-
-def is_param_wrapper(module: nn.Module) -> bool:
-    """peft's LoRA of a parameter (`ParamWrapper`), by what it offers rather than by import: peft is optional."""
-    return (type(module).__name__ == "ParamWrapper" and isinstance(getattr(module, "parameter_name", None), str)
-            and hasattr(module, "get_base_layer"))
 
 
 def _open(module: nn.Module, args) -> None:

@@ -46,7 +46,7 @@ DOWN_NAME = "down_proj"  # applied to the intermediate state, back to the hidden
 # shapes and their own fake-tensor forward, fn(hidden_states, top_k_index, top_k_weights), which deals the
 # (token, expert) pairs out evenly and runs the real per-expert code on them
 QUANTIZED_SHAPES, QUANTIZED_SIMULATE = "fsdp_ft_expert_shapes", "fsdp_ft_simulate"
-# on an experts module whose LoRA folds backward remakes instead of keeping (fsdp_ft.model.lora_folds, a layer up)
+# set on an experts module whose LoRA folds backward remakes instead of keeping (by fsdp_ft.model.lora_folds)
 REMADE_FOLDS = "fsdp_ft_remade_folds"
 _INDEX_KWARGS = ("top_k_index", "router_indices", "selected_experts", "expert_indices")
 _WEIGHT_KWARGS = ("top_k_weights", "routing_weights", "router_scores", "expert_weights")

@@ -63,10 +63,11 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> list[n
     The block's own forward is wrapped in place, so parameter names (and checkpoints) do not change.
     """
     every = {"none": 0, "full": 1}[mode] if ":" not in mode else int(mode.split(":")[1])
-    chosen = [b for i, b in enumerate(blocks) if every and i % every == 0]
+    checkpointed = [bool(every) and i % every == 0 for i in range(len(blocks))]
+    chosen = [b for b, c in zip(blocks, checkpointed) if c]
     for block in chosen:
         block.forward = functools.partial(_checkpointed_forward, block.forward)
-    lora_folds.install([b for b in blocks if not any(b is c for c in chosen)])
+    lora_folds.install([b for b, c in zip(blocks, checkpointed) if not c])
     return chosen
 
 

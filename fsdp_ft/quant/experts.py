@@ -65,11 +65,12 @@ def install(model: nn.Module, module: nn.Module, shapes: dict[str, torch.Size]) 
     module.forward = partial(_forward, module)
     setattr(module, SIMULATE_ATTR, partial(simulate, module))
     for wrapper in model.modules():
-        if _is_param_wrapper(wrapper) and wrapper.get_base_layer() is module:
+        if is_param_wrapper(wrapper) and wrapper.get_base_layer() is module:
             wrapper._activate_lora = partial(_lend_lora, wrapper, module)
 
 
-def _is_param_wrapper(module: nn.Module) -> bool:
+def is_param_wrapper(module: nn.Module) -> bool:
+    """peft's LoRA of a parameter (`ParamWrapper`), known by what it offers rather than by import."""
     return type(module).__name__ == "ParamWrapper" and hasattr(module, "get_delta_factors")
 
 

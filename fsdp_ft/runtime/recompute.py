@@ -50,7 +50,7 @@ def mark(t: torch.Tensor, remake: Callable[[], torch.Tensor]) -> torch.Tensor:
 
 def _pack(t: torch.Tensor):
     root = t if t._base is None else t._base
-    recipe = root.__dict__.get(RECIPE_ATTR) if hasattr(root, "__dict__") else None
+    recipe = getattr(root, RECIPE_ATTR, None)
     if recipe is None:
         return t
     recipe.pending += 1
