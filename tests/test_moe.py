@@ -27,15 +27,20 @@ MOE = {
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,  # + a shared expert
                       shared_expert_intermediate_size=64),
 }
+# checkpoints in the model's own fused layout: gpt-oss's stacks are [experts, in, out] with biases, gate and up
+# interleaved (bf16 exports; the hub's MXFP4 blocks are another matter), and it runs eager attention (sinks)
+FUSED = {"gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=32,
+                         layer_types=["sliding_attention", "full_attention"])}
 
 
 def save_tiny_moe(out, model_type: str, seed: int = 5, **changes):
-    """A 'pretrained' MoE folder written by transformers' save_pretrained (the per-expert layout), with the tiny
+    """A 'pretrained' MoE folder written by transformers' save_pretrained (the per-expert layout; FUSED types keep
+    the model's own), with the tiny
     tokenizer; the shapes of tests/assets/tiny-llama, 2 blocks of 4 experts, and `changes` to the config."""
     from transformers import AutoConfig
 
     base = json.loads((ASSETS / "tiny-llama" / "config.json").read_text())
-    cfg = AutoConfig.for_model(model_type, num_hidden_layers=2, **{**MOE[model_type], **changes},
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=2, **{**{**MOE, **FUSED}[model_type], **changes},
                                **{k: base[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                        "num_key_value_heads", "vocab_size", "bos_token_id",
                                                        "eos_token_id", "pad_token_id") if k in base})

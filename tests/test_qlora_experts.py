@@ -42,20 +42,25 @@ def _dequantized_reference_base(path):
 
 
 # qwen2_moe (+ a shared expert and its gate) is slow-marked to keep CI under 30 minutes: its stacks are Mixtral's
-@pytest.mark.parametrize("model_type", ["mixtral", pytest.param("qwen2_moe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", pytest.param("qwen2_moe", marks=pytest.mark.slow)])
 def test_qlora_trains_moe_as_peft_on_the_dequantized_base(tmp_path, model_type):
     """Tiny MoE QLoRA (LoRA on the attention, the router and the expert stacks: peft's `all-linear`) against the
     reference trainer on the torchao-dequantized base: loss and gradient norm at every step, the trained adapters,
     and the merged export's logits. Before, the expert stacks stayed in full precision, so the step-0 loss already
-    differed from the 4-bit base's."""
+    differed from the 4-bit base's. gpt-oss stores its stacks [experts, in, out] with biases (before: left in
+    full precision, ~90% of the real model)."""
     path = save_tiny_moe(tmp_path / model_type, model_type)
-    # peft's all-linear adds Mixtral's expert stacks itself; Qwen2-MoE's are named
+    # peft's all-linear adds Mixtral's expert stacks itself; the others' are named
     stacks = [] if model_type == "mixtral" else [
         "finetune.lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"]
     adapters_match_peft(tmp_path, path, "qlora", _dequantized_reference_base(path), *stacks)
 
 
-def test_qlora_stores_expert_stacks_in_4_bits(tmp_path):
+@pytest.mark.parametrize("model_type,shapes", [
+    ("mixtral", [(4, 64, 128), (4, 256, 64)]),  # [experts, out, in]: down, gate_up
+    ("gpt_oss", [(4, 64, 256), (4, 128, 64)]),  # [experts, in, out]: gate_up, down (and biases, kept whole)
+])
+def test_qlora_stores_expert_stacks_in_4_bits(tmp_path, model_type, shapes):
     """Every expert stack becomes a 4-bit weight of its rows; the bytes stored (what `fsdp-ft plan` and the
     memory report count) equal a hand count from the shapes: half a byte per value, one int8 scale per 64
     values, one factor per scale block, the mean and the 16-entry table."""
@@ -63,12 +68,12 @@ def test_qlora_stores_expert_stacks_in_4_bits(tmp_path):
     from fsdp_ft.model.build import build_meta_model, load_hf_config, load_tokenizer
     from fsdp_ft.quant import quantize
 
-    path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
+    path = save_tiny_moe(tmp_path / model_type, model_type)
     cfg = _cfg(tmp_path, path, "finetune.method=qlora", "finetune.lora.target_modules=[q_proj,v_proj]")
     model = adapters.wrap(build_meta_model(cfg, load_hf_config(cfg, path), load_tokenizer(cfg, path)), cfg)
     stacks = {f"{n}.{k}": tuple(p.shape) for n, m in model.named_modules() if n.endswith("mlp.experts")
-              for k, p in m.named_parameters(recurse=False)}
-    assert sorted(set(stacks.values())) == [(4, 64, 128), (4, 256, 64)]  # [experts, out, in]: down, gate_up
+              for k, p in m.named_parameters(recurse=False) if p.dim() == 3}
+    assert sorted(set(stacks.values())) == shapes
     assert quantize.quantize_meta_model(model, cfg, shards=2) == 2 * 2 + len(stacks)  # q, v and both stacks
     want = 0
     for name, (experts, rows, cols) in stacks.items():

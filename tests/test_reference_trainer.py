@@ -59,9 +59,15 @@ def reference(model, model_dir: Path, r: Recipe) -> Recipe:
 
 
 def base_model(model_dir: Path):
+    """The pretrained model as fsdp_ft runs it: sdpa attention, or eager where transformers has no sdpa (gpt-oss)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    except ValueError as e:
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+        return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
 
 
 def assert_steps_match(got: list[dict], want: Recipe) -> None:

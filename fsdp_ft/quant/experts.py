@@ -14,8 +14,10 @@ saved format, but instead of folding `W + s * B @ A` into a full-size weight eac
 quantized W, and an expert stack's worth of memory), the wrapper lends its factors to the experts module for the
 call, and each expert adds `s * (x A_e^T) B_e^T`: the same function, in the QLoRA paper's form.
 
-Covered: the experts classes transformers marks with its experts-implementation decorator, in the
-[experts, out, in] layout. The [experts, in, out] layout (gpt-oss) stays unquantized; the run says so.
+Covered: the experts classes transformers marks with its experts-implementation decorator, in both of its
+layouts: [experts, out, in] (Mixtral, Qwen-MoE, ...) and [experts, in, out] with biases (gpt-oss, whose experts
+are ~90% of the model). Either way a stack is stored as the rows of its 3-D tensor, so an expert's weight is a
+contiguous run of rows; the transposed layout multiplies `x @ W_e` instead of `x @ W_e^T`.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsdp_ft.quant import frozen_matmul, int8_weight, nf4_linear
 from fsdp_ft.quant.int8_weight import Int8Weight
 
 SHAPES_ATTR = "fsdp_ft_expert_shapes"  # on a quantized experts module: {tensor name: its 3-D shape}
@@ -36,10 +39,10 @@ DOWN = "down_proj"
 
 def stacked_experts(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
     """(module name, experts module, names of its 3-D expert tensors) of every experts module QLoRA quantizes:
-    transformers' decorated experts classes (they carry `has_gate` and `is_transposed`), [experts, out, in]."""
+    transformers' decorated experts classes (they carry `has_gate` and `is_transposed`)."""
     found = []
     for name, module in model.named_modules():
-        if getattr(module, "is_transposed", None) is not False or not hasattr(module, "has_gate"):
+        if not isinstance(getattr(module, "is_transposed", None), bool) or not hasattr(module, "has_gate"):
             continue
         tensors = [_up(module), DOWN]
         quantized = getattr(module, SHAPES_ATTR, {})
@@ -107,12 +110,25 @@ def expert_weight(weight: torch.Tensor, expert: int, rows: int) -> torch.Tensor:
 def project(module: nn.Module, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
     """One expert's projection `name` of its tokens `x`: frozen quantized matmul, bias, lent LoRA."""
     rows = getattr(module, SHAPES_ATTR)[name][1]
-    y = F.linear(x, expert_weight(getattr(module, name), expert, rows))
+    transposed = module.is_transposed  # W_e stored [in, out]: y = x @ W_e
+    y = _frozen_matmul(x, expert_weight(getattr(module, name), expert, rows), transposed)
     if getattr(module, "has_bias", False):
         y = y + getattr(module, f"{name}_bias")[expert]
-    for lhs, rhs, scaling in module.__dict__.get(_LORA_ATTR, {}).get(name, ()):  # W + s B A, as peft folds it
-        y = y + F.linear(F.linear(x, rhs[expert].to(x.dtype)), lhs[expert].to(x.dtype)) * scaling
+    # peft's delta is s * lhs @ rhs in the stored layout: [out, in] = B A, or [in, out] = A^T B^T
+    for lhs, rhs, scaling in module.__dict__.get(_LORA_ATTR, {}).get(name, ()):
+        lhs, rhs = lhs[expert].to(x.dtype), rhs[expert].to(x.dtype)
+        y = y + (x @ lhs @ rhs if transposed else F.linear(F.linear(x, rhs), lhs)) * scaling
     return y
+
+
+def _frozen_matmul(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """`x @ W^T` (`x @ W` when `transposed`) with a quantized W: frozen_matmul's op, which keeps only the quantized
+    bytes for backward."""
+    if isinstance(weight, Int8Weight):
+        parts, sizes, fmt = [weight.codes, weight.absmax], list(weight.shape), int8_weight.FORMAT
+    else:
+        (parts, sizes), fmt = nf4_linear.parts(weight), nf4_linear.FORMAT
+    return frozen_matmul.linear(x, parts, sizes, fmt, weight.dtype, transposed=transposed)
 
 
 @torch.compiler.disable  # the routing is data-dependent (a host sync per layer), and dynamo's fake copies of

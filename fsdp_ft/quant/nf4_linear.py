@@ -22,7 +22,7 @@ _WORD = {2: torch.int32, 4: torch.int64}  # an integer as wide as two table valu
 FORMAT = "nf4"  # fsdp_ft.quant.frozen_matmul's name for this layout (NF4 and FP4 tables alike)
 
 
-def _parts(weight) -> tuple[list[torch.Tensor], list[int]]:
+def parts(weight) -> tuple[list[torch.Tensor], list[int]]:
     """The NF4Tensor's inner tensors and sizes, as frozen_matmul's ops take them."""
     parts = [weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
              weight.nf4]
@@ -51,19 +51,19 @@ frozen_matmul.register(FORMAT, _dequantize)
 
 def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
     """`weight.to(dtype)` for an NF4Tensor (NF4 or fsdp_ft's FP4 table), computed with one lookup per byte."""
-    return _dequantize(*_parts(weight), weight.dtype, dtype)
+    return _dequantize(*parts(weight), weight.dtype, dtype)
 
 
 def linear(input: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` with a frozen 4-bit weight: only the quantized weight is saved for backward, compiled or not."""
-    return frozen_matmul.linear(input, *_parts(weight), FORMAT, weight.dtype, bias)
+    return frozen_matmul.linear(input, *parts(weight), FORMAT, weight.dtype, bias)
 
 
 def addmm(input: torch.Tensor, mat1: torch.Tensor, mat2, *, beta=1, alpha=1) -> torch.Tensor:
     """`bias + x @ W` with a frozen 4-bit W of shape inputs x outputs: transformers' Conv1D (GPT-2) forward."""
     if beta != 1 or alpha != 1 or type(mat2).__name__ != "NF4Tensor":
         raise NotImplementedError  # torchao's table falls back to the plain op
-    return frozen_matmul.linear(mat1, *_parts(mat2), FORMAT, mat2.dtype, input, transposed=True)
+    return frozen_matmul.linear(mat1, *parts(mat2), FORMAT, mat2.dtype, input, transposed=True)
 
 
 def install(nf4_module) -> None:

@@ -128,16 +128,17 @@ def load_data(cfg: Config, env: distributed.DistEnv) -> RunData:
 
 
 def note_unquantized_experts(env, cfg: Config, model) -> None:
-    """QLoRA stores transformers' expert stacks in 4 bits (`quant.experts`), except in the [experts, in, out]
-    layout (gpt-oss); what stays in the model's dtype is most of such a model: say so, since the memory a user
-    expects from "4-bit" is not what they get."""
+    """QLoRA stores the expert stacks of transformers' decorated experts classes in 4 bits (`quant.experts`);
+    3-D expert tensors of any other module (remote code, a transformers without that decorator) stay in the
+    model's dtype, and they are most of such a model: say so, since the memory a user expects from "4-bit" is not
+    what they get."""
     if cfg.finetune.method != "qlora":
         return
     experts = sum(p.numel() for n, p in model.named_parameters()
                   if p.dim() == 3 and not p.requires_grad and ".experts." in n)
     if experts:
         total = sum(p.numel() for p in model.parameters())
-        log_main(env, f"QLoRA does not quantize this model's MoE expert tensors (stored experts x inputs x outputs): "
+        log_main(env, f"QLoRA does not quantize this model's MoE expert tensors (not a transformers experts class): "
                       f"{experts:,} parameters, {experts / total:.0%} of the model, stay in {cfg.model.dtype} "
                       "(fsdp-ft plan counts them)")
 
