@@ -13,7 +13,7 @@ from torch import nn
 
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.model import vocab
+from fsdp_ft.model import mxfp4_checkpoint, vocab
 from fsdp_ft.runtime.precision import DTYPE
 
 
@@ -67,9 +67,10 @@ def load_hf_config(cfg: Config, model_dir: Path, check_positions: bool = True):
     except (OSError, ValueError) as e:
         raise ConfigError(f"config key 'model.path': no usable config.json in '{model_dir}': "
                           f"{str(e).splitlines()[0]}") from None
-    # a GGUF file's weights are dequantized on load; the model we build is a plain one
+    # a GGUF file's weights, and MXFP4 expert stacks (gpt-oss), are decoded on load; the model we build is a plain one
     if getattr(hf_config, "quantization_config", None) is not None and cfg.model.gguf_file:
         del hf_config.quantization_config
+    mxfp4_checkpoint.drop_quantization_config(hf_config)
     if check_positions:  # every training path (both engines, plan) reads the config here, before any model
         check_seq_len(cfg, hf_config)
     return hf_config

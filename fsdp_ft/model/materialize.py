@@ -17,7 +17,7 @@ from torch import nn
 
 from fsdp_ft.config import Config
 from fsdp_ft.errors import ConfigError
-from fsdp_ft.model import adapters, checkpoint_layout, placement, vocab
+from fsdp_ft.model import adapters, checkpoint_layout, mxfp4_checkpoint, placement, vocab
 from fsdp_ft.quant import experts, quantize
 from fsdp_ft.runtime import host_malloc
 from fsdp_ft.storage.weights_io import SafetensorsReader
@@ -56,7 +56,8 @@ def open_weight_source(cfg: Config, model_dir: Path, model: nn.Module):
     if cfg.model.gguf_file:
         return _with_grown_vocab(_gguf_source(cfg, model_dir, model), model)
     try:
-        source = _with_grown_vocab(_in_model_layout(SafetensorsReader(model_dir), model), model)
+        plain = mxfp4_checkpoint.view(SafetensorsReader(model_dir))  # gpt-oss's MXFP4 stacks decoded
+        source = _with_grown_vocab(_in_model_layout(plain, model), model)
     except FileNotFoundError:
         raise ConfigError(f"config key 'model.path': '{model_dir}' holds no *.safetensors weights; "
                           "set model.random_init=true to train from scratch, or model.gguf_file") from None
