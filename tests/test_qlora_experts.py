@@ -143,6 +143,32 @@ def test_qlora_moe_flops_equal_hand_computation(tmp_path):
     assert counts.per_call == 3 * L * 2 * E * H * ranks["router"]  # the router's fold: forward, A and B gradients
 
 
+def test_qlora_gpt_oss_flops_equal_the_full_models_plus_lora(tmp_path):
+    """gpt-oss's 4-bit stacks ([experts, in, out]) run `x @ W_e` through the frozen-weight op directly, not
+    `F.linear`: the count must still see them. QLoRA's forward FLOPs equal the full model's (its experts counted
+    by the dense stand-in, other code) plus the adapters' by hand: 2 x r x (in + out) per token for q_proj and,
+    k times, for each expert stack."""
+    from fsdp_ft.model import adapters
+    from fsdp_ft.model.build import build_meta_model, load_hf_config, load_tokenizer
+    from fsdp_ft.observability.flops import count_flops
+    from fsdp_ft.quant import quantize
+
+    path = save_tiny_moe(tmp_path / "gpt_oss", "gpt_oss")
+    counts = {}
+    for method, extra in (("full", []), ("qlora", ["finetune.lora.r=4", "finetune.lora.target_modules=[q_proj]",
+                                                    "finetune.lora.target_parameters=[mlp.experts.gate_up_proj,"
+                                                    "mlp.experts.down_proj]"])):
+        cfg = _cfg(tmp_path, path, f"finetune.method={method}", *extra)
+        model = build_meta_model(cfg, load_hf_config(cfg, path), load_tokenizer(cfg, path))
+        if method == "qlora":
+            model = adapters.wrap(model, cfg)
+            assert quantize.quantize_meta_model(model, cfg, shards=1) == 2 + 4  # q_proj and the stacks, 2 layers
+        counts[method] = count_flops(model)
+    H, I, k, L, r, q_out = 64, 128, 2, 2, 4, 64  # the tiny gpt-oss: 4 heads of 16
+    lora = 2 * L * r * (H + q_out) + 2 * L * k * r * ((H + 2 * I) + (I + H))
+    assert counts["qlora"].forward_per_token == counts["full"].forward_per_token + lora
+
+
 def _drop_base_record(run) -> None:
     """Make the run's newest checkpoint look as fsdp_ft wrote it before the quantized base was recorded."""
     import json

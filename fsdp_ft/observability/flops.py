@@ -107,6 +107,9 @@ class _MatmulRecorder(TorchFunctionMode):
             self._linear(x, w.shape[1], w.shape[0], w.requires_grad)
         elif func is torch.addmm and len(args) >= 3 and isinstance(args[2], nn.Parameter):  # GPT-2 Conv1D
             self._linear(args[1], args[2].shape[0], args[2].shape[1], args[2].requires_grad)
+        elif getattr(func, "_qualified_op_name", None) == FROZEN_MATMUL_OP:  # a quantized expert's rows
+            rows, cols, transposed = args[2][0], args[2][1], args[5]
+            self._linear(args[0], *((rows, cols) if transposed else (cols, rows)), False)
         elif func is F.scaled_dot_product_attention:
             self._sdpa(*args, **kwargs)
         elif func in _MATMULS and len(args) == 2 and all(_is_activation(a) for a in args):
@@ -155,6 +158,9 @@ class _MatmulRecorder(TorchFunctionMode):
                                needs_grad))
 
 
+# fsdp_ft.quant.frozen_matmul's op (x, parts, [rows, cols, ...], format, dtype, transposed), which QLoRA's expert
+# stacks call directly (a higher layer: known by name); every other quantized weight reaches it through F.linear
+FROZEN_MATMUL_OP = "fsdp_ft::frozen_linear"
 _MATMULS = (torch.matmul, torch.bmm, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.Tensor.bmm)
 _WEIGHT_PRODUCTS = _MATMULS + (torch.baddbmm, torch.Tensor.baddbmm, torch.addbmm)
 

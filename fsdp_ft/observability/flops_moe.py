@@ -176,19 +176,27 @@ def _stand_in(module: nn.Module, ups: list[str], recorder, k_config: int | None)
         with recorder.materialising():  # peft's LoRA fold of the 3-D weights happens here, once per call
             up_weights = [getattr(module, name) for name in ups]
             down = getattr(module, DOWN_NAME)
-        outs = [F.linear(x, _as_out_in(w, hidden, module)) for w in up_weights]
+        outs = [F.linear(x, _as_out_in(w, hidden, module), _bias(module, name)) for w, name in zip(up_weights, ups)]
         mid = outs[0] if len(outs) == 1 else outs[0] * outs[1]  # separate gate_proj and up_proj
         width = _in_width(down, hidden, module)  # the intermediate size the down projection reads
-        if mid.shape[-1] == 2 * width:  # gate and up concatenated: act(gate) * up
+        if mid.shape[-1] == 2 * width and getattr(module, "has_gate", False) and hasattr(module, "_apply_gate"):
+            mid = module._apply_gate(mid)  # the model's own gate (gpt-oss: clamped, interleaved), as it saves
+        elif mid.shape[-1] == 2 * width:  # gate and up concatenated: act(gate) * up
             mid = F.silu(mid[..., :width]) * mid[..., width:]
         else:
-            mid = F.silu(mid)
-        y = F.linear(mid, _as_out_in(down, width, module)).reshape(tokens, k, hidden)
+            mid = getattr(module, "act_fn", F.silu)(mid)
+        y = F.linear(mid, _as_out_in(down, width, module), _bias(module, DOWN_NAME)).reshape(tokens, k, hidden)
         if isinstance(weights, torch.Tensor) and weights.shape == (tokens, k):
             y = y * weights.unsqueeze(-1).to(y.dtype)
         return y.sum(1).to(hidden_states.dtype).reshape(hidden_states.shape)
 
     return forward
+
+
+def _bias(module: nn.Module, name: str) -> torch.Tensor | None:
+    """Expert 0's bias of projection `name` (gpt-oss has them), the stand-in's every expert."""
+    bias = getattr(module, f"{name}_bias", None) if getattr(module, "has_bias", False) else None
+    return bias[0] if isinstance(bias, torch.Tensor) else None
 
 
 def _transposed(module: nn.Module, w: torch.Tensor, n_in: int) -> bool:

@@ -117,7 +117,7 @@ def project(module: nn.Module, name: str, x: torch.Tensor, expert: int) -> torch
     # peft's delta is s * lhs @ rhs in the stored layout: [out, in] = B A, or [in, out] = A^T B^T
     for lhs, rhs, scaling in module.__dict__.get(_LORA_ATTR, {}).get(name, ()):
         lhs, rhs = lhs[expert].to(x.dtype), rhs[expert].to(x.dtype)
-        y = y + (x @ lhs @ rhs if transposed else F.linear(F.linear(x, rhs), lhs)) * scaling
+        y = y + (F.linear(F.linear(x, lhs.mT), rhs.mT) if transposed else F.linear(F.linear(x, rhs), lhs)) * scaling
     return y
 
 
