@@ -459,14 +459,18 @@ def test_big_model_inference_spreads_over_the_gpu_and_the_cpu(tmp_path):
     assert json.loads(proc.stdout)["loss"] == pytest.approx(hf_loss(folder, rows), rel=1e-5)
 
 
-def test_moe_qlora_on_one_gpu_equals_the_cpu(tmp_path):
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_moe_qlora_on_one_gpu_equals_the_cpu(tmp_path, model_type):
     """QLoRA's 4-bit expert stacks (fsdp_ft/quant/experts.py) on a GPU: each routed expert's view of the codes and
-    scales, the frozen matmul and the lent LoRA factors give the CPU's losses in fp32. (bf16 is left to the
-    qlora-7b target: the gpu-tests part of gpu_check.sh is near its time cap.)"""
+    scales, the frozen matmul (`x @ W_e` for gpt-oss's [experts, in, out] stacks) and the lent LoRA factors give
+    the CPU's losses in fp32. (bf16 is left to the qlora-7b target: the gpu-tests part of gpu_check.sh is near
+    its time cap.)"""
     from test_moe import save_tiny_moe
 
-    path = save_tiny_moe(tmp_path / "mixtral", "mixtral")
-    extra = [*QLORA, f"model.path={path}", "model.random_init=false", "train.max_steps=3"]
+    path = save_tiny_moe(tmp_path / model_type, model_type)
+    stacks = [] if model_type == "mixtral" else [
+        "finetune.lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"]
+    extra = [*QLORA, f"model.path={path}", "model.random_init=false", "train.max_steps=3", *stacks]
     gpu = train_on_gpu(tmp_path / "gpu", *extra, "fsdp.mixed_precision=fp32", "train.tf32=false")
     cpu = train_on_cpu(tmp_path / "cpu", *extra, "fsdp.mixed_precision=fp32")
     assert_losses_close(losses(gpu), losses(cpu), DEVICE_RTOL)
