@@ -57,12 +57,9 @@ class Mxfp4Source:
         self.source.close()
 
 
-def drop_quantization_config(hf_config) -> bool:
-    """Remove config.json's MXFP4 entry (the weights are decoded on load, and the model is a plain one); True if
-    there was one."""
+def drop_quantization_config(hf_config) -> None:
+    """Remove config.json's MXFP4 entry: the weights are decoded on load, and the model is a plain one."""
     q = getattr(hf_config, "quantization_config", None)
     method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
-    if str(getattr(method, "value", method)).lower() != QUANT_METHOD:
-        return False
-    del hf_config.quantization_config
-    return True
+    if str(getattr(method, "value", method)).lower() == QUANT_METHOD:
+        del hf_config.quantization_config

@@ -24,9 +24,9 @@ FORMAT = "nf4"  # fsdp_ft.quant.frozen_matmul's name for this layout (NF4 and FP
 
 def parts(weight) -> tuple[list[torch.Tensor], list[int]]:
     """The NF4Tensor's inner tensors and sizes, as frozen_matmul's ops take them."""
-    parts = [weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
+    inner = [weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
              weight.nf4]
-    return parts, [weight.shape[0], weight.shape[1], weight.block_size, weight.scaler_block_size]
+    return inner, [weight.shape[0], weight.shape[1], weight.block_size, weight.scaler_block_size]
 
 
 def _dequantize(parts, sizes, weight_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
