@@ -71,6 +71,43 @@ def test_packed_row_equals_samples_alone(tmp_path, attn):
     assert not torch.allclose(leaky[start - len(want):start], want, atol=1e-3)
 
 
+def _packed_logits_leak(path, rows: list[list[int]]) -> bool:
+    """transformers' own model of `path` (eager attention): does a packed row (positions restarting per sample,
+    no mask) give any sample other logits than it has alone?"""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    ids = torch.tensor([[t for r in rows for t in r]])
+    positions = torch.tensor([[i for r in rows for i in range(len(r))]])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([r]), use_cache=False).logits[0] for r in rows])
+    return not torch.allclose(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_packing_is_refused_exactly_where_samples_would_see_each_other(tmp_path, model_type):
+    """gpt-oss's transformers code builds its masks without the position ids, so in a packed row each sample
+    attends to the ones before it (checked here on transformers' own model). Before, fsdp_ft trained on that
+    with exit 0; now it refuses in one line before any weight loads. Mixtral (like Llama) keeps samples apart
+    and packs."""
+    from test_moe import save_tiny_moe
+
+    path = save_tiny_moe(tmp_path / model_type, model_type)
+    leaks = _packed_logits_leak(path, [[1, 5, 9, 13, 17, 21], [1, 7, 11, 2, 3], [1, 4, 8, 15]])
+    assert leaks == (model_type == "gpt_oss")
+    stacks = [] if model_type == "mixtral" else ["finetune.lora.target_parameters=[mlp.experts.down_proj]"]
+    train = write_jsonl(tmp_path / "chat.jsonl", chat_rows(40))
+    proc = cli("train", str(TINY), f"output_dir={tmp_path / 'run'}", *FAST, f"model.path={path}",
+               "model.random_init=false", f"data.train={train}", "data.eval=null", *PACK, "train.max_steps=2",
+               "finetune.method=lora", *stacks, check=False)
+    if leaks:
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "data.packing" in last and "GptOss" in last and "Traceback" not in proc.stderr, last
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 PACK = ["data.packing=true", "train.seq_len=128"]
 
 
