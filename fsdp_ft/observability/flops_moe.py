@@ -179,10 +179,10 @@ def _stand_in(module: nn.Module, ups: list[str], recorder, k_config: int | None)
         outs = [F.linear(x, _as_out_in(w, hidden, module), _bias(module, name)) for w, name in zip(up_weights, ups)]
         mid = outs[0] if len(outs) == 1 else outs[0] * outs[1]  # separate gate_proj and up_proj
         width = _in_width(down, hidden, module)  # the intermediate size the down projection reads
-        if mid.shape[-1] == 2 * width and getattr(module, "has_gate", False) and hasattr(module, "_apply_gate"):
-            mid = module._apply_gate(mid)  # the model's own gate (gpt-oss: clamped, interleaved), as it saves
-        elif mid.shape[-1] == 2 * width:  # gate and up concatenated: act(gate) * up
-            mid = F.silu(mid[..., :width]) * mid[..., width:]
+        if mid.shape[-1] == 2 * width:  # gate and up in one: the model's own gate (gpt-oss: clamped,
+            # interleaved), as it saves for backward; else act(gate) * up
+            own_gate = getattr(module, "has_gate", False) and hasattr(module, "_apply_gate")
+            mid = module._apply_gate(mid) if own_gate else F.silu(mid[..., :width]) * mid[..., width:]
         else:
             mid = getattr(module, "act_fn", F.silu)(mid)
         y = F.linear(mid, _as_out_in(down, width, module), _bias(module, DOWN_NAME)).reshape(tokens, k, hidden)

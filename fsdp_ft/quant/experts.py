@@ -124,10 +124,9 @@ def project(module: nn.Module, name: str, x: torch.Tensor, expert: int) -> torch
 def _frozen_matmul(x: torch.Tensor, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     """`x @ W^T` (`x @ W` when `transposed`) with a quantized W: frozen_matmul's op, which keeps only the quantized
     bytes for backward."""
-    if isinstance(weight, Int8Weight):
-        parts, sizes, fmt = [weight.codes, weight.absmax], list(weight.shape), int8_weight.FORMAT
-    else:
-        (parts, sizes), fmt = nf4_linear.parts(weight), nf4_linear.FORMAT
+    int8 = isinstance(weight, Int8Weight)
+    parts, sizes = weight.parts() if int8 else nf4_linear.parts(weight)
+    fmt = int8_weight.FORMAT if int8 else nf4_linear.FORMAT
     return frozen_matmul.linear(x, parts, sizes, fmt, weight.dtype, transposed=transposed)
 
 

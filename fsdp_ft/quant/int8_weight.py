@@ -68,8 +68,12 @@ class Int8Weight(torch.Tensor):
         return cls(torch.empty(shape, dtype=torch.int8, device=device),
                    torch.empty(shape[0], dtype=torch.float32, device=device), dtype)
 
+    def parts(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The inner tensors and sizes, as frozen_matmul's ops take them."""
+        return [self.codes, self.absmax], list(self.shape)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return _dequantize([self.codes, self.absmax], list(self.shape), self.dtype, dtype or self.dtype)
+        return _dequantize(*self.parts(), self.dtype, dtype or self.dtype)
 
     def __repr__(self) -> str:
         return f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
@@ -87,8 +91,7 @@ class Int8Weight(torch.Tensor):
         if func is F.linear:
             x, weight, bias = (list(args) + [kwargs.get("bias")])[:3]
             # W saved in 8 bits and dequantized again for backward, compiled or not
-            return frozen_matmul.linear(x, [weight.codes, weight.absmax], list(weight.shape), FORMAT, weight.dtype,
-                                        bias)
+            return frozen_matmul.linear(x, *weight.parts(), FORMAT, weight.dtype, bias)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
