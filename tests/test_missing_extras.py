@@ -84,6 +84,7 @@ def test_train_with_a_broken_gguf_install(tmp_path):
 
 @pytest.mark.parametrize("block, override, named, extra", [
     ("tensorboard", "train.tensorboard=true", "config key 'train.tensorboard'", "tracking"),
+    ("wandb", "wandb.project=p", "config key 'wandb.project'", "wandb"),
     ("deepspeed", "engine=deepspeed", "config key 'engine'=deepspeed", "deepspeed"),
 ])
 def test_run_two_ranks_without_the_package(tmp_path, block, override, named, extra):

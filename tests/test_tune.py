@@ -8,6 +8,7 @@ read back from the study and the trial folders (faults: test_tune_faults.py).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -18,19 +19,25 @@ import yaml
 
 from conftest import REPO
 from tune_helpers import env, rows, start_tune, states, study_of, tune, write_config
+from wandb_records import isolated_wandb, offline_runs, read_records, summary
 
 pytestmark = pytest.mark.distributed
 optuna = pytest.importorskip("optuna")
+WANDB = importlib.util.find_spec("wandb") is not None  # W&B is checked where it is installed (the dev extra)
 
 # ---------------------------------------------------------------- 2 ranks, pruning
 
 
-def test_two_rank_trials_share_params_and_a_pruned_trial_stops_every_rank(tmp_path):
+def test_two_rank_trials_share_params_and_a_pruned_trial_stops_every_rank(tmp_path, monkeypatch):
     """The baseline (trial 0, lr 3e-3) completes; trial 1's lr of at most 1e-7 cannot beat it at the first eval, so
-    the median pruner stops it at step 2 on both ranks, and the search still ends with its budget spent."""
+    the median pruner stops it at step 2 on both ranks, and the search still ends with its budget spent. With W&B
+    on (offline), each trial is one W&B run named after its folder, in a group named after the study."""
     config = write_config(tmp_path, {
         "objective": "loss", "pruner": "median", "pruner_startup_trials": 1,
-        "space": {"optim.lr": {"type": "float", "low": 1.0e-8, "high": 1.0e-7, "log": True}}})
+        "space": {"optim.lr": {"type": "float", "low": 1.0e-8, "high": 1.0e-7, "log": True}}},
+        wandb={"project": "tune-test", "mode": "offline"} if WANDB else {})
+    if WANDB:
+        isolated_wandb(monkeypatch, tmp_path, home=False)
     started = time.monotonic()
     res = tune(config, "--trials", "2", "--nproc-per-node", "2")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -56,6 +63,13 @@ def test_two_rank_trials_share_params_and_a_pruned_trial_stops_every_rank(tmp_pa
     assert pruned[0].intermediate_values.keys() == {2}
     assert not (run / "final").exists()
     assert "PRUNED at step 2" in res.stderr
+    if WANDB:
+        for number in trials:
+            (log,) = offline_runs(out / "trials" / f"{number:04d}")
+            records = read_records(log)
+            (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+            assert (run.display_name, run.run_group) == (f"trial-{number:04d}", study.study_name)
+            assert summary(records).get("pruned/step") == (2 if number == pruned[0].number else None)
     assert time.monotonic() - started < 300
 
 

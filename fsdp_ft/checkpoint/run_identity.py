@@ -47,6 +47,7 @@ MAY_CHANGE = frozenset({
     "train.track_memory", "train.peak_flops", "train.compile", "train.tf32", "train.prefetch_batches",
     # the number of ranks may change where DCP reshards: what must stay is their product, the global batch
     "train.micro_batch_size", "train.grad_accum", "train.global_batch_size",
+    *(f"wandb.{key}" for key in ("project", "entity", "name", "group", "tags", "mode")),  # where rows are copied
 })
 GLOBAL_BATCH = "global batch (train.micro_batch_size x train.grad_accum x ranks)"
 SMALL_FILE = 64 << 20  # files up to this size are hashed whole

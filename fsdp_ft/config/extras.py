@@ -32,6 +32,7 @@ NEEDS = (
     Need("deepspeed", "deepspeed", TRAINING, "config key 'engine'=deepspeed", lambda cfg: cfg.engine == "deepspeed",
          import_now=False),
     Need("tensorboard", "tracking", TRAINING, "config key 'train.tensorboard'", lambda cfg: cfg.train.tensorboard),
+    Need("wandb", "wandb", TRAINING, "config key 'wandb.project'", lambda cfg: bool(cfg.wandb.project)),
     Need("submitit", "slurm", frozenset({"submit", "submit --tune"})),
     Need("optuna", "tune", frozenset({"tune", "submit --tune"})),
 )

@@ -256,6 +256,20 @@ class DistConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: Optional[str] = _f(None, "Weights & Biases project: rank 0 logs every train and eval row, the resolved "
+                                "config and the set-up facts to a W&B run whose id is the run's, so a resume "
+                                "continues it (pip install 'fsdp_ft[wandb]'); null: no W&B")
+    entity: Optional[str] = _f(None, "W&B team or user; null: your default entity")
+    name: Optional[str] = _f(None, "W&B run name; null: output_dir's folder name")
+    group: Optional[str] = _f(None, "W&B group; null: none, or the study's name for the trials of `fsdp-ft tune`")
+    tags: list[str] = _f([], "W&B tags")
+    mode: str = _f("auto", "online, or offline (files in output_dir/wandb/, uploaded later with `wandb sync`; for "
+                   "nodes without internet); auto: W&B's own choice (WANDB_MODE, `wandb offline`), else online",
+                   ("auto", "online", "offline"))
+
+
+@dataclass
 class Config:
     output_dir: str = _f("", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/", path=True)
     engine: str = _f("fsdp", "training engine: fsdp (FSDP2) or deepspeed (ZeRO-2/3; pip install 'fsdp_ft[deepspeed]')",
@@ -280,6 +294,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optim"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "train"})
     dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "dist"})
+    wandb: WandbConfig = field(default_factory=WandbConfig, metadata={"help": "wandb"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""Where numbers go: metrics.jsonl (rank 0), optional TensorBoard, a progress bar, and memory readings."""
+"""Where numbers go: metrics.jsonl (rank 0), optional TensorBoard and W&B, a progress bar, and memory readings."""
 from __future__ import annotations
 
 import json
@@ -35,8 +35,9 @@ class MetricsLogger:
     """Appends one JSON object per row to output_dir/metrics.jsonl; only rank 0 writes."""
 
     def __init__(self, output_dir: str | Path, is_main: bool, total_steps: int, tensorboard: bool = False,
-                 progress_bar: bool = True, start_step: int = 0):
+                 progress_bar: bool = True, start_step: int = 0, wandb_run=None):
         self.is_main = is_main
+        self.wandb = wandb_run  # observability.wandb_run.WandbRun on rank 0, or None
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tb = None
         self.bar = None
@@ -54,6 +55,8 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         if not self.is_main:
             return
+        if self.wandb is not None:
+            self.wandb.log(row)  # before cleaning: W&B plots a non-finite loss as such
         row = {k: _clean(v) for k, v in row.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -76,11 +79,14 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, stop_signal: int = 0) -> None:
+        """`stop_signal`: the signal training stopped on (0: it ran to its end or its pruning)."""
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish(stop_signal)
 
 
 def _fmt(v) -> str:

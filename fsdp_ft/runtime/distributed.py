@@ -175,6 +175,21 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def on_main(is_main: bool, fn):
+    """fn() run by rank 0 alone, its result on rank 0 (None elsewhere). When it raises, every rank raises the same
+    error, instead of the others waiting in their next collective for a rank that has left."""
+    result = error = None
+    if is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+    return result
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

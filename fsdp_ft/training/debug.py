@@ -44,6 +44,7 @@ def prepare(cfg: Config, steps: int) -> Config:
     t = cfg.train
     t.max_steps = min(t.max_steps, steps) if t.max_steps else steps
     t.log_every, t.progress_bar, t.save_every, t.eval_every = 1, False, 0, 0
+    cfg.wandb.project = None  # a throw-away run: not one more run in the team's W&B project
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False

@@ -57,15 +57,8 @@ def open_run(cfg: Config, env: distributed.DistEnv) -> run_identity.RunStart:
     """Check output_dir and decide what this run is (new, or which checkpoint it continues): rank 0 decides, and
     every rank gets the same decision or raises the same error."""
     prepare_output_dir(cfg, env)
-    decision = None
-    if env.is_main:
-        try:
-            decision = run_identity.decide(cfg, env.world_size)
-        except Exception as e:  # every rank must leave with it, not wait for a decision that never comes
-            decision = e
-    decision = distributed.broadcast_object(decision)
-    if isinstance(decision, Exception):
-        raise decision
+    decision = distributed.broadcast_object(
+        distributed.on_main(env.is_main, lambda: run_identity.decide(cfg, env.world_size)))
     for note in decision.notes:
         log_main(env, f"warning: {note}")
     return decision

@@ -18,8 +18,9 @@ from fsdp_ft.errors import CheckpointError, ConfigError
 from fsdp_ft.observability import memtrack
 from fsdp_ft.observability.flops import FlopCounts
 from fsdp_ft.observability.metrics import MetricsLogger, peak_host_rss_bytes
+from fsdp_ft.observability.wandb_run import WandbRun
 from fsdp_ft.quant import experts, quantize
-from fsdp_ft.runtime import distributed
+from fsdp_ft.runtime import distributed, preemption, quiet
 from fsdp_ft.training import trial_link
 from fsdp_ft.training.optim import build_scheduler
 from fsdp_ft.training.run_setup import RunData, log_main, open_run, rank_peak_flops, resumed_state
@@ -92,6 +93,7 @@ def run(cfg: Config, engine: Engine, auto: dict | None = None) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.output_dir)
     started = open_run(cfg, env)
+    tracker = _start_wandb(cfg, env, out, started.run_id)  # before the long build: a login problem shows at once
     t0 = time.perf_counter()
     built = engine.build(cfg, env)
     data, info = built.data, built.info
@@ -129,7 +131,8 @@ def run(cfg: Config, engine: Engine, auto: dict | None = None) -> TrainResult:
     b = info["batch"]
     log_main(env, f"global batch {b['global']} = micro-batch {b['micro']} x accumulation {b['accum']} x "
                   f"{b['ranks']} rank(s) (from {b['from']})")
-    logger = MetricsLogger(out, env.is_main, data.steps, cfg.train.tensorboard, cfg.train.progress_bar, state.step)
+    logger = MetricsLogger(out, env.is_main, data.steps, cfg.train.tensorboard, cfg.train.progress_bar, state.step,
+                           tracker)
     logger.log({"split": "setup", "step": state.step, **info})
     trainer = engine.trainer_class(cfg, env, built.model, data.task, built.optimizer, scheduler, built.scaler,
                                    data.splits.train, data.splits.eval, logger, state, data.plan, data.steps,
@@ -145,10 +148,18 @@ def run(cfg: Config, engine: Engine, auto: dict | None = None) -> TrainResult:
             trainer.save()
     if env.is_main and state.step >= data.steps:  # a run stopped early (signal) exports when it resumes and ends
         logger.log({"split": "final", "step": state.step, **export_final(out, data.tokenizer)})
-    logger.close()
+    logger.close(preemption.stop_signal())
     distributed.barrier()
     return TrainResult(model=built.model, tokenizer=data.tokenizer, state=state, output_dir=out,
                        pruned_at=trainer.pruned_at)
+
+
+def _start_wandb(cfg: Config, env: distributed.DistEnv, out: Path, run_id: str) -> WandbRun | None:
+    """Rank 0's W&B run when wandb.project is set; a failure to start stops every rank with the same line."""
+    if not cfg.wandb.project:
+        return None
+    study = trial_link.study_name()
+    return distributed.on_main(env.is_main, lambda: WandbRun.start(cfg, out, run_id, study, quiet.verbose()))
 
 
 def _require_same_quantized_base(saved: dict, now: str | None, model: torch.nn.Module, path) -> None:

@@ -50,6 +50,15 @@ class TrialLink:
         return bool(max_over_ranks(decision))
 
 
+def study_name() -> str | None:
+    """The search this run is a trial of, or None."""
+    path = os.environ.get(TRIAL_ENV)
+    if not path:
+        return None
+    with open(path) as f:
+        return json.load(f)["study_name"]
+
+
 def from_env(is_main: bool) -> TrialLink | None:
     path = os.environ.get(TRIAL_ENV)
     if not path:
