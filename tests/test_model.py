@@ -187,3 +187,27 @@ def test_model_without_sdpa_runs_eager_and_loads_as_transformers(tmp_path, capfd
     with torch.no_grad():
         torch.testing.assert_close(model(**batch, use_cache=False).logits, ref(**batch).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_with_sinks_on_cpu_is_refused_before_loading(tmp_path):
+    """transformers' flex attention runs gpt-oss's attention sinks on GPUs only: its own model raises at the first
+    forward on a CPU. fsdp_ft refuses that config at build, before any weight loads, in one line naming the key
+    (before: a traceback from every rank after loading)."""
+    import transformers
+
+    from conftest import cli, save_pretrained_from_config
+    from test_errors import assert_user_error
+
+    cfg = transformers.AutoConfig.for_model("gpt_oss", num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                            head_dim=16, hidden_size=64, intermediate_size=128,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+                                            layer_types=["sliding_attention", "full_attention"], sliding_window=32)
+    path = save_pretrained_from_config(tmp_path / "gpt_oss", cfg, seed=3)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="flex_attention")
+    with pytest.raises(ValueError, match="Attention sinks cannot be run on CPU with flex attention"):
+        ref(input_ids=torch.tensor([[1, 2, 3]]))
+    proc = cli("train", str(TINY), f"output_dir={tmp_path / 'run'}", f"model.path={path}", "model.random_init=false",
+               "model.attn_implementation=flex_attention", "train.max_steps=1", check=False)
+    assert_user_error(proc, "config key 'model.attn_implementation'=flex_attention", "GptOssForCausalLM",
+                      "attention sinks", "on CPU use sdpa")
+    assert not (tmp_path / "run" / "checkpoints").exists()

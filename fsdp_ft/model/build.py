@@ -198,6 +198,17 @@ def with_attention(cfg: Config, load):
     return load(attn_implementation="eager")
 
 
+def refuse_sinks_under_cpu_flex(model: nn.Module, device: torch.device) -> None:
+    """transformers' flex attention runs attention sinks (gpt-oss) on GPUs only and raises at the first forward on
+    a CPU, after the weights have loaded: refused before, in one line."""
+    if device.type != "cpu" or getattr(model.config, "_attn_implementation", None) != "flex_attention":
+        return
+    if any(name.rpartition(".")[2] == "sinks" for name, _ in model.named_parameters()):
+        raise ConfigError(f"config key 'model.attn_implementation'=flex_attention: {type(model).__name__} has "
+                          "attention sinks, which transformers' flex attention runs on GPUs only; on CPU use sdpa "
+                          "(the default: it runs this model with eager attention) or eager")
+
+
 def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast floating parameters only (buffers such as rotary frequencies keep their own dtype); ties survive."""
     done: dict[int, nn.Parameter] = {}

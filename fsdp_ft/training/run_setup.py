@@ -14,7 +14,8 @@ from fsdp_ft.config import Config, batch
 from fsdp_ft.data.splits import BatchPlan, Splits, load_splits
 from fsdp_ft.errors import ConfigError, DataError
 from fsdp_ft.model import adapters, packing_check, vocab
-from fsdp_ft.model.build import build_meta_model, load_hf_config, load_tokenizer, resolve_model_dir
+from fsdp_ft.model.build import (build_meta_model, load_hf_config, load_tokenizer, refuse_sinks_under_cpu_flex,
+                                  resolve_model_dir)
 from fsdp_ft.model.trainable import apply_finetune
 from fsdp_ft.observability.flops import FlopCounts, count_flops, peak_flops
 from fsdp_ft.parallel import fsdp
@@ -141,6 +142,7 @@ def build_meta(cfg: Config, env: distributed.DistEnv, model_dir, tokenizer, labe
     `hf_config` replaces model.path's config (`fsdp-ft plan` simulates shorter stacks of blocks)."""
     hf_config = hf_config if hf_config is not None else load_hf_config(cfg, model_dir)
     model = build_meta_model(cfg, hf_config, tokenizer, labels)
+    refuse_sinks_under_cpu_flex(model, env.device)
     if cfg.data.packing and not str(getattr(model.config, "_attn_implementation", "")).startswith("flash"):
         packing_check.check(model)  # packed samples must not see each other
     if adapters.is_peft(cfg):
