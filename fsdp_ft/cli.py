@@ -298,7 +298,7 @@ def cmd_run(args) -> int:
     from fsdp_ft.runtime import rank_env
 
     rank_env.apply(Path(cfg.output_dir) / "logs", args.nproc_per_node, endpoint.rpartition(":")[0], args.nnodes)
-    return torchrun.run(argv, cfg.output_dir, args.shutdown_grace_s)
+    return torchrun.run(argv, cfg.output_dir, args.shutdown_grace_s, hosts_rank0=args.node_rank == 0)
 
 
 def cmd_submit(args) -> int:

@@ -329,6 +329,37 @@ def test_bad_sizes_are_one_line_errors(tmp_path, args, option):
     assert not (tmp_path / "logs").exists()  # no rank was started
 
 
+def test_bad_data_found_by_rank_0_is_the_last_line_and_no_rank_crashes(tmp_path):
+    """Rank 0 reads the data while the others wait for it (distributed.main_process_first). A bad row was one line
+    from rank 0, then rank 1's 40-line gloo traceback (connection closed by peer) and torchrun's report of the
+    failed rank. Now every rank raises the same error: one line naming the file and line, and it is the last."""
+    from conftest import cli
+    from test_errors import assert_user_error
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hello world"}\n{"text": 5\n')
+    proc = cli("run", "--nproc-per-node", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(TINY),
+               f"output_dir={tmp_path / 'run'}", f"data.train={bad}", check=False)
+    assert_user_error(proc, f"config key 'data.train': cannot read '{bad}': line 2 is not valid JSON")
+    assert "[rank1]" not in proc.stderr and "exitcode" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_an_error_that_does_not_pickle_still_reaches_the_other_ranks():
+    """Rank 0 sends its error to the others; one whose class cannot be rebuilt from its pickle (a constructor with
+    other arguments) goes as a RuntimeError saying the same, instead of failing the send itself."""
+    from fsdp_ft.errors import DataError
+    from fsdp_ft.runtime.distributed import _shareable
+
+    class Odd(Exception):
+        def __init__(self, row, why):
+            super().__init__(f"row {row}: {why}")
+
+    plain = DataError("config key 'data.train': line 2")
+    assert _shareable(plain) is plain
+    sent = _shareable(Odd(2, "bad"))
+    assert type(sent) is RuntimeError and str(sent) == "rank 0 failed: Odd: row 2: bad"
+
+
 def test_rdzv_port_in_use_is_a_one_line_error(tmp_path):
     """torchrun alone exits 1 without a word when node 0's port is taken; we name the port."""
     import socket

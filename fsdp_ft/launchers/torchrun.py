@@ -81,15 +81,16 @@ def torchrun_argv(nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoin
 # ---------------------------------------------------------------- running torchrun
 
 
-def run(argv: list[str], output_dir: str | Path, shutdown_grace_s: float) -> int:
+def run(argv: list[str], output_dir: str | Path, shutdown_grace_s: float, hosts_rank0: bool = True) -> int:
     """Run torchrun with `argv`; returns 0 when every rank succeeded, 128 + S when a stop signal S stopped every
-    rank after its checkpoint, else the failing rank's code (and one line about it when a stop was under way)."""
+    rank after its checkpoint, else the failing rank's code (and one line about it when a stop was under way).
+    `hosts_rank0`: this node runs rank 0, which prints a user error's one line."""
     os.environ[LOG_DIR_ENV] = str(Path(output_dir) / "logs")
     outcome: dict = {}
     stop = _Stop(shutdown_grace_s)
     if not os.path.isdir("/proc"):  # no way to find the ranks: torchrun's own signal handling (30 s grace)
         _torchrun(argv, outcome)
-        return _exit_code(outcome, stop)
+        return _settle(outcome, stop, hosts_rank0)
     agent = threading.Thread(target=_torchrun, args=(argv, outcome), name="torchrun-agent", daemon=True)
     previous = {sig: signal.signal(sig, stop.forward) for sig in FORWARDED}
     try:
@@ -103,29 +104,56 @@ def run(argv: list[str], output_dir: str | Path, shutdown_grace_s: float) -> int
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-    return _exit_code(outcome, stop)
+    return _settle(outcome, stop, hosts_rank0)
+
+
+def _settle(outcome: dict, stop: "_Stop", hosts_rank0: bool) -> int:
+    """The exit code, and torchrun's held-back reports shown unless rank 0's one-line error here said it all."""
+    code = _exit_code(outcome, stop)
+    _AGENT_LOG.removeFilter(_HELD)
+    if code != USER_ERROR or not hosts_rank0:  # on the other nodes, torchrun's line is what says that ranks failed
+        for record in _HELD.records:
+            _AGENT_LOG.handle(record)
+    _HELD.records.clear()
+    return code
 
 
 def _torchrun(argv: list[str], outcome: dict) -> None:
     from torch.distributed.run import main as torchrun_main
 
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_NOT_ON_MAIN_THREAD)
+    _AGENT_LOG.addFilter(_HELD)
     try:
         torchrun_main(argv)
     except SystemExit as e:
         outcome["code"] = int(e.code or 0)
-    except Exception as e:  # ChildFailedError (torchrun printed which rank failed), rendezvous errors
+    except Exception as e:  # ChildFailedError (torchrun logged which rank failed), rendezvous errors
         outcome["error"] = e
 
 
-class _NotOnMainThread(logging.Filter):
-    """Drops the agent's warning that it installs no signal handlers off the main thread: this launcher does."""
+USER_ERROR = 2  # fsdp-ft's exit code for bad input, after rank 0 printed its one-line error (every rank raises it)
+
+
+class _HeldBack(logging.Filter):
+    """torchrun's agent log, held until the ranks' outcome is known. When a rank exits with a user error, its line
+    ("failed (exitcode: 2) local_rank: ...") and the SIGTERMs it sends the other ranks would follow, and bury, the
+    error line rank 0 printed. Drops the agent's warning that it installs no signal handlers off the main thread:
+    this launcher does."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "child thread" not in record.getMessage()
+        if "child thread" in record.getMessage():
+            return False
+        if record.levelno < logging.WARNING:
+            return True
+        self.records.append(record)
+        return False
 
 
-_NOT_ON_MAIN_THREAD = _NotOnMainThread()
+_AGENT_LOG = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+_HELD = _HeldBack()
 
 
 class _Stop:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -133,13 +134,19 @@ def barrier() -> None:
 
 @contextlib.contextmanager
 def main_process_first(env: DistEnv):
-    """Let rank 0 fill shared caches (datasets, downloads) before the others read them. The others wait in a
-    barrier under the set-up timeout (dist.setup_timeout_minutes), never the shorter step timeout."""
+    """Let rank 0 fill shared caches (datasets, downloads) before the others read them. The others wait for it
+    under the set-up timeout (dist.setup_timeout_minutes), never the shorter step timeout; when rank 0 fails there
+    (a bad data row), every rank raises its error instead of dying on the lost connection."""
     if not env.is_main:
-        barrier()
-    yield
-    if env.is_main:
-        barrier()
+        _raise_shared(broadcast_object(None))
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        broadcast_object(_shareable(e))
+        raise
+    broadcast_object(None)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -178,16 +185,30 @@ def broadcast_object(obj, src: int = 0):
 def on_main(is_main: bool, fn):
     """fn() run by rank 0 alone, its result on rank 0 (None elsewhere). When it raises, every rank raises the same
     error, instead of the others waiting in their next collective for a rank that has left."""
-    result = error = None
-    if is_main:
-        try:
-            result = fn()
-        except Exception as e:
-            error = e
-    error = broadcast_object(error)
+    if not is_main:
+        _raise_shared(broadcast_object(None))
+        return None
+    try:
+        result = fn()
+    except Exception as e:
+        broadcast_object(_shareable(e))
+        raise
+    broadcast_object(None)
+    return result
+
+
+def _shareable(error: Exception) -> Exception:
+    """`error`, or a RuntimeError saying the same when it does not survive pickling (custom constructors)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
+
+
+def _raise_shared(error: Exception | None) -> None:
     if error is not None:
         raise error
-    return result
 
 
 def shutdown() -> None:

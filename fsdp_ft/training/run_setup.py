@@ -42,16 +42,18 @@ class RunData:
 def prepare_output_dir(cfg: Config, env: distributed.DistEnv) -> Path:
     """Create output_dir and check it is writable before any expensive work."""
     out = Path(cfg.output_dir)
-    if env.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"config key 'output_dir': cannot write to '{out}': {e.strerror or e}") from None
-    distributed.barrier()
+    distributed.on_main(env.is_main, lambda: _check_writable(out))
     return out
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"config key 'output_dir': cannot write to '{out}': {e.strerror or e}") from None
 
 
 def open_run(cfg: Config, env: distributed.DistEnv) -> run_identity.RunStart:
