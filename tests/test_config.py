@@ -160,10 +160,19 @@ def test_unknown_key_names_the_closest_valid_key(override, unknown, suggestion):
     ("data.eval_share=1.0", "data.eval_share"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("fsdp.prefetch=-1", "fsdp.prefetch"),
+    ("preference.simpo_beta=0", "preference.simpo_beta"),
+    ("preference.simpo_gamma=-0.5", "preference.simpo_gamma"),
 ])
 def test_cross_field_validation_names_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
         load(override)
+
+
+def test_label_smoothing_is_refused_for_the_losses_it_does_not_apply_to():
+    load("task=dpo", "preference.label_smoothing=0.1")  # sigmoid, the default
+    with pytest.raises(ConfigError, match=r"'preference.label_smoothing' applies to preference.loss_type=sigmoid "
+                                          r"only, not ipo; set it to 0"):
+        load("task=dpo", "preference.loss_type=ipo", "preference.label_smoothing=0.1")
 
 
 def test_invalid_regex_names_key_and_pattern():

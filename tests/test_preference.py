@@ -250,6 +250,64 @@ def test_dpo_and_orpo_losses_equal_hand_computation(tmp_path, pref_data):
     assert 0 < want_correct < 4 or 0 < want_reward_correct < 4  # the comparisons are not all alike
 
 
+def test_ipo_hinge_and_simpo_losses_equal_hand_computation(tmp_path, pref_data):
+    """The other losses on the same padded batch of four pairs, from the HF models' own logits: IPO on log-ratios
+    averaged over each response's tokens, (h - 1/(2 beta))^2; SLiC's hinge max(0, 1 - beta h) on summed ones;
+    SimPO, reference-free, -log sigmoid(beta (mean log-prob chosen - rejected) - gamma)."""
+    from fsdp_ft.tasks import get_task
+
+    tok, policy, reference = _hf_models()
+    rows = _pairs(0, 4)
+    beta, hbeta, sbeta, gamma = 0.5, 1.0, 2.5, 0.4  # hbeta: one of the four margins is past the hinge (h > 1)
+    room = "train.seq_len=512"
+    got = {}
+    for name, task, extra in (("ipo", "dpo", [f"preference.beta={beta}", "preference.loss_type=ipo"]),
+                              ("hinge", "dpo", [f"preference.beta={hbeta}", "preference.loss_type=hinge"]),
+                              ("simpo", "simpo", [f"preference.simpo_beta={sbeta}",
+                                                  f"preference.simpo_gamma={gamma}"])):
+        t = get_task(_config(tmp_path, task, pref_data["train"], room, *extra), tok)
+        t.reference = reference
+        batch = t.collate([t.encode(r) for r in rows])
+        with torch.no_grad():
+            got[name] = t.loss_sums(policy, batch)
+
+    want = {"ipo": 0.0, "hinge": 0.0, "simpo": 0.0, "simpo_margin": 0.0, "ipo_margin": 0.0}
+    simpo_correct = past_hinge = 0
+    for row in rows:
+        prompt, chosen, rejected = _hand_tokens(tok, row)
+        (pc, nc), (pr, nr) = _response_logp(policy, prompt, chosen), _response_logp(policy, prompt, rejected)
+        rc, rr = _response_logp(reference, prompt, chosen)[0], _response_logp(reference, prompt, rejected)[0]
+        h_mean = (pc - rc) / nc - (pr - rr) / nr
+        want["ipo"] += (h_mean - 1 / (2 * beta)) ** 2
+        want["ipo_margin"] += beta * h_mean
+        want["hinge"] += max(0.0, 1 - hbeta * ((pc - rc) - (pr - rr)))
+        past_hinge += hbeta * ((pc - rc) - (pr - rr)) >= 1
+        z = sbeta * (pc / nc - pr / nr) - gamma
+        want["simpo"] += math.log(1 + math.exp(-z))
+        want["simpo_margin"] += sbeta * (pc / nc - pr / nr)
+        simpo_correct += pc / nc > pr / nr
+    for name in ("ipo", "hinge", "simpo"):
+        assert got[name]["count"].item() == 4
+        assert got[name]["loss"].item() == pytest.approx(want[name], rel=1e-5), name
+    assert 0 < past_hinge < 4  # pairs on both sides of the hinge
+    assert (got["ipo"]["chosen_reward"] - got["ipo"]["rejected_reward"]).item() == pytest.approx(
+        want["ipo_margin"], rel=1e-4)
+    assert (got["simpo"]["chosen_reward"] - got["simpo"]["rejected_reward"]).item() == pytest.approx(
+        want["simpo_margin"], rel=1e-4)
+    assert got["simpo"]["correct"].item() == simpo_correct
+
+
+def test_simpo_trains_on_the_toy_preference(runs, pref_data):
+    """SimPO end to end (no reference model): its eval reports the pair metrics, and training on pairs whose
+    rejected response is the chosen one upper-cased lowers the eval loss and raises the reward margin."""
+    rows = eval_rows(runs("simpo", 1, f"data.train={pref_data['easy_train']}", f"data.eval={pref_data['easy_eval']}",
+                          "train.eval_every=2"))
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    first, last = rows[0], rows[-1]
+    assert {"loss", "accuracy", "reward_margin", "chosen_reward", "rejected_reward"} <= last.keys()
+    assert last["loss"] < first["loss"] and last["reward_margin"] > first["reward_margin"]
+
+
 def test_reference_forward_leaves_adapters_trainable_and_checkpointed(tmp_path, pref_data):
     """peft's disable_adapter() toggles requires_grad; under FSDP2 with reshard_after_forward=false that froze the
     sharded adapters, and checkpoints (trainable parameters only) came out empty. The reference forward must

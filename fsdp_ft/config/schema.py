@@ -72,14 +72,20 @@ class DataConfig:
 
 @dataclass
 class PreferenceConfig:
-    prompt_column: str = _f("prompt", "dpo/orpo/reward: column holding the prompt (a string; with chat-list data "
+    prompt_column: str = _f("prompt", "dpo/orpo/simpo/reward: column holding the prompt (a string; with chat-list data "
                                       "optional shared turns)")
-    chosen_column: str = _f("chosen", "dpo/orpo/reward: preferred response (a string, or a chat message list "
+    chosen_column: str = _f("chosen", "dpo/orpo/simpo/reward: preferred response (a string, or a chat message list "
                                       "ending in the assistant turn)")
-    rejected_column: str = _f("rejected", "dpo/orpo/reward: dispreferred response (same form as the chosen one)")
+    rejected_column: str = _f("rejected", "dpo/orpo/simpo/reward: dispreferred response (same form as the chosen one)")
     beta: float = _f(0.1, "dpo: strength of the tie to the reference model (implicit reward = beta x log-ratio)")
-    label_smoothing: float = _f(0.0, "dpo: assumed share of wrongly ranked pairs (conservative DPO); 0: plain DPO")
+    loss_type: str = _f("sigmoid", "dpo: sigmoid (DPO's loss), ipo (IPO: (margin - 1/(2 beta))^2 on log-ratios "
+                        "averaged over each response's tokens), hinge (SLiC: max(0, 1 - beta x margin)); margin = "
+                        "chosen log-ratio - rejected log-ratio", ("sigmoid", "ipo", "hinge"))
+    label_smoothing: float = _f(0.0, "dpo, loss_type sigmoid: assumed share of wrongly ranked pairs (conservative "
+                                "DPO); 0: plain DPO")
     orpo_lambda: float = _f(0.1, "orpo: weight of the odds-ratio term beside the NLL of the chosen response")
+    simpo_beta: float = _f(2.0, "simpo: scale of the reward, beta x the response's mean token log-probability")
+    simpo_gamma: float = _f(1.0, "simpo: target margin between the chosen and the rejected reward")
 
 
 @dataclass
@@ -274,7 +280,8 @@ class Config:
     output_dir: str = _f("", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/", path=True)
     engine: str = _f("fsdp", "training engine: fsdp (FSDP2) or deepspeed (ZeRO-2/3; pip install 'fsdp_ft[deepspeed]')",
                      ("fsdp", "deepspeed"))
-    task: str = _f("causal_lm", "training objective", ("causal_lm", "seq_cls", "dpo", "orpo", "reward"))
+    task: str = _f("causal_lm", "training objective", ("causal_lm", "seq_cls", "dpo", "orpo", "simpo",
+                                                         "reward"))
     resume: str = _f("auto", "auto: continue the run in output_dir from its newest valid checkpoint (refused if "
                      "output_dir holds a run with another identity; README: the run directory); none: a fresh "
                      "run (refused if output_dir already holds a run); or a checkpoint path", path=True)

@@ -85,9 +85,16 @@ def _validate_preference(cfg: Config) -> None:
         raise ConfigError("config key 'preference.beta' must be > 0")
     if not 0.0 <= p.label_smoothing < 0.5:
         raise ConfigError("config key 'preference.label_smoothing' must be in [0, 0.5)")
+    if p.label_smoothing and p.loss_type != "sigmoid":
+        raise ConfigError(f"config key 'preference.label_smoothing' applies to preference.loss_type=sigmoid only, "
+                          f"not {p.loss_type}; set it to 0")
     if p.orpo_lambda < 0:
         raise ConfigError("config key 'preference.orpo_lambda' must be >= 0")
-    if cfg.task in ("dpo", "orpo", "reward") and p.chosen_column == p.rejected_column:
+    if p.simpo_beta <= 0:
+        raise ConfigError("config key 'preference.simpo_beta' must be > 0")
+    if p.simpo_gamma < 0:
+        raise ConfigError("config key 'preference.simpo_gamma' must be >= 0")
+    if cfg.task in ("dpo", "orpo", "simpo", "reward") and p.chosen_column == p.rejected_column:
         raise ConfigError("config keys 'preference.chosen_column' and 'preference.rejected_column' must differ")
     if cfg.task == "reward" and cfg.model.num_labels not in (None, 1):
         raise ConfigError("config key 'model.num_labels' must be 1 (or null) for task 'reward': one scalar score")

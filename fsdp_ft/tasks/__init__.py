@@ -13,9 +13,9 @@ def get_task(cfg: Config, tokenizer):
     if cfg.task == "causal_lm":
         from fsdp_ft.tasks.causal_lm import CausalLMTask
         return CausalLMTask(cfg, tokenizer)
-    if cfg.task in ("dpo", "orpo"):
-        from fsdp_ft.tasks.preference import DPOTask, ORPOTask
-        return (DPOTask if cfg.task == "dpo" else ORPOTask)(cfg, tokenizer)
+    if cfg.task in ("dpo", "orpo", "simpo"):
+        from fsdp_ft.tasks.preference import DPOTask, ORPOTask, SimPOTask
+        return {"dpo": DPOTask, "orpo": ORPOTask, "simpo": SimPOTask}[cfg.task](cfg, tokenizer)
     if cfg.task == "reward":
         from fsdp_ft.tasks.reward import RewardTask
         return RewardTask(cfg, tokenizer)

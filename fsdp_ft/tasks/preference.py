@@ -1,9 +1,13 @@
-"""Preference tuning of a causal LM on chosen/rejected pairs: DPO (against a frozen reference) and ORPO (none).
+"""Preference tuning of a causal LM on chosen/rejected pairs: DPO (against a frozen reference), ORPO and SimPO
+(none).
 
-DPO (Rafailov et al. 2023), sigmoid loss: with the log-ratio r = log pi(y|x) - log pi_ref(y|x) summed over the
-response tokens, loss = -log sigmoid(beta * (r_chosen - r_rejected)); with preference.label_smoothing = e the
-conservative variant -(1-e) log sigmoid(z) - e log sigmoid(-z). The implicit rewards beta * r are the eval's
-chosen/rejected rewards. The reference is the model training started from: for PEFT runs the same model with
+DPO (Rafailov et al. 2023): with the log-ratio r = log pi(y|x) - log pi_ref(y|x) summed over the response tokens
+and the margin h = r_chosen - r_rejected, preference.loss_type picks the loss:
+- sigmoid: -log sigmoid(beta h); with preference.label_smoothing = e the conservative variant
+  -(1-e) log sigmoid(beta h) - e log sigmoid(-beta h);
+- ipo (Azar et al. 2023): (h - 1/(2 beta))^2, with r averaged over the response's tokens (as TRL computes it);
+- hinge (SLiC, Zhao et al. 2023): max(0, 1 - beta h).
+The implicit rewards beta * r are the eval's chosen/rejected rewards. The reference is the model training started from: for PEFT runs the same model with
 its adapters disabled (no second copy); for full and partial fine-tuning a frozen, sharded copy that
 engine.build makes (`self.reference`). Either way it is rebuilt from model.path on resume, never from a
 checkpoint, so it cannot drift.
@@ -11,6 +15,9 @@ checkpoint, so it cannot drift.
 ORPO (Hong et al. 2024): loss = NLL(chosen) + lambda * -log sigmoid(log odds(chosen) - log odds(rejected)),
 where NLL and the odds use the length-averaged token log-probability p of each response, odds = p / (1 - p).
 Rewards reported are lambda * that average log-probability (as TRL logs them).
+
+SimPO (Meng et al. 2024): the reward of a response is beta * its mean token log-probability (no reference), and
+loss = -log sigmoid(reward_chosen - reward_rejected - gamma), gamma a target margin.
 
 Losses are returned as sums over pairs with the pair count, so the trainer's global normalisation makes
 N ranks equal one process.
@@ -91,13 +98,22 @@ class DPOTask(PairTask):
 
     def loss_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
         ref = self.reference_logps(model, batch)  # first: nothing may run between the policy's forward and backward
-        logps, _ = sequence_logps(lm_logits(model, batch), batch["labels"])
+        logps, lengths = sequence_logps(lm_logits(model, batch), batch["labels"])
         n = logps.shape[0] // 2
-        beta, smooth = self.cfg.preference.beta, self.cfg.preference.label_smoothing
-        chosen_ratio, rejected_ratio = logps[:n] - ref[:n], logps[n:] - ref[n:]
-        z = beta * (chosen_ratio - rejected_ratio)
-        losses = -(1 - smooth) * F.logsigmoid(z) - smooth * F.logsigmoid(-z)
-        chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+        p = self.cfg.preference
+        ratio = logps - ref
+        if p.loss_type == "ipo":
+            ratio = ratio / lengths.clamp(min=1)
+        chosen_ratio, rejected_ratio = ratio[:n], ratio[n:]
+        margin = chosen_ratio - rejected_ratio
+        if p.loss_type == "ipo":
+            losses = (margin - 1 / (2 * p.beta)) ** 2
+        elif p.loss_type == "hinge":
+            losses = F.relu(1 - p.beta * margin)
+        else:
+            z = p.beta * margin
+            losses = -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+        chosen_reward, rejected_reward = p.beta * chosen_ratio.detach(), p.beta * rejected_ratio.detach()
         return {"loss": losses.sum(), "count": pair_count(batch), "chosen_reward": chosen_reward.sum(),
                 "rejected_reward": rejected_reward.sum(), "correct": (logps[:n] > logps[n:]).detach().sum(),
                 "reward_correct": (chosen_reward > rejected_reward).sum()}
@@ -132,3 +148,17 @@ class ORPOTask(PairTask):
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         n = max(sums["count"], 1)
         return {**pair_metrics(sums), "nll": sums["nll"] / n, "log_odds_ratio": sums["log_odds_ratio"] / n}
+
+
+class SimPOTask(PairTask):
+    """Eval `accuracy`: the chosen response's reward (its mean token log-probability) beats the rejected one's."""
+    name = "simpo"
+
+    def loss_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        logps, lengths = sequence_logps(lm_logits(model, batch), batch["labels"])
+        rewards = self.cfg.preference.simpo_beta * logps / lengths.clamp(min=1)
+        n = rewards.shape[0] // 2
+        chosen, rejected = rewards[:n], rewards[n:]
+        losses = -F.logsigmoid(chosen - rejected - self.cfg.preference.simpo_gamma)
+        return {"loss": losses.sum(), "count": pair_count(batch), "chosen_reward": chosen.detach().sum(),
+                "rejected_reward": rejected.detach().sum(), "correct": (chosen > rejected).detach().sum()}
