@@ -279,7 +279,7 @@ def test_ipo_hinge_and_simpo_losses_equal_hand_computation(tmp_path, pref_data):
         rc, rr = _response_logp(reference, prompt, chosen)[0], _response_logp(reference, prompt, rejected)[0]
         h_mean = (pc - rc) / nc - (pr - rr) / nr
         want["ipo"] += (h_mean - 1 / (2 * beta)) ** 2
-        want["ipo_margin"] += beta * h_mean
+        want["ipo_margin"] += beta * ((pc - rc) - (pr - rr))  # rewards: summed log-ratios, as for sigmoid
         want["hinge"] += max(0.0, 1 - hbeta * ((pc - rc) - (pr - rr)))
         past_hinge += hbeta * ((pc - rc) - (pr - rr)) >= 1
         z = sbeta * (pc / nc - pr / nr) - gamma

@@ -7,7 +7,8 @@ and the margin h = r_chosen - r_rejected, preference.loss_type picks the loss:
   -(1-e) log sigmoid(beta h) - e log sigmoid(-beta h);
 - ipo (Azar et al. 2023): (h - 1/(2 beta))^2, with r averaged over the response's tokens (as TRL computes it);
 - hinge (SLiC, Zhao et al. 2023): max(0, 1 - beta h).
-The implicit rewards beta * r are the eval's chosen/rejected rewards. The reference is the model training started from: for PEFT runs the same model with
+The implicit rewards beta * r (r summed, for every loss type, as TRL logs them) are the eval's chosen/rejected
+rewards. The reference is the model training started from: for PEFT runs the same model with
 its adapters disabled (no second copy); for full and partial fine-tuning a frozen, sharded copy that
 engine.build makes (`self.reference`). Either way it is rebuilt from model.path on resume, never from a
 checkpoint, so it cannot drift.
@@ -102,12 +103,11 @@ class DPOTask(PairTask):
         n = logps.shape[0] // 2
         p = self.cfg.preference
         ratio = logps - ref
-        if p.loss_type == "ipo":
-            ratio = ratio / lengths.clamp(min=1)
         chosen_ratio, rejected_ratio = ratio[:n], ratio[n:]
         margin = chosen_ratio - rejected_ratio
         if p.loss_type == "ipo":
-            losses = (margin - 1 / (2 * p.beta)) ** 2
+            mean_ratio = ratio / lengths.clamp(min=1)
+            losses = (mean_ratio[:n] - mean_ratio[n:] - 1 / (2 * p.beta)) ** 2
         elif p.loss_type == "hinge":
             losses = F.relu(1 - p.beta * margin)
         else:
