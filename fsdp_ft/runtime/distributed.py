@@ -132,13 +132,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-@contextlib.contextmanager
 def main_process_first(env: DistEnv):
     """Let rank 0 fill shared caches (datasets, downloads) before the others read them. The others wait for it
     under the set-up timeout (dist.setup_timeout_minutes), never the shorter step timeout; when rank 0 fails there
     (a bad data row), every rank raises its error instead of dying on the lost connection."""
-    if not env.is_main:
-        _raise_shared(broadcast_object(None))
+    return _main_first(env.is_main)
+
+
+@contextlib.contextmanager
+def _main_first(is_main: bool):
+    """Rank 0 runs the block first; the others enter it after, or raise the error rank 0 left it with."""
+    if not is_main:
+        error = broadcast_object(None)
+        if error is not None:
+            raise error
         yield
         return
     try:
@@ -185,16 +192,8 @@ def broadcast_object(obj, src: int = 0):
 def on_main(is_main: bool, fn):
     """fn() run by rank 0 alone, its result on rank 0 (None elsewhere). When it raises, every rank raises the same
     error, instead of the others waiting in their next collective for a rank that has left."""
-    if not is_main:
-        _raise_shared(broadcast_object(None))
-        return None
-    try:
-        result = fn()
-    except Exception as e:
-        broadcast_object(_shareable(e))
-        raise
-    broadcast_object(None)
-    return result
+    with _main_first(is_main):
+        return fn() if is_main else None
 
 
 def _shareable(error: Exception) -> Exception:
@@ -204,11 +203,6 @@ def _shareable(error: Exception) -> Exception:
         return error
     except Exception:
         return RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
-
-
-def _raise_shared(error: Exception | None) -> None:
-    if error is not None:
-        raise error
 
 
 def shutdown() -> None:

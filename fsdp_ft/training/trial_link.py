@@ -50,18 +50,21 @@ class TrialLink:
         return bool(max_over_ranks(decision))
 
 
-def study_name() -> str | None:
-    """The search this run is a trial of, or None."""
+def _spec() -> dict | None:
+    """The trial.json the search's worker pointed this run at, or None."""
     path = os.environ.get(TRIAL_ENV)
     if not path:
         return None
     with open(path) as f:
-        return json.load(f)["study_name"]
+        return json.load(f)
+
+
+def study_name() -> str | None:
+    """The search this run is a trial of, or None."""
+    spec = _spec()
+    return None if spec is None else spec["study_name"]
 
 
 def from_env(is_main: bool) -> TrialLink | None:
-    path = os.environ.get(TRIAL_ENV)
-    if not path:
-        return None
-    with open(path) as f:
-        return TrialLink(json.load(f), is_main)
+    spec = _spec()
+    return None if spec is None else TrialLink(spec, is_main)
